@@ -1,0 +1,155 @@
+//! The node configuration (`/etc/jobcachefs/config.toml`, env `JOBCACHEFS_CONFIG`): defaults for
+//! sizes, squash depth and thresholds. Every key is optional; `config/jobcachefs.example.toml`
+//! documents each one.
+
+use crate::error::{Error, Result};
+use crate::quantity::parse_size;
+use serde::Deserialize;
+use std::path::Path;
+
+/// Default config file location.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/jobcachefs/config.toml";
+
+/// The file as written: sizes are quantity strings, checked in [`Config::from_toml`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    default_cache_size: Option<String>,
+    default_volume_size: Option<String>,
+    max_volume_size: Option<String>,
+    max_depth: Option<usize>,
+    squash_delta_size: Option<String>,
+    squash_inline: Option<bool>,
+    node_budget: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Size limit of a cache created without an explicit one.
+    pub default_cache_size: u64,
+    /// Size of a volume created without an explicit one.
+    pub default_volume_size: u64,
+    /// Largest volume this node creates, whatever is asked.
+    pub max_volume_size: u64,
+    /// A generation with more layers than this (base included) is squashed.
+    pub max_depth: usize,
+    /// A generation whose layers above the base allocate more than this is squashed.
+    pub squash_delta_size: u64,
+    /// Whether `volume delete` runs a due squash itself (true) or leaves it queued for `gc` or
+    /// the agent (false, what the Kubernetes hook does to stay inside the provisioner's timeout).
+    pub squash_inline: bool,
+    /// Node-wide budget for all caches' allocated bytes; least recently used caches are pruned
+    /// after a commit pushes the total over it.
+    pub node_budget: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_cache_size: 10 << 30,
+            default_volume_size: 2 << 30,
+            max_volume_size: 100 << 30,
+            max_depth: 8,
+            squash_delta_size: 4 << 30,
+            squash_inline: true,
+            node_budget: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses config text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            Error::invalid(format!(
+                "config {origin} is invalid: {e}; see config/jobcachefs.example.toml for every key"
+            ))
+        })?;
+        let d = Config::default();
+        let size = |key: &str, v: &Option<String>, default: u64| -> Result<u64> {
+            match v {
+                Some(s) => parse_size(&format!("{key} in {origin}"), s),
+                None => Ok(default),
+            }
+        };
+        let max_depth = raw.max_depth.unwrap_or(d.max_depth);
+        if !(2..=64).contains(&max_depth) {
+            return Err(Error::invalid(format!(
+                "max_depth in {origin} is {max_depth}: use a number from 2 to 64"
+            )));
+        }
+        Ok(Config {
+            default_cache_size: size(
+                "default_cache_size",
+                &raw.default_cache_size,
+                d.default_cache_size,
+            )?,
+            default_volume_size: size(
+                "default_volume_size",
+                &raw.default_volume_size,
+                d.default_volume_size,
+            )?,
+            max_volume_size: size("max_volume_size", &raw.max_volume_size, d.max_volume_size)?,
+            max_depth,
+            squash_delta_size: size(
+                "squash_delta_size",
+                &raw.squash_delta_size,
+                d.squash_delta_size,
+            )?,
+            squash_inline: raw.squash_inline.unwrap_or(d.squash_inline),
+            node_budget: match &raw.node_budget {
+                Some(s) => Some(parse_size(&format!("node_budget in {origin}"), s)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Loads `path`; a missing file at the default location means defaults, a missing file that
+    /// was asked for explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_toml(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(Error::io(
+                format!(
+                    "read config {} (set --config or JOBCACHEFS_CONFIG to an existing file)",
+                    path.display()
+                ),
+                e,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_defaults() {
+        assert_eq!(Config::from_toml("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config/jobcachefs.example.toml");
+        let c = Config::from_toml(text, "example").unwrap();
+        assert_eq!(c.max_depth, 8);
+    }
+
+    #[test]
+    fn bad_values_name_key_and_file() {
+        let e = Config::from_toml("default_cache_size = \"10Xi\"", "/etc/x.toml").unwrap_err();
+        assert!(
+            e.to_string().contains("default_cache_size in /etc/x.toml"),
+            "{e}"
+        );
+        let e = Config::from_toml("max_depth = 1", "f").unwrap_err();
+        assert!(e.to_string().contains("max_depth"), "{e}");
+        let e = Config::from_toml("nope = 1", "f").unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Cache administration: list, show, remove, resize and prune.
+
+use super::Engine;
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsutil::{self, write_json_atomic};
+use crate::lock;
+use crate::names::CacheId;
+use crate::quantity::human_bytes;
+use crate::records::LayerInfo;
+use serde::Serialize;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+/// One layer as `cache show` prints it.
+pub type LayerView = LayerInfo;
+
+/// A cache as `cache ls` / `cache show` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Current generation number (0: never committed).
+    pub generation: u64,
+    /// Number of layers in the current generation.
+    pub depth: usize,
+    /// The layers, base first.
+    pub layers: Vec<LayerView>,
+    /// Allocated bytes of the current layers.
+    pub allocated: u64,
+    /// The cache-size limit.
+    pub cache_size: u64,
+    /// Allocated bytes of all layer files on disk, including ones only old volumes still use.
+    pub on_disk: u64,
+    /// DIRs of the live volumes on this cache.
+    pub volumes: Vec<PathBuf>,
+    /// Unix seconds of the last volume created on it (or of its creation).
+    pub last_used: u64,
+    /// Unix seconds of its creation.
+    pub created: u64,
+    /// Whether a squash is queued.
+    pub squash_due: bool,
+}
+
+/// A cache `prune` would remove, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneCandidate {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Bytes it frees.
+    pub frees: u64,
+    /// Unix seconds of last use.
+    pub last_used: u64,
+    /// Why it goes.
+    pub reason: String,
+}
+
+impl Engine {
+    /// Everything about one cache.
+    pub fn cache_show(&self, id: &CacheId) -> Result<CacheInfo> {
+        let record = self.require_cache(id)?;
+        let current = self.current(id)?;
+        let volumes = self
+            .volume_records()?
+            .into_iter()
+            .filter(|v| v.cache.as_ref() == Some(id))
+            .map(|v| v.dir)
+            .collect();
+        let last_used = std::fs::metadata(self.layout.last_used(id))
+            .map(|m| m.mtime() as u64)
+            .unwrap_or(record.created);
+        let mut on_disk = 0;
+        if let Ok(entries) = std::fs::read_dir(self.layout.layers_dir(id)) {
+            for e in entries.flatten() {
+                on_disk += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            }
+        }
+        Ok(CacheInfo {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            generation: current.generation,
+            depth: current.layers.len(),
+            allocated: current.allocated(),
+            layers: current.layers,
+            cache_size: record.cache_size,
+            on_disk,
+            volumes,
+            last_used,
+            created: record.created,
+            squash_due: self.layout.squash_due(id).exists(),
+        })
+    }
+
+    /// All caches on this node.
+    pub fn cache_list(&self) -> Result<Vec<CacheInfo>> {
+        self.cache_ids()?
+            .iter()
+            .map(|id| self.cache_show(id))
+            .collect()
+    }
+
+    /// Unpublishes a cache at once. Live volumes keep their layers (and keep working); the space
+    /// is freed when the last of them is deleted. Their write-back is discarded.
+    pub fn cache_rm(&self, id: &CacheId) -> Result<u64> {
+        self.require_cache(id)?;
+        let _slock = lock::lock(&self.layout.squash_lock(id))?;
+        let _clock = self.lock_cache(id)?;
+        let before = self.cache_show(id)?.on_disk;
+        // The record goes first: a crash after it leaves a cache nobody lists, which gc cleans.
+        for p in [self.layout.cache_record(id), self.layout.current(id)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("remove {}", p.display()), e)),
+            }
+        }
+        fsutil::fsync_dir(&self.layout.cache_dir(id))?;
+        let _ = std::fs::remove_file(self.layout.squash_due(id));
+        self.collect_layers(id)?;
+        let after = self.dir_allocated(id);
+        self.remove_cache_dir_if_empty(id);
+        tracing::info!(cache = %id, freed = before - after.min(before), "cache removed");
+        Ok(before - after.min(before))
+    }
+
+    fn dir_allocated(&self, id: &CacheId) -> u64 {
+        std::fs::read_dir(self.layout.layers_dir(id))
+            .map(|es| {
+                es.flatten()
+                    .map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Removes the directory of a removed cache once no layer file is left.
+    pub(crate) fn remove_cache_dir_if_empty(&self, id: &CacheId) {
+        if self.layout.cache_record(id).exists() {
+            return;
+        }
+        let layers_left = std::fs::read_dir(self.layout.layers_dir(id))
+            .map(|mut es| es.next().is_some())
+            .unwrap_or(false);
+        if !layers_left {
+            let _ = std::fs::remove_dir_all(self.layout.cache_dir(id));
+        }
+    }
+
+    /// Changes a cache's size limit. Growing only rewrites the limit (nothing in use is touched).
+    /// Shrinking below the current base's size rebuilds the generation into a smaller base, and
+    /// fails, changing nothing, when the data does not fit.
+    pub fn cache_resize(&self, id: &CacheId, size: u64) -> Result<crate::records::CacheRecord> {
+        let mut record = self.require_cache(id)?;
+        if size < crate::image::MIN_IMAGE_SIZE {
+            return Err(Error::invalid(format!(
+                "cache size {} is below the minimum: use at least {}",
+                human_bytes(size),
+                human_bytes(crate::image::MIN_IMAGE_SIZE)
+            )));
+        }
+        let current = self.current(id)?;
+        if size >= record.cache_size || current.layers.is_empty() {
+            let _clock = self.lock_cache(id)?;
+            record.cache_size = size;
+            write_json_atomic(&self.layout.cache_record(id), &record)?;
+            return Ok(record);
+        }
+        // Shrink: the stack must be rebuilt into a base of the new size. The squash works on
+        // its own copy; the record changes only once the new base is published.
+        let outcome = self.squash_into(id, size).map_err(|e| {
+            if e.kind() == ErrorKind::Quota {
+                Error::new(
+                    ErrorKind::Quota,
+                    format!(
+                        "cache {id} cannot shrink to {}: {e}; the cache is unchanged. Choose a larger size or prune its data",
+                        human_bytes(size)
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        tracing::info!(cache = %id, ?outcome, "cache rebuilt into a smaller base");
+        let _clock = self.lock_cache(id)?;
+        let mut record = self.require_cache(id)?;
+        record.cache_size = size;
+        write_json_atomic(&self.layout.cache_record(id), &record)?;
+        Ok(record)
+    }
+
+    /// Caches that `prune` would remove: unused for `unused_for` seconds, and/or least recently
+    /// used ones until the node total is at most `max_total`. Caches with live volumes stay.
+    pub fn prune_plan(
+        &self,
+        unused_for: Option<u64>,
+        max_total: Option<u64>,
+    ) -> Result<Vec<PruneCandidate>> {
+        let mut caches = self.cache_list()?;
+        caches.sort_by_key(|c| c.last_used);
+        let now = fsutil::now();
+        let mut total: u64 = caches.iter().map(|c| c.on_disk).sum();
+        let mut out = Vec::new();
+        for c in &caches {
+            if !c.volumes.is_empty() {
+                continue;
+            }
+            let reason = match (unused_for, max_total) {
+                (Some(age), _) if now.saturating_sub(c.last_used) >= age => {
+                    format!("unused for {}s", now.saturating_sub(c.last_used))
+                }
+                (_, Some(budget)) if total > budget => format!(
+                    "node total {} is over the budget {}",
+                    human_bytes(total),
+                    human_bytes(budget)
+                ),
+                _ => continue,
+            };
+            total = total.saturating_sub(c.on_disk);
+            out.push(PruneCandidate {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                frees: c.on_disk,
+                last_used: c.last_used,
+                reason,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes what [`Engine::prune_plan`] lists (unless `dry_run`), returning it.
+    pub fn prune(
+        &self,
+        unused_for: Option<u64>,
+        max_total: Option<u64>,
+        dry_run: bool,
+    ) -> Result<Vec<PruneCandidate>> {
+        let plan = self.prune_plan(unused_for, max_total)?;
+        if !dry_run {
+            for c in &plan {
+                let id = CacheId::new(&c.namespace, &c.name)?;
+                self.cache_rm(&id)?;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Prunes least recently used caches until the node total fits `budget`.
+    pub(crate) fn prune_to_budget(
+        &self,
+        budget: u64,
+        dry_run: bool,
+    ) -> Result<Vec<PruneCandidate>> {
+        let pruned = self.prune(None, Some(budget), dry_run)?;
+        for c in &pruned {
+            tracing::info!(cache = %format!("{}/{}", c.namespace, c.name), frees = c.frees, "pruned to the node budget");
+        }
+        Ok(pruned)
+    }
+}

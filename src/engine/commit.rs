@@ -1,0 +1,144 @@
+//! Commit: a deleted write-back volume's image becomes the top layer of a new generation by a
+//! rename (O(1) in the cache size), published by atomically replacing `current.json`.
+//!
+//! Crash points and what they leave:
+//! - before the rename: the image is still the volume's; a retried delete or `gc` commits it.
+//! - after the rename, before the publish: `layers/<id>.img` exists, the volume record names it
+//!   as `commit_layer` (so GC keeps it); a retry publishes it.
+//! - after the publish: the generation contains the layer; a retry sees that and only cleans up.
+
+use super::volume::DeleteOutcome;
+use super::Engine;
+use crate::error::{ErrorKind, IoContext, Result};
+use crate::fault;
+use crate::fsutil::{self, write_json_atomic};
+use crate::names::CacheId;
+use crate::quantity::human_bytes;
+use crate::records::{Generation, LayerInfo, VolumeRecord};
+
+impl Engine {
+    /// Publishes the volume's image as layer `layer` on top of the cache's current generation.
+    /// Called with the volume lock held; takes the cache lock only for the rename and publish.
+    pub(crate) fn commit(&self, record: &VolumeRecord, layer: &str) -> Result<DeleteOutcome> {
+        let id = record.cache.as_ref().expect("only cache volumes commit");
+        let src = self.layout.volume_image(&record.id);
+        let dst = self.layout.layer_image(id, layer);
+        if src.exists() {
+            // The image's blocks reach the disk before any name points at them.
+            std::fs::File::open(&src)
+                .and_then(|f| f.sync_all())
+                .at("fsync", &src)?;
+        }
+        let clock = self.lock_cache(id)?;
+        let Some(cache) = self.cache_record(id)? else {
+            tracing::warn!(cache = %id, dir = %record.dir.display(), "the cache was removed while this volume lived: its write-back is discarded");
+            return Ok(DeleteOutcome::Discarded);
+        };
+        let current = self.current(id)?;
+        if current.layers.iter().any(|l| l.id == layer) {
+            return Ok(DeleteOutcome::Committed {
+                generation: current.generation,
+                squashed: false,
+            });
+        }
+        let image = if dst.exists() {
+            dst.clone()
+        } else {
+            src.clone()
+        };
+        let allocated = fsutil::allocated_bytes(&image)?;
+        let size = std::fs::metadata(&image).at("stat", &image)?.len();
+        let total = current.allocated() + allocated;
+        if total > cache.cache_size {
+            drop(clock);
+            tracing::info!(cache = %id, total, limit = cache.cache_size,
+                "commit would exceed the cache-size: squashing it with the cache first");
+            let image = image.clone();
+            return self.commit_squashed(record, &image, layer, total, cache.cache_size);
+        }
+        if image == src {
+            std::fs::rename(&src, &dst).at("rename into the cache", &dst)?;
+            fsutil::fsync_dir(&self.layout.layers_dir(id))?;
+        }
+        fault::point("commit:renamed");
+        let mut next = Generation {
+            generation: current.generation + 1,
+            layers: current.layers.clone(),
+            published: fsutil::now(),
+        };
+        next.layers.push(LayerInfo {
+            id: layer.to_string(),
+            created: fsutil::now(),
+            source: record.dir.display().to_string(),
+            size,
+            allocated,
+        });
+        write_json_atomic(&self.layout.current(id), &next)?;
+        fault::point("commit:published");
+        tracing::info!(cache = %id, generation = next.generation, layer, allocated = %human_bytes(allocated),
+            depth = next.layers.len(), "commit published");
+        Ok(DeleteOutcome::Committed {
+            generation: next.generation,
+            squashed: false,
+        })
+    }
+
+    /// An over-size commit: squash the cache and the volume's tree into one new base; publish it
+    /// if it fits, reject (keeping the previous generation) if not.
+    fn commit_squashed(
+        &self,
+        record: &VolumeRecord,
+        image: &std::path::Path,
+        layer: &str,
+        total: u64,
+        limit: u64,
+    ) -> Result<DeleteOutcome> {
+        let id = record.cache.as_ref().expect("only cache volumes commit");
+        match self.squash_with(id, Some((image, layer)), None) {
+            Ok(outcome) => Ok(DeleteOutcome::Committed {
+                generation: outcome.generation().unwrap_or(0),
+                squashed: true,
+            }),
+            Err(e) if e.kind() == ErrorKind::Quota => {
+                let reason = format!(
+                    "commit of {} into cache {id} rejected: the cache would hold {} (unsquashed {}) but its cache-size is {}; \
+                     the previous generation stays. Raise the limit (`jobcachefs cache resize`) or write less",
+                    record.dir.display(),
+                    e,
+                    human_bytes(total),
+                    human_bytes(limit)
+                );
+                tracing::error!(cache = %id, "{reason}");
+                Ok(DeleteOutcome::Rejected { reason })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a publish: queue (or run) a squash when the generation is too deep or its deltas too
+    /// large, and prune to the node budget.
+    pub(crate) fn after_commit(&self, id: &CacheId) -> Result<()> {
+        let current = self.current(id)?;
+        if self.squash_due(&current) {
+            let marker = self.layout.squash_due(id);
+            std::fs::write(&marker, b"").at("queue squash", &marker)?;
+            if self.config.squash_inline {
+                if let Err(e) = self.squash(id) {
+                    tracing::warn!(cache = %id, error = %e, "squash failed; it stays queued for gc or the agent");
+                }
+            } else {
+                tracing::info!(cache = %id, depth = current.layers.len(), "squash queued");
+            }
+        }
+        if let Some(budget) = self.config.node_budget {
+            self.prune_to_budget(budget, false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `g` needs a squash under the config.
+    pub(crate) fn squash_due(&self, g: &Generation) -> bool {
+        g.layers.len() > self.config.max_depth
+            || (g.layers.len() > 1 && g.delta_allocated() > self.config.squash_delta_size)
+    }
+}

@@ -1,0 +1,322 @@
+//! Garbage collection and crash repair. Safe to run at any time, also while volumes are live and
+//! other hooks run: every repair takes the lock of what it repairs and skips what is locked.
+//!
+//! What it repairs: half-made volumes (rolled back), half-deleted volumes (finished), ready
+//! volumes whose mounts vanished in a reboot (remounted), unreferenced layers and their mounts,
+//! half-built squash images, mounts and loop devices under the state dir that nothing references,
+//! and due squashes from the queue.
+
+use super::Engine;
+use crate::error::Result;
+use crate::fsutil::read_json;
+use crate::lock;
+use crate::loopback;
+use crate::mounts;
+use crate::names::CacheId;
+use crate::records::{VolumeRecord, VolumeState};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// What one GC run did.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Volumes whose crashed create was rolled back.
+    pub rolled_back: Vec<PathBuf>,
+    /// Volumes whose crashed delete was finished.
+    pub deletes_finished: Vec<PathBuf>,
+    /// Ready volumes remounted after their mounts vanished.
+    pub remounted: Vec<PathBuf>,
+    /// Layer images removed (no generation or volume references them).
+    pub layers_removed: Vec<String>,
+    /// Stale mounts removed.
+    pub mounts_removed: Vec<PathBuf>,
+    /// Loop devices detached.
+    pub loops_detached: Vec<PathBuf>,
+    /// Half-built images removed.
+    pub tmp_removed: Vec<PathBuf>,
+    /// Caches squashed from the queue.
+    pub squashed: Vec<String>,
+    /// Problems that did not stop the run.
+    pub errors: Vec<String>,
+}
+
+impl GcReport {
+    /// Whether the run changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.rolled_back.is_empty()
+            && self.deletes_finished.is_empty()
+            && self.remounted.is_empty()
+            && self.layers_removed.is_empty()
+            && self.mounts_removed.is_empty()
+            && self.loops_detached.is_empty()
+            && self.tmp_removed.is_empty()
+            && self.squashed.is_empty()
+    }
+}
+
+impl Engine {
+    /// Repairs and collects everything on this node. `drain_queue` also runs due squashes.
+    pub fn gc(&self, drain_queue: bool) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        self.gc_volumes(&mut report)?;
+        for id in self.cache_ids()? {
+            if let Err(e) = self.gc_cache(&id, &mut report) {
+                report.errors.push(format!("cache {id}: {e}"));
+            }
+        }
+        self.gc_stale_mounts(&mut report)?;
+        self.gc_loops(&mut report)?;
+        if drain_queue {
+            self.drain_queue(&mut report)?;
+        }
+        Ok(report)
+    }
+
+    fn gc_volumes(&self, report: &mut GcReport) -> Result<()> {
+        let table = mounts::mount_table()?;
+        for record in self.volume_records()? {
+            let Some(_vlock) = lock::try_lock(&self.layout.volume_lock(&record.id))? else {
+                continue; // a hook is working on it right now
+            };
+            // Re-read under the lock: the record may have changed since the listing.
+            let Some(record) = read_json::<VolumeRecord>(&self.layout.volume_record(&record.id))?
+            else {
+                continue;
+            };
+            let result = match record.state {
+                VolumeState::Creating => self
+                    .rollback(&record)
+                    .map(|_| report.rolled_back.push(record.dir.clone())),
+                VolumeState::Deleting => self
+                    .finish_delete(record.clone())
+                    .map(|_| report.deletes_finished.push(record.dir.clone())),
+                VolumeState::Ready if !mounts::is_mounted(&table, &record.dir) => self
+                    .remount(&record)
+                    .map(|_| report.remounted.push(record.dir.clone())),
+                VolumeState::Ready => Ok(()),
+            };
+            if let Err(e) = result {
+                report
+                    .errors
+                    .push(format!("volume {}: {e}", record.dir.display()));
+            }
+        }
+        Ok(())
+    }
+
+    fn gc_cache(&self, id: &CacheId, report: &mut GcReport) -> Result<()> {
+        if let Some(_slock) = lock::try_lock(&self.layout.squash_lock(id))? {
+            let work = self.layout.squash_mnt(id);
+            for m in ["new", "extra", "view"] {
+                let p = work.join(m);
+                if mounts::is_mounted(&mounts::mount_table()?, &p) {
+                    mounts::unmount(&p, true)?;
+                    report.mounts_removed.push(p);
+                }
+            }
+            let tmp = self.layout.cache_tmp(id);
+            if let Ok(entries) = std::fs::read_dir(&tmp) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                    report.tmp_removed.push(e.path());
+                }
+            }
+        }
+        let _clock = self.lock_cache(id)?;
+        report.layers_removed.extend(self.collect_layers(id)?);
+        Ok(())
+    }
+
+    /// Removes layer images no generation and no volume references, and unmounts layers no
+    /// volume uses. Called with the cache lock held.
+    pub(crate) fn collect_layers(&self, id: &CacheId) -> Result<Vec<String>> {
+        self.unmount_unused_layers(id)?;
+        let mut keep: HashSet<String> = self.layers_in_use(id)?;
+        keep.extend(self.current(id)?.layer_ids());
+        let mut removed = Vec::new();
+        let dir = self.layout.layers_dir(id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(removed);
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(layer) = name.strip_suffix(".img") else {
+                continue;
+            };
+            if keep.contains(layer) {
+                continue;
+            }
+            std::fs::remove_file(e.path()).map_err(|err| {
+                crate::error::Error::io(format!("remove {}", e.path().display()), err)
+            })?;
+            tracing::info!(cache = %id, layer, "unreferenced layer removed");
+            removed.push(format!("{id}/{layer}"));
+        }
+        Ok(removed)
+    }
+
+    /// Mounts under the state dir (and overlays using its uppers) that no record explains.
+    fn gc_stale_mounts(&self, report: &mut GcReport) -> Result<()> {
+        let uppers = self.layout.mnt().join("uppers");
+        let layers = self.layout.mnt().join("layers");
+        for m in mounts::mount_table()? {
+            // An overlay at some volume DIR whose upper belongs to a volume with no record.
+            if m.fstype == "overlay" {
+                if let Some(vol) = upper_volume_of(&m.super_options, &uppers) {
+                    if !self.layout.volume_record(&vol).exists() {
+                        if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
+                            if !self.layout.volume_record(&vol).exists() {
+                                mounts::unmount(&m.mount_point, true)?;
+                                report.mounts_removed.push(m.mount_point.clone());
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Ok(rest) = m.mount_point.strip_prefix(&uppers) {
+                let vol = rest.to_string_lossy().into_owned();
+                if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
+                    if !self.layout.volume_record(&vol).exists() {
+                        mounts::unmount(&m.mount_point, true)?;
+                        let _ = std::fs::remove_dir(&m.mount_point);
+                        report.mounts_removed.push(m.mount_point.clone());
+                    }
+                }
+            } else if let Ok(rest) = m.mount_point.strip_prefix(&layers) {
+                // Layer mounts of a cache that no longer exists.
+                let parts: Vec<_> = rest
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                if parts.len() == 3 {
+                    if let Ok(id) = CacheId::new(&parts[0], &parts[1]) {
+                        if self.cache_record(&id)?.is_none()
+                            && !self.layers_in_use(&id)?.contains(&parts[2])
+                        {
+                            mounts::unmount(&m.mount_point, true)?;
+                            let _ = std::fs::remove_dir(&m.mount_point);
+                            report.mounts_removed.push(m.mount_point.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loop devices backed by files under the state dir that no mount uses (a crash between
+    /// attach and mount, or a file deleted under an attached device).
+    fn gc_loops(&self, report: &mut GcReport) -> Result<()> {
+        let root = self.layout.root().to_path_buf();
+        for b in loopback::list() {
+            let file = PathBuf::from(b.file.to_string_lossy().trim_end_matches(" (deleted)"));
+            if !file.starts_with(&root) {
+                continue;
+            }
+            // Hold the owner's lock so that nobody is between attach and mount right now.
+            let _guard = match self.owner_lock(&file)? {
+                Some(g) => g,
+                None => continue,
+            };
+            let table = mounts::mount_table()?;
+            let dev = b.device.display().to_string();
+            if table.iter().any(|m| m.source == dev) {
+                continue;
+            }
+            match loopback::detach(&b.device) {
+                Ok(()) => report.loops_detached.push(b.device.clone()),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The locks that serialise attaching `file` (a layer, a volume image or a squash image).
+    fn owner_lock(&self, file: &Path) -> Result<Option<Vec<lock::Lock>>> {
+        let rel = match file.strip_prefix(self.layout.root()) {
+            Ok(r) => r
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
+            Err(_) => return Ok(None),
+        };
+        match rel.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["volumes", vol, ..] => {
+                Ok(lock::try_lock(&self.layout.volume_lock(vol))?.map(|l| vec![l]))
+            }
+            ["caches", ns, name, ..] => {
+                let Ok(id) = CacheId::new(ns, name) else {
+                    return Ok(None);
+                };
+                let Some(s) = lock::try_lock(&self.layout.squash_lock(&id))? else {
+                    return Ok(None);
+                };
+                let Some(c) = lock::try_lock(&self.layout.cache_lock(&id))? else {
+                    return Ok(None);
+                };
+                Ok(Some(vec![s, c]))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn drain_queue(&self, report: &mut GcReport) -> Result<()> {
+        let queue = self.layout.queue();
+        let Ok(entries) = std::fs::read_dir(&queue) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("squash_") else {
+                continue;
+            };
+            let Some((ns, cache)) = rest.split_once('_') else {
+                continue;
+            };
+            let Ok(id) = CacheId::new(ns, cache) else {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            };
+            if self.cache_record(&id)?.is_none() {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            match self.squash(&id) {
+                Ok(o) => {
+                    let _ = std::fs::remove_file(e.path());
+                    if o.generation().is_some() {
+                        report.squashed.push(id.to_string());
+                    }
+                }
+                Err(err) => report.errors.push(format!("squash {id}: {err}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The volume id whose upper an overlay's options name, if it is one of ours.
+fn upper_volume_of(options: &str, uppers: &Path) -> Option<String> {
+    let prefix = format!("upperdir={}/", uppers.display());
+    let start = options.find(&prefix)? + prefix.len();
+    let rest = &options[start..];
+    let end = rest.find('/')?;
+    Some(rest[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_volume_of_an_overlay() {
+        let o = "rw,lowerdir=/s/empty,upperdir=/s/mnt/uppers/abc123/upper,workdir=/s/mnt/uppers/abc123/work";
+        assert_eq!(
+            upper_volume_of(o, Path::new("/s/mnt/uppers")),
+            Some("abc123".into())
+        );
+        assert_eq!(upper_volume_of(o, Path::new("/t/mnt/uppers")), None);
+    }
+}

@@ -1,0 +1,203 @@
+//! The engine: caches of immutable ext4 layers, per-volume overlay volumes, O(1) commit, squash,
+//! quotas and crash repair, on top of the on-disk layout in [`crate::layout`].
+//!
+//! Lock order (never taken the other way round): volume lock → squash lock → cache lock. Nothing
+//! holds a cache lock for longer than a few mounts or a rename: squash copies without it.
+
+mod cache;
+mod commit;
+mod gc;
+mod squash;
+mod volume;
+
+pub use cache::{CacheInfo, LayerView, PruneCandidate};
+pub use gc::GcReport;
+pub use squash::SquashOutcome;
+pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::fsutil::{ensure_dir, read_json};
+use crate::layout::Layout;
+use crate::lock::{self, Lock};
+use crate::mounts;
+use crate::names::CacheId;
+use crate::records::{CacheRecord, Generation, VolumeRecord};
+use std::path::{Path, PathBuf};
+
+/// The engine over one state dir.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    layout: Layout,
+    config: Config,
+}
+
+impl Engine {
+    /// Opens (and creates, if needed) the state dir. It must be an absolute path that overlayfs
+    /// options can carry.
+    pub fn open(state_dir: &Path, config: Config) -> Result<Self> {
+        if !state_dir.is_absolute() {
+            return Err(Error::invalid(format!(
+                "state dir {:?} is relative: use an absolute path (--state-dir or JOBCACHEFS_STATE_DIR)",
+                state_dir.display().to_string()
+            )));
+        }
+        ensure_dir(state_dir)?;
+        let root = state_dir
+            .canonicalize()
+            .at("resolve state dir", state_dir)?;
+        mounts::check_option_path("state dir", &root)?;
+        let layout = Layout::new(root);
+        for d in [
+            layout.caches(),
+            layout.volumes(),
+            layout.mnt(),
+            layout.queue(),
+        ] {
+            ensure_dir(&d)?;
+        }
+        let empty = layout.empty();
+        if !empty.exists() {
+            ensure_dir(&empty)?;
+            std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .at("chmod", &empty)?;
+        }
+        Ok(Engine { layout, config })
+    }
+
+    /// The paths of this state dir.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn lock_cache(&self, id: &CacheId) -> Result<Lock> {
+        lock::lock(&self.layout.cache_lock(id))
+    }
+
+    fn lock_volume(&self, vol: &str) -> Result<Lock> {
+        lock::lock(&self.layout.volume_lock(vol))
+    }
+
+    /// A cache's settings, if it exists.
+    pub fn cache_record(&self, id: &CacheId) -> Result<Option<CacheRecord>> {
+        read_json(&self.layout.cache_record(id))
+    }
+
+    /// A cache's current generation (generation 0 with no layers for a new cache).
+    pub fn current(&self, id: &CacheId) -> Result<Generation> {
+        Ok(read_json(&self.layout.current(id))?.unwrap_or_default())
+    }
+
+    /// The cache's record, or a NotFound error naming it.
+    fn require_cache(&self, id: &CacheId) -> Result<CacheRecord> {
+        self.cache_record(id)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "cache {:?} does not exist in namespace {:?}: see `jobcachefs cache ls`",
+                    id.name, id.namespace
+                ),
+            )
+        })
+    }
+
+    /// All volume records on this node.
+    pub fn volume_records(&self) -> Result<Vec<VolumeRecord>> {
+        let mut out = Vec::new();
+        let dir = self.layout.volumes();
+        for e in std::fs::read_dir(&dir).at("read", &dir)? {
+            let e = e.at("read", &dir)?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Some(r) = read_json::<VolumeRecord>(&self.layout.volume_record(&id))? {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(out)
+    }
+
+    /// All caches that have a record, sorted.
+    pub fn cache_ids(&self) -> Result<Vec<CacheId>> {
+        let mut out = Vec::new();
+        let caches = self.layout.caches();
+        for ns in std::fs::read_dir(&caches).at("read", &caches)? {
+            let ns = ns.at("read", &caches)?;
+            if !ns.path().is_dir() {
+                continue;
+            }
+            for c in std::fs::read_dir(ns.path()).at("read", &ns.path())? {
+                let c = c.at("read", &ns.path())?;
+                let (ns_name, name) = (ns.file_name(), c.file_name());
+                if let Ok(id) = CacheId::new(&ns_name.to_string_lossy(), &name.to_string_lossy()) {
+                    if self.layout.cache_record(&id).exists() {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Layers of `id` that live volumes (in any state) still use, plus layers they are being
+    /// committed as. Read from the volume records: a crash cannot make this wrong.
+    fn layers_in_use(&self, id: &CacheId) -> Result<std::collections::HashSet<String>> {
+        let mut used = std::collections::HashSet::new();
+        for r in self.volume_records()? {
+            if r.cache.as_ref() == Some(id) {
+                used.extend(r.layers.iter().cloned());
+                if let Some(l) = &r.commit_layer {
+                    used.insert(l.clone());
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Makes sure each layer of `layers` is mounted read-only at its shared mount point. Called
+    /// with the cache lock held.
+    fn ensure_layers_mounted(&self, id: &CacheId, layers: &[String]) -> Result<Vec<PathBuf>> {
+        let table = mounts::mount_table()?;
+        let mut lowers = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let target = self.layout.layer_mount(id, layer);
+            if !mounts::is_mounted(&table, &target) {
+                ensure_dir(&target)?;
+                let image = self.layout.layer_image(id, layer);
+                mounts::mount_image(&image, &target, true)?;
+            }
+            lowers.push(self.layout.layer_lowerdir(id, layer));
+        }
+        Ok(lowers)
+    }
+
+    /// Unmounts the layer mounts of `id` that no volume uses any more. Called with the cache lock
+    /// held. Overlays that still use a layer keep their own reference: the kernel clones the
+    /// layer mounts privately, so this never pulls a layer from under a live volume.
+    fn unmount_unused_layers(&self, id: &CacheId) -> Result<()> {
+        let used = self.layers_in_use(id)?;
+        let base = self
+            .layout
+            .mnt()
+            .join("layers")
+            .join(&id.namespace)
+            .join(&id.name);
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let layer = e.file_name().to_string_lossy().into_owned();
+            if used.contains(&layer) {
+                continue;
+            }
+            mounts::unmount(&e.path(), true)?;
+            let _ = std::fs::remove_dir(e.path());
+        }
+        Ok(())
+    }
+}

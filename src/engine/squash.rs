@@ -1,0 +1,234 @@
+//! Squash: a new base image built from the kernel's merged, read-only overlay view of a
+//! generation's stack (the kernel resolves whiteouts and opaque dirs), published atomically.
+//!
+//! The copy runs without the cache lock: `volume create` of the same cache waits at most for the
+//! few mounts at the start and the rename at the end. Publishing re-reads the current generation:
+//! layers committed meanwhile stay on top of the new base; if the squashed layers are no longer
+//! the bottom of the stack (the cache was removed or squashed otherwise), the result is dropped.
+//!
+//! Crash points: before the publish the cache is untouched and `tmp/` holds a half-built image
+//! that `gc` removes; after it, the old layers are unreferenced and `gc` removes them.
+
+use super::Engine;
+use crate::copy::{copy_tree, CopyOptions};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::fault;
+use crate::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::image;
+use crate::lock;
+use crate::mounts;
+use crate::names::CacheId;
+use crate::quantity::human_bytes;
+use crate::records::{Generation, LayerInfo};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What a squash did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum SquashOutcome {
+    /// The generation had at most one layer.
+    NothingToDo,
+    /// A new base was published.
+    Squashed {
+        /// The new generation.
+        generation: u64,
+        /// How many layers were folded into the base.
+        folded: usize,
+        /// Allocated bytes of the new base.
+        allocated: u64,
+        /// Allocated bytes of the folded layers.
+        before: u64,
+    },
+}
+
+impl SquashOutcome {
+    /// The published generation, if any.
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            SquashOutcome::Squashed { generation, .. } => Some(*generation),
+            SquashOutcome::NothingToDo => None,
+        }
+    }
+}
+
+/// Unmounts the squash's mounts and removes its half-built image on every exit path, panics
+/// included.
+struct Scratch {
+    mounts: Vec<PathBuf>,
+    image: Option<PathBuf>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            if let Err(e) = mounts::unmount(m, true) {
+                tracing::warn!(mount = %m.display(), error = %e, "could not unmount squash scratch");
+            }
+        }
+        if let Some(i) = self.image.take() {
+            let _ = std::fs::remove_file(i);
+        }
+    }
+}
+
+impl Engine {
+    /// Squashes the cache's current generation into a single base layer.
+    pub fn squash(&self, id: &CacheId) -> Result<SquashOutcome> {
+        self.squash_with(id, None, None)
+    }
+
+    /// Rebuilds the cache's stack into a single base of `size` bytes (shrinking a cache).
+    pub(crate) fn squash_into(&self, id: &CacheId, size: u64) -> Result<SquashOutcome> {
+        self.squash_with(id, None, Some(size))
+    }
+
+    /// Squashes, optionally with one extra unpublished image on top (an over-size commit; its
+    /// layer id is `extra.1`, so a retried commit sees it published). `size` rebuilds even a
+    /// single-layer generation into a base of that size (resize); otherwise the cache-size.
+    pub(crate) fn squash_with(
+        &self,
+        id: &CacheId,
+        extra: Option<(&Path, &str)>,
+        size: Option<u64>,
+    ) -> Result<SquashOutcome> {
+        let cache = self.require_cache(id)?;
+        let limit = size.unwrap_or(cache.cache_size);
+        let _slock = lock::lock(&self.layout.squash_lock(id))?;
+        let work = self.layout.squash_mnt(id);
+        let (view, extra_mnt, new_mnt) = (work.join("view"), work.join("extra"), work.join("new"));
+        // Leftovers of a squash that crashed are ours to clear: we hold the squash lock.
+        for m in [&new_mnt, &extra_mnt, &view] {
+            mounts::unmount(m, true)?;
+        }
+        let tmp = self.layout.cache_tmp(id);
+        let _ = std::fs::remove_dir_all(&tmp);
+        ensure_dir(&tmp)?;
+        let mut scratch = Scratch {
+            mounts: Vec::new(),
+            image: None,
+        };
+
+        let base = {
+            let _clock = self.lock_cache(id)?;
+            let current = self.current(id)?;
+            if extra.is_none()
+                && current.layers.len() <= 1
+                && !(size.is_some() && current.layers.len() == 1)
+            {
+                let _ = std::fs::remove_file(self.layout.squash_due(id));
+                return Ok(SquashOutcome::NothingToDo);
+            }
+            let mut lowers = self.ensure_layers_mounted(id, &current.layer_ids())?;
+            if let Some((img, _)) = extra {
+                ensure_dir(&extra_mnt)?;
+                mounts::mount_image(img, &extra_mnt, true)?;
+                scratch.mounts.push(extra_mnt.clone());
+                lowers.push(extra_mnt.join("upper"));
+            }
+            if lowers.is_empty() {
+                lowers.push(self.layout.empty());
+            }
+            ensure_dir(&view)?;
+            mounts::mount_overlay(&lowers, None, &view)?;
+            scratch.mounts.push(view.clone());
+            current
+        };
+        fault::point("squash:view-mounted");
+
+        let image_path = tmp.join(format!("base-{}.img", fsutil::random_hex()));
+        image::create(&image_path, limit, 0, 0)?;
+        scratch.image = Some(image_path.clone());
+        ensure_dir(&new_mnt)?;
+        mounts::mount_image(&image_path, &new_mnt, false)?;
+        scratch.mounts.push(new_mnt.clone());
+        let target = new_mnt.join("upper");
+        std::fs::create_dir(&target).at("create", &target)?;
+        std::fs::create_dir(new_mnt.join("work")).at("create", &new_mnt.join("work"))?;
+        tracing::info!(cache = %id, layers = base.layers.len() + extra.is_some() as usize, "squash: copying the merged view");
+        let started = std::time::Instant::now();
+        let stats = copy_tree(&view, &target, CopyOptions::default(), None).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                Error::new(
+                    ErrorKind::Quota,
+                    format!("the merged tree does not fit in {}", human_bytes(limit)),
+                )
+            } else {
+                e
+            }
+        })?;
+        fault::point("squash:copied");
+        // Unmount in order (new base first so its blocks are flushed) before the size check.
+        for m in scratch.mounts.drain(..).rev() {
+            mounts::unmount(&m, false)?;
+        }
+        std::fs::File::open(&image_path)
+            .and_then(|f| f.sync_all())
+            .at("fsync", &image_path)?;
+        let allocated = fsutil::allocated_bytes(&image_path)?;
+        if allocated > limit {
+            return Err(Error::new(
+                ErrorKind::Quota,
+                format!(
+                    "the squashed cache allocates {} which is over its cache-size {}",
+                    human_bytes(allocated),
+                    human_bytes(limit)
+                ),
+            ));
+        }
+
+        let _clock = self.lock_cache(id)?;
+        if self.cache_record(id)?.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("cache {id} was removed during the squash"),
+            ));
+        }
+        let now = self.current(id)?;
+        let base_ids = base.layer_ids();
+        if now.layer_ids().get(..base_ids.len()) != Some(&base_ids[..]) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("cache {id} changed under the squash (squashed or resized meanwhile): nothing published"),
+            ));
+        }
+        let layer_id = match extra {
+            Some((_, l)) => l.to_string(),
+            None => format!("base-{}", fsutil::random_hex()),
+        };
+        let dst = self.layout.layer_image(id, &layer_id);
+        std::fs::rename(&image_path, &dst).at("rename into the cache", &dst)?;
+        scratch.image = None;
+        fsutil::fsync_dir(&self.layout.layers_dir(id))?;
+        fault::point("squash:renamed");
+        let mut layers = vec![LayerInfo {
+            id: layer_id,
+            created: fsutil::now(),
+            source: if extra.is_some() {
+                "commit+squash".into()
+            } else {
+                "squash".into()
+            },
+            size: std::fs::metadata(&dst).at("stat", &dst)?.len(),
+            allocated,
+        }];
+        layers.extend(now.layers[base_ids.len()..].iter().cloned());
+        let next = Generation {
+            generation: now.generation + 1,
+            layers,
+            published: fsutil::now(),
+        };
+        write_json_atomic(&self.layout.current(id), &next)?;
+        fault::point("squash:published");
+        let _ = std::fs::remove_file(self.layout.squash_due(id));
+        self.collect_layers(id)?;
+        tracing::info!(cache = %id, generation = next.generation, folded = base_ids.len(),
+            entries = stats.entries, bytes = stats.bytes, allocated, secs = started.elapsed().as_secs_f64(), "squash published");
+        Ok(SquashOutcome::Squashed {
+            generation: next.generation,
+            folded: base_ids.len() + extra.is_some() as usize,
+            allocated,
+            before: base.allocated(),
+        })
+    }
+}

@@ -1,0 +1,642 @@
+//! Volumes: create (per-volume image + overlay at DIR), delete (unmount, then commit or discard),
+//! list. Every step is recorded first so that a retried call or `gc` finishes or undoes it.
+
+use super::Engine;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::fault;
+use crate::fsutil::{self, ensure_dir, read_json, write_json_atomic};
+use crate::image;
+use crate::layout::volume_id;
+use crate::mounts;
+use crate::names::CacheId;
+use crate::quantity::human_bytes;
+use crate::records::{CacheRecord, RootOwner, VolumeRecord, VolumeState};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+/// What `volume create` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// Where the volume is mounted.
+    pub dir: PathBuf,
+    /// The cache it reads (and maybe writes back to); `None`: a plain size-limited volume.
+    pub cache: Option<CacheId>,
+    /// Size of its writable image; the configured default when `None`.
+    pub size: Option<u64>,
+    /// Commit into the cache on delete.
+    pub write_back: bool,
+    /// Limit of the cache if this request creates it; the configured default when `None`.
+    pub cache_size: Option<u64>,
+    /// Owner and mode of the volume's root (default root:root 0755).
+    pub root: Option<RootOwner>,
+    /// Caller's labels, kept in the record.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What `volume delete` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum DeleteOutcome {
+    /// There was no volume at DIR (already deleted): nothing done.
+    NotFound,
+    /// A half-made volume (crashed create) was rolled back.
+    RolledBack,
+    /// Discarded: `--discard`, not write-back, or a plain volume.
+    Discarded,
+    /// Write-back volume that changed nothing: nothing published.
+    Unchanged,
+    /// Committed as a new generation.
+    Committed {
+        /// The generation published.
+        generation: u64,
+        /// Whether the commit needed a squash to fit the cache-size.
+        squashed: bool,
+    },
+    /// The commit did not fit the cache-size even squashed: the previous generation stays.
+    Rejected {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+/// A volume as `volume ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    /// The record.
+    #[serde(flatten)]
+    pub record: VolumeRecord,
+    /// Bytes used in its writable image (when mounted).
+    pub used: Option<u64>,
+    /// Whether the overlay is mounted at DIR.
+    pub mounted: bool,
+}
+
+/// Makes `dir` absolute and canonical, resolving the deepest existing ancestor (DIR itself need
+/// not exist yet). Rejects `..` after the existing part so the result cannot escape.
+pub(crate) fn resolve_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::invalid(
+            "volume DIR is empty: give the directory to mount the volume at",
+        ));
+    }
+    let abs = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .at("resolve", Path::new("."))?
+            .join(dir)
+    };
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let name = existing.file_name().map(|n| n.to_owned());
+        match (name, existing.parent()) {
+            (Some(n), Some(p)) => {
+                rest.push(n);
+                existing = p.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    if Path::new(&abs)
+        .components()
+        .any(|c| c == Component::ParentDir)
+        && !rest.is_empty()
+    {
+        return Err(Error::invalid(format!(
+            "volume DIR {:?} contains '..' in a part that does not exist: use a plain absolute path",
+            dir.display().to_string()
+        )));
+    }
+    let mut out = existing.canonicalize().at("resolve", &existing)?;
+    for n in rest.into_iter().rev() {
+        out.push(n);
+    }
+    Ok(out)
+}
+
+impl Engine {
+    /// Creates a volume at `req.dir`, or returns the existing one when the same request is
+    /// repeated.
+    pub fn volume_create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
+        let size = req.size.unwrap_or(self.config.default_volume_size);
+        self.check_volume_size(size)?;
+        if req.write_back && req.cache.is_none() {
+            return Err(Error::invalid(
+                "--write-back needs a cache: add --cache NAME",
+            ));
+        }
+        let dir = resolve_dir(&req.dir)?;
+        let root = self.layout.root();
+        if dir.starts_with(root) || root.starts_with(&dir) {
+            return Err(Error::invalid(format!(
+                "volume DIR {:?} overlaps the state dir {:?}: mount volumes outside it",
+                dir.display().to_string(),
+                root.display().to_string()
+            )));
+        }
+        let vol = volume_id(&dir);
+        let _vlock = self.lock_volume(&vol)?;
+        if let Some(existing) = read_json::<VolumeRecord>(&self.layout.volume_record(&vol))? {
+            match existing.state {
+                VolumeState::Ready => return self.repeat_create(existing, req, size),
+                VolumeState::Creating => {
+                    tracing::info!(dir = %dir.display(), "rolling back a half-made volume before creating it again");
+                    self.rollback(&existing)?;
+                }
+                VolumeState::Deleting => {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "volume {} is being deleted: run `jobcachefs volume delete {}` to finish, then create it again",
+                            dir.display(),
+                            dir.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        if dir.exists() {
+            let md = std::fs::metadata(&dir).at("stat", &dir)?;
+            if !md.is_dir() {
+                return Err(Error::invalid(format!(
+                    "volume DIR {:?} is a file: give a directory path (it is created if missing)",
+                    dir.display().to_string()
+                )));
+            }
+            let table = mounts::mount_table()?;
+            if mounts::is_mounted(&table, &dir) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume DIR {:?} is already a mount point: unmount it or pick another path",
+                        dir.display().to_string()
+                    ),
+                ));
+            }
+            if std::fs::read_dir(&dir).at("read", &dir)?.next().is_some() {
+                return Err(Error::invalid(format!(
+                    "volume DIR {:?} is not empty: give an empty or missing directory",
+                    dir.display().to_string()
+                )));
+            }
+        }
+        let mut record = VolumeRecord {
+            id: vol.clone(),
+            dir: dir.clone(),
+            cache: req.cache.clone(),
+            generation: 0,
+            layers: Vec::new(),
+            size,
+            write_back: req.write_back,
+            root: req.root,
+            created: fsutil::now(),
+            state: VolumeState::Creating,
+            discard: false,
+            clean: false,
+            commit_layer: None,
+            labels: req.labels.clone(),
+        };
+        ensure_dir(&self.layout.volume_dir(&vol))?;
+        let lowers = match &req.cache {
+            Some(id) => {
+                // Pin the generation: the record names its layers before the lock is released,
+                // so no GC or squash can remove them while this volume lives.
+                let _clock = self.lock_cache(id)?;
+                self.ensure_cache(id, req.cache_size)?;
+                let current = self.current(id)?;
+                record.generation = current.generation;
+                record.layers = current.layer_ids();
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                touch(&self.layout.last_used(id));
+                match self.ensure_layers_mounted(id, &record.layers) {
+                    Ok(l) if l.is_empty() => vec![self.layout.empty()],
+                    Ok(l) => l,
+                    Err(e) => {
+                        drop(_clock);
+                        let _ = self.rollback(&record);
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                vec![self.layout.empty()]
+            }
+        };
+        fault::point("create:recorded");
+        match self.mount_volume(&record, &lowers) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = self.rollback(&record);
+                return Err(e);
+            }
+        }
+        fault::point("create:mounted");
+        record.state = VolumeState::Ready;
+        write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+        tracing::info!(
+            dir = %dir.display(),
+            cache = record.cache.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+            generation = record.generation,
+            layers = record.layers.len(),
+            size = record.size,
+            write_back = record.write_back,
+            "volume created"
+        );
+        Ok(record)
+    }
+
+    fn check_volume_size(&self, size: u64) -> Result<()> {
+        if size < image::MIN_IMAGE_SIZE {
+            return Err(Error::invalid(format!(
+                "volume size {} is below the minimum: use at least {}",
+                human_bytes(size),
+                human_bytes(image::MIN_IMAGE_SIZE)
+            )));
+        }
+        if size > self.config.max_volume_size {
+            return Err(Error::new(
+                ErrorKind::Quota,
+                format!(
+                    "volume size {} is above this node's max_volume_size {}: ask for less or raise max_volume_size in the config",
+                    human_bytes(size),
+                    human_bytes(self.config.max_volume_size)
+                ),
+            ));
+        }
+        let free = fsutil::free_bytes(self.layout.root())?;
+        if size > free {
+            return Err(Error::new(
+                ErrorKind::Quota,
+                format!(
+                    "volume size {} is larger than the free space {} of the state dir {}: ask for less or free space",
+                    human_bytes(size),
+                    human_bytes(free),
+                    self.layout.root().display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates the cache's record if it does not exist yet. Called with the cache lock held.
+    pub(crate) fn ensure_cache(
+        &self,
+        id: &CacheId,
+        cache_size: Option<u64>,
+    ) -> Result<CacheRecord> {
+        if let Some(r) = self.cache_record(id)? {
+            if let Some(asked) = cache_size {
+                if asked != r.cache_size {
+                    tracing::warn!(cache = %id, asked, limit = r.cache_size,
+                        "cache exists with another size limit; keeping it (use `jobcachefs cache resize`)");
+                }
+            }
+            return Ok(r);
+        }
+        let cache_size = cache_size.unwrap_or(self.config.default_cache_size);
+        if cache_size < image::MIN_IMAGE_SIZE {
+            return Err(Error::invalid(format!(
+                "cache size {} is below the minimum: use at least {}",
+                human_bytes(cache_size),
+                human_bytes(image::MIN_IMAGE_SIZE)
+            )));
+        }
+        let record = CacheRecord {
+            id: id.clone(),
+            cache_size,
+            created: fsutil::now(),
+        };
+        ensure_dir(&self.layout.layers_dir(id))?;
+        write_json_atomic(&self.layout.cache_record(id), &record)?;
+        tracing::info!(cache = %id, cache_size, "cache created");
+        Ok(record)
+    }
+
+    /// A create repeated for a DIR that already has a ready volume: the same request succeeds
+    /// without doing anything; another request is a conflict.
+    fn repeat_create(
+        &self,
+        existing: VolumeRecord,
+        req: &CreateRequest,
+        size: u64,
+    ) -> Result<VolumeRecord> {
+        if existing.cache != req.cache
+            || existing.size != size
+            || existing.write_back != req.write_back
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "volume {} already exists with cache {}, size {}, write-back {}: delete it first or repeat the same request",
+                    existing.dir.display(),
+                    existing.cache.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "(none)".into()),
+                    existing.size,
+                    existing.write_back
+                ),
+            ));
+        }
+        let table = mounts::mount_table()?;
+        if !mounts::is_mounted(&table, &existing.dir) {
+            // The node rebooted: mounts are gone but the record and image survived.
+            self.remount(&existing)?;
+        }
+        Ok(existing)
+    }
+
+    /// Mounts a ready volume whose mounts are gone (after a reboot). Its image was not cleanly
+    /// unmounted, so it is checked first.
+    pub(crate) fn remount(&self, record: &VolumeRecord) -> Result<()> {
+        let lowers = match &record.cache {
+            Some(id) => {
+                let _clock = self.lock_cache(id)?;
+                let l = self.ensure_layers_mounted(id, &record.layers)?;
+                if l.is_empty() {
+                    vec![self.layout.empty()]
+                } else {
+                    l
+                }
+            }
+            None => vec![self.layout.empty()],
+        };
+        let table = mounts::mount_table()?;
+        let upper = self.layout.upper_mount(&record.id);
+        if !mounts::is_mounted(&table, &upper) {
+            image::check(&self.layout.volume_image(&record.id))?;
+            mounts::mount_image(&self.layout.volume_image(&record.id), &upper, false)?;
+        }
+        mounts::mount_overlay(
+            &lowers,
+            Some((&upper.join("upper"), &upper.join("work"))),
+            &record.dir,
+        )?;
+        tracing::info!(dir = %record.dir.display(), "volume remounted");
+        Ok(())
+    }
+
+    /// Makes the volume's image, mounts it and the overlay. On error, the caller rolls back.
+    fn mount_volume(&self, record: &VolumeRecord, lowers: &[std::path::PathBuf]) -> Result<()> {
+        let vol = &record.id;
+        let image_path = self.layout.volume_image(vol);
+        image::create(&image_path, record.size, 0, 0)?;
+        fault::point("create:image-made");
+        let upper = self.layout.upper_mount(vol);
+        ensure_dir(&upper)?;
+        mounts::mount_image(&image_path, &upper, false)?;
+        let (uid, gid, mode) = match record.root {
+            Some(r) => (r.uid, r.gid, r.mode),
+            None => (0, 0, 0o755),
+        };
+        let up = upper.join("upper");
+        let work = upper.join("work");
+        for d in [&up, &work] {
+            std::fs::create_dir(d).at("create", d)?;
+        }
+        nix::unistd::chown(
+            &up,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .at("chown", &up)?;
+        std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .at("chmod", &up)?;
+        fault::point("create:upper-mounted");
+        if !record.dir.exists() {
+            std::fs::create_dir_all(&record.dir).at("create volume DIR", &record.dir)?;
+        }
+        mounts::mount_overlay(lowers, Some((&up, &work)), &record.dir)
+    }
+
+    /// Undoes a volume that never became ready: unmount, remove image and record.
+    pub(crate) fn rollback(&self, record: &VolumeRecord) -> Result<()> {
+        let table = mounts::mount_table()?;
+        if mounts::is_mounted(&table, &record.dir)
+            && overlay_of(&table, &record.dir, self, &record.id)
+        {
+            mounts::unmount(&record.dir, true)?;
+        }
+        let upper = self.layout.upper_mount(&record.id);
+        if mounts::is_mounted(&table, &upper) {
+            mounts::unmount(&upper, true)?;
+        }
+        let _ = std::fs::remove_dir(&upper);
+        self.forget(record)
+    }
+
+    /// Removes a volume's image and record (the last step of delete and rollback), then lets go
+    /// of layer mounts nobody uses any more.
+    fn forget(&self, record: &VolumeRecord) -> Result<()> {
+        let image_path = self.layout.volume_image(&record.id);
+        match std::fs::remove_file(&image_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", image_path.display()), e)),
+        }
+        let rec = self.layout.volume_record(&record.id);
+        match std::fs::remove_file(&rec) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", rec.display()), e)),
+        }
+        fsutil::fsync_dir(&self.layout.volume_dir(&record.id))?;
+        let _ = std::fs::remove_dir(self.layout.volume_dir(&record.id));
+        if let Some(id) = &record.cache {
+            // Cheap GC on every delete: layers only this volume still held go now.
+            let _clock = self.lock_cache(id)?;
+            self.collect_layers(id)?;
+            self.remove_cache_dir_if_empty(id);
+        }
+        Ok(())
+    }
+
+    /// Deletes the volume at `dir`: commits it if it was created with write-back and `discard`
+    /// is false, discards it otherwise. Repeating the call after success does nothing.
+    pub fn volume_delete(&self, dir: &Path, discard: bool) -> Result<DeleteOutcome> {
+        let dir = resolve_dir(dir)?;
+        let vol = volume_id(&dir);
+        let _vlock = self.lock_volume(&vol)?;
+        let Some(mut record) = read_json::<VolumeRecord>(&self.layout.volume_record(&vol))? else {
+            tracing::info!(dir = %dir.display(), "no volume here (already deleted?): nothing to do");
+            return Ok(DeleteOutcome::NotFound);
+        };
+        match record.state {
+            VolumeState::Creating => {
+                self.rollback(&record)?;
+                return Ok(DeleteOutcome::RolledBack);
+            }
+            VolumeState::Ready => {
+                record.state = VolumeState::Deleting;
+                record.discard = discard || !record.write_back || record.cache.is_none();
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+            }
+            VolumeState::Deleting => {
+                // A retry: the first decision stands, unless this call asks to discard.
+                if discard && !record.discard && record.commit_layer.is_none() {
+                    record.discard = true;
+                    write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                }
+            }
+        }
+        fault::point("delete:marked");
+        self.finish_delete(record)
+    }
+
+    /// Finishes a delete from whatever point a previous run reached. Called with the volume lock.
+    pub(crate) fn finish_delete(&self, mut record: VolumeRecord) -> Result<DeleteOutcome> {
+        let vol = record.id.clone();
+        let table = mounts::mount_table()?;
+        if mounts::is_mounted(&table, &record.dir) && overlay_of(&table, &record.dir, self, &vol) {
+            // A commit needs a clean unmount: a busy volume is an error (the caller retries); a
+            // discarded one may be detached lazily.
+            mounts::unmount(&record.dir, record.discard)?;
+        }
+        fault::point("delete:overlay-unmounted");
+        let upper = self.layout.upper_mount(&vol);
+        if mounts::is_mounted(&table, &upper) {
+            if !record.discard && record.commit_layer.is_none() {
+                let changed = std::fs::read_dir(upper.join("upper"))
+                    .at("read", &upper.join("upper"))?
+                    .next()
+                    .is_some();
+                if changed {
+                    record.commit_layer = Some(new_layer_id(&record));
+                } else {
+                    record.discard = true;
+                }
+                record.clean = false;
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+            }
+            // The overlay's work dir is not part of the tree; empty it so the layer is tidy.
+            let _ = std::fs::remove_dir_all(upper.join("work").join("work"));
+            mounts::unmount(&upper, record.discard)?;
+            if record.commit_layer.is_some() {
+                record.clean = true;
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+            }
+        }
+        let _ = std::fs::remove_dir(&upper);
+        fault::point("delete:upper-unmounted");
+        let outcome = match (&record.commit_layer, record.discard) {
+            (Some(layer), false) => {
+                if !record.clean && !image_is_clean(&self.layout.volume_image(&vol))? {
+                    tracing::warn!(dir = %record.dir.display(),
+                        "volume image was not cleanly unmounted (node crash?): discarding instead of committing");
+                    DeleteOutcome::Discarded
+                } else {
+                    let layer = layer.clone();
+                    self.commit(&record, &layer)?
+                }
+            }
+            (None, false) => DeleteOutcome::Unchanged,
+            _ => DeleteOutcome::Discarded,
+        };
+        fault::point("delete:committed");
+        self.forget(&record)?;
+        tracing::info!(dir = %record.dir.display(), outcome = ?outcome, "volume deleted");
+        if let (DeleteOutcome::Committed { .. }, Some(id)) = (&outcome, &record.cache) {
+            self.after_commit(id)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Live volumes with their use.
+    pub fn volume_list(&self) -> Result<Vec<VolumeInfo>> {
+        let table = mounts::mount_table()?;
+        let mut out = Vec::new();
+        for record in self.volume_records()? {
+            let upper = self.layout.upper_mount(&record.id);
+            let used = if mounts::is_mounted(&table, &upper) {
+                fsutil::fs_usage(&upper).ok().map(|(u, _)| u)
+            } else {
+                None
+            };
+            let mounted = mounts::is_mounted(&table, &record.dir);
+            out.push(VolumeInfo {
+                record,
+                used,
+                mounted,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One volume by DIR.
+    pub fn volume_show(&self, dir: &Path) -> Result<VolumeInfo> {
+        let dir = resolve_dir(dir)?;
+        self.volume_list()?
+            .into_iter()
+            .find(|v| v.record.dir == dir)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no volume at {}: see `jobcachefs volume ls`", dir.display()),
+                )
+            })
+    }
+}
+
+/// Whether the mount at `dir` is this volume's overlay (not something else mounted there).
+fn overlay_of(table: &[mounts::MountEntry], dir: &Path, engine: &Engine, vol: &str) -> bool {
+    let upper = engine.layout.upper_mount(vol).join("upper");
+    table.iter().any(|m| {
+        m.mount_point == dir
+            && m.fstype == "overlay"
+            && m.super_options
+                .contains(&format!("upperdir={}", upper.display()))
+    })
+}
+
+/// A layer id: the volume's id and a random suffix, unique across retries and nodes.
+fn new_layer_id(record: &VolumeRecord) -> String {
+    format!("{}-{}", &record.id[..8], fsutil::random_hex())
+}
+
+/// Whether an unmounted ext4 image's superblock says it was cleanly unmounted.
+fn image_is_clean(path: &Path) -> Result<bool> {
+    if !path.exists() {
+        return Ok(true); // already renamed into the cache by the commit
+    }
+    // ext4 superblock at 1024; s_state (u16 LE) at offset 0x3A; bit 0 = cleanly unmounted.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).at("open", path)?;
+    let mut b = [0u8; 2];
+    f.read_exact_at(&mut b, 1024 + 0x3A)
+        .at("read superblock of", path)?;
+    Ok(u16::from_le_bytes(b) & 1 == 1)
+}
+
+fn touch(path: &Path) {
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path);
+    let now = nix::sys::time::TimeSpec::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    let _ = nix::sys::stat::utimensat(
+        None,
+        path,
+        &now,
+        &now,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_missing_dirs_under_existing_ancestors() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        assert_eq!(resolve_dir(&root.join("a/b")).unwrap(), root.join("a/b"));
+        assert!(resolve_dir(&root.join("a/../../x")).is_err());
+        assert!(resolve_dir(Path::new("")).is_err());
+    }
+}

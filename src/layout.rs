@@ -1,0 +1,202 @@
+//! Where everything lives under the state dir. Pure path arithmetic: no I/O.
+//!
+//! ```text
+//! <state>/
+//!   caches/<ns>/<name>/
+//!     cache.json            limit and creation time                     (temp → fsync → rename)
+//!     current.json          the current generation: ordered layer list  (temp → fsync → rename)
+//!     last-used             mtime = last volume created on this cache
+//!     lock                  flock: serialises publish, layer mounts, GC of this cache
+//!     squash.lock           flock: held by the one squash running for this cache
+//!     layers/<id>.img       committed, immutable layer images (sparse ext4)
+//!     tmp/                  half-built images (squash); removed by gc when no squash runs
+//!   volumes/<id>/
+//!     volume.json           the volume record: DIR, cache, layers, size, state
+//!     upper.img             the volume's writable image (upper/ and work/)
+//!   locks/volumes/<id>.lock flock per volume (outside the volume dir so it outlives it)
+//!   mnt/layers/<ns>/<name>/<layer>/   read-only layer mounts, shared by all volumes
+//!   mnt/uppers/<volume-id>/           the volume image mounts (upperdir/workdir live here)
+//!   mnt/squash/<ns>/<name>/{view,new} the squash's read-only overlay and the new base
+//!   empty/                  an empty read-only lower dir for volumes of an empty cache
+//!   queue/<ns>_<name>       a squash is due for this cache (drained by gc / agent)
+//! ```
+//!
+//! The volume id is a hash of the canonical DIR, so a retried create/delete of the same DIR finds
+//! the same record.
+
+use crate::names::CacheId;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Default state dir.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/jobcachefs";
+
+/// Paths under one state dir.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// A layout rooted at `root` (which must be absolute and canonical).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    /// The state dir itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Parent of all caches.
+    pub fn caches(&self) -> PathBuf {
+        self.root.join("caches")
+    }
+
+    /// One cache's directory.
+    pub fn cache_dir(&self, id: &CacheId) -> PathBuf {
+        self.caches().join(&id.namespace).join(&id.name)
+    }
+
+    /// The cache's settings record.
+    pub fn cache_record(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("cache.json")
+    }
+
+    /// The cache's current generation manifest.
+    pub fn current(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("current.json")
+    }
+
+    /// The cache's lock file.
+    pub fn cache_lock(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("lock")
+    }
+
+    /// The lock a running squash holds.
+    pub fn squash_lock(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("squash.lock")
+    }
+
+    /// File whose mtime is the cache's last use.
+    pub fn last_used(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("last-used")
+    }
+
+    /// The cache's committed layer images.
+    pub fn layers_dir(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("layers")
+    }
+
+    /// One committed layer image.
+    pub fn layer_image(&self, id: &CacheId, layer: &str) -> PathBuf {
+        self.layers_dir(id).join(format!("{layer}.img"))
+    }
+
+    /// Half-built images of this cache.
+    pub fn cache_tmp(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("tmp")
+    }
+
+    /// Parent of all volume records.
+    pub fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// One volume's directory.
+    pub fn volume_dir(&self, vol: &str) -> PathBuf {
+        self.volumes().join(vol)
+    }
+
+    /// One volume's record.
+    pub fn volume_record(&self, vol: &str) -> PathBuf {
+        self.volume_dir(vol).join("volume.json")
+    }
+
+    /// One volume's writable image.
+    pub fn volume_image(&self, vol: &str) -> PathBuf {
+        self.volume_dir(vol).join("upper.img")
+    }
+
+    /// One volume's lock file.
+    pub fn volume_lock(&self, vol: &str) -> PathBuf {
+        self.root
+            .join("locks")
+            .join("volumes")
+            .join(format!("{vol}.lock"))
+    }
+
+    /// Parent of every mount jobcachefs makes besides the volume DIRs themselves.
+    pub fn mnt(&self) -> PathBuf {
+        self.root.join("mnt")
+    }
+
+    /// Where a committed layer is mounted read-only.
+    pub fn layer_mount(&self, id: &CacheId, layer: &str) -> PathBuf {
+        self.mnt()
+            .join("layers")
+            .join(&id.namespace)
+            .join(&id.name)
+            .join(layer)
+    }
+
+    /// The lowerdir of a mounted layer: layers keep the tree in `upper/` of their image.
+    pub fn layer_lowerdir(&self, id: &CacheId, layer: &str) -> PathBuf {
+        self.layer_mount(id, layer).join("upper")
+    }
+
+    /// Where a volume's image is mounted.
+    pub fn upper_mount(&self, vol: &str) -> PathBuf {
+        self.mnt().join("uppers").join(vol)
+    }
+
+    /// Squash work area of one cache.
+    pub fn squash_mnt(&self, id: &CacheId) -> PathBuf {
+        self.mnt().join("squash").join(&id.namespace).join(&id.name)
+    }
+
+    /// The empty lower dir used by volumes of an empty cache.
+    pub fn empty(&self) -> PathBuf {
+        self.root.join("empty")
+    }
+
+    /// The on-disk queue of deferred work.
+    pub fn queue(&self) -> PathBuf {
+        self.root.join("queue")
+    }
+
+    /// The queue entry saying a squash of `id` is due.
+    pub fn squash_due(&self, id: &CacheId) -> PathBuf {
+        self.queue()
+            .join(format!("squash_{}_{}", id.namespace, id.name))
+    }
+}
+
+/// The volume id of a canonical volume DIR.
+pub fn volume_id(dir: &Path) -> String {
+    let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    digest[..10].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_ids_are_stable_and_distinct() {
+        let a = volume_id(Path::new("/x/a"));
+        assert_eq!(a, volume_id(Path::new("/x/a")));
+        assert_ne!(a, volume_id(Path::new("/x/b")));
+        assert_eq!(a.len(), 20);
+    }
+
+    #[test]
+    fn layer_lowerdir_is_inside_its_mount() {
+        let l = Layout::new("/s");
+        let id = CacheId::new("ns", "c").unwrap();
+        assert_eq!(
+            l.layer_lowerdir(&id, "g1-ab"),
+            Path::new("/s/mnt/layers/ns/c/g1-ab/upper")
+        );
+    }
+}

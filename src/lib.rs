@@ -1,0 +1,27 @@
+//! jobcachefs: build-cache volumes for Kubernetes and CI runners.
+//!
+//! A cache is a stack of immutable sparse ext4 layer images; a volume is an overlay of that stack
+//! under a per-volume, size-limited writable image; deleting a write-back volume makes its image
+//! the cache's new top layer by a rename. See README.md for the picture and the on-disk layout.
+
+#![warn(missing_docs)]
+
+pub mod cmd;
+pub mod config;
+pub mod copy;
+pub mod engine;
+pub mod error;
+pub mod fault;
+pub mod fsutil;
+pub mod image;
+pub mod layout;
+pub mod lock;
+pub mod loopback;
+pub mod mounts;
+pub mod names;
+pub mod quantity;
+pub mod records;
+pub mod tree;
+
+pub use engine::Engine;
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,240 @@
+//! Human output: aligned tables with human-readable sizes, and JSON for scripts.
+
+use jobcachefs::engine::{CacheInfo, GcReport, PruneCandidate, VolumeInfo};
+use jobcachefs::quantity::human_bytes;
+use serde::Serialize;
+
+/// Prints any serialisable value as pretty JSON on stdout.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialisable")
+    );
+}
+
+/// A plain aligned text table.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Table {
+            rows: vec![header.iter().map(|s| s.to_string()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn print(&self) {
+        let cols = self.rows[0].len();
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for r in &self.rows {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+                .collect();
+            println!("{}", line.join("  ").trim_end());
+        }
+    }
+}
+
+/// Age of a Unix timestamp, e.g. `3h ago`.
+pub fn ago(ts: u64) -> String {
+    let now = jobcachefs::fsutil::now();
+    let d = now.saturating_sub(ts);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86_399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86_400),
+    }
+}
+
+pub fn print_caches(caches: &[CacheInfo]) {
+    let mut t = Table::new(&[
+        "NAMESPACE",
+        "NAME",
+        "GEN",
+        "DEPTH",
+        "ALLOCATED",
+        "LIMIT",
+        "USE%",
+        "VOLUMES",
+        "LAST USED",
+    ]);
+    for c in caches {
+        t.row(vec![
+            c.namespace.clone(),
+            c.name.clone(),
+            c.generation.to_string(),
+            c.depth.to_string(),
+            human_bytes(c.allocated),
+            human_bytes(c.cache_size),
+            format!("{}%", c.allocated * 100 / c.cache_size.max(1)),
+            c.volumes.len().to_string(),
+            ago(c.last_used),
+        ]);
+    }
+    t.print();
+}
+
+pub fn print_cache(c: &CacheInfo) {
+    println!("Cache:       {}/{}", c.namespace, c.name);
+    println!(
+        "Generation:  {} ({} layers{})",
+        c.generation,
+        c.depth,
+        if c.squash_due { ", squash queued" } else { "" }
+    );
+    println!(
+        "Allocated:   {} of {} ({}%), {} on disk incl. layers old volumes still use",
+        human_bytes(c.allocated),
+        human_bytes(c.cache_size),
+        c.allocated * 100 / c.cache_size.max(1),
+        human_bytes(c.on_disk)
+    );
+    println!("Created:     {}", ago(c.created));
+    println!("Last used:   {}", ago(c.last_used));
+    println!("Layers (base first):");
+    let mut t = Table::new(&["  #", "ID", "SIZE", "ALLOCATED", "CREATED", "FROM"]);
+    for (i, l) in c.layers.iter().enumerate() {
+        t.row(vec![
+            format!("  {i}"),
+            l.id.clone(),
+            human_bytes(l.size),
+            human_bytes(l.allocated),
+            ago(l.created),
+            l.source.clone(),
+        ]);
+    }
+    t.print();
+    println!("Live volumes: {}", c.volumes.len());
+    for v in &c.volumes {
+        println!("  {}", v.display());
+    }
+}
+
+pub fn print_volumes(vols: &[VolumeInfo]) {
+    let mut t = Table::new(&[
+        "DIR",
+        "CACHE",
+        "GEN",
+        "USED",
+        "SIZE",
+        "WRITE-BACK",
+        "STATE",
+        "CREATED",
+    ]);
+    for v in vols {
+        let r = &v.record;
+        t.row(vec![
+            r.dir.display().to_string(),
+            r.cache
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.generation.to_string(),
+            v.used.map(human_bytes).unwrap_or_else(|| "-".into()),
+            human_bytes(r.size),
+            r.write_back.to_string(),
+            format!(
+                "{:?}{}",
+                r.state,
+                if v.mounted { "" } else { " (not mounted)" }
+            )
+            .to_lowercase(),
+            ago(r.created),
+        ]);
+    }
+    t.print();
+}
+
+pub fn print_prune(plan: &[PruneCandidate], dry_run: bool) {
+    if plan.is_empty() {
+        println!("nothing to prune");
+        return;
+    }
+    let mut t = Table::new(&["NAMESPACE", "NAME", "FREES", "LAST USED", "REASON"]);
+    for c in plan {
+        t.row(vec![
+            c.namespace.clone(),
+            c.name.clone(),
+            human_bytes(c.frees),
+            ago(c.last_used),
+            c.reason.clone(),
+        ]);
+    }
+    t.print();
+    let total: u64 = plan.iter().map(|c| c.frees).sum();
+    println!(
+        "{} {} caches, {}",
+        if dry_run { "would remove" } else { "removed" },
+        plan.len(),
+        human_bytes(total)
+    );
+}
+
+pub fn print_gc(r: &GcReport) {
+    let show = |label: &str, items: Vec<String>| {
+        for i in items {
+            println!("{label}: {i}");
+        }
+    };
+    show(
+        "rolled back",
+        r.rolled_back
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show(
+        "finished delete",
+        r.deletes_finished
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show(
+        "remounted",
+        r.remounted
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show("removed layer", r.layers_removed.clone());
+    show(
+        "unmounted",
+        r.mounts_removed
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show(
+        "detached",
+        r.loops_detached
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show(
+        "removed half-built",
+        r.tmp_removed
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
+    show("squashed", r.squashed.clone());
+    show("error", r.errors.clone());
+}

@@ -1,0 +1,123 @@
+//! The on-disk records: a cache's settings, its current generation, and each volume. Serialised
+//! as JSON and always written temp → fsync → rename (see `fsutil::write_json_atomic`).
+//! References between them (which layers are in use) are derived by reading these records, never
+//! kept as counters a crash could corrupt.
+
+use crate::names::CacheId;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `caches/<ns>/<name>/cache.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheRecord {
+    /// Which cache.
+    pub id: CacheId,
+    /// Limit on the allocated bytes of all current layers.
+    pub cache_size: u64,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// One committed layer of a generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// File stem under `layers/`.
+    pub id: String,
+    /// Unix seconds when it was committed.
+    pub created: u64,
+    /// Where it came from: the volume DIR it was committed from, or `squash`/`import`.
+    pub source: String,
+    /// Apparent size of the image (its filesystem size).
+    pub size: u64,
+    /// Bytes the image occupies on the host.
+    pub allocated: u64,
+}
+
+/// `caches/<ns>/<name>/current.json`: the current generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Generation {
+    /// Increases by one with each publish.
+    pub generation: u64,
+    /// Bottom (base) first.
+    pub layers: Vec<LayerInfo>,
+    /// Unix seconds of the publish.
+    pub published: u64,
+}
+
+impl Generation {
+    /// Allocated bytes of all layers.
+    pub fn allocated(&self) -> u64 {
+        self.layers.iter().map(|l| l.allocated).sum()
+    }
+
+    /// Allocated bytes of the layers above the base.
+    pub fn delta_allocated(&self) -> u64 {
+        self.layers.iter().skip(1).map(|l| l.allocated).sum()
+    }
+
+    /// Layer ids, bottom first.
+    pub fn layer_ids(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.id.clone()).collect()
+    }
+}
+
+/// Where a volume is in its life.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Record written, mounts being made. A crash here is rolled back by `gc` or a retried create.
+    Creating,
+    /// Mounted at DIR and in use.
+    Ready,
+    /// Overlay unmounted or being unmounted; a retried delete or `gc` finishes it.
+    Deleting,
+}
+
+/// Owner and mode of a volume's root.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootOwner {
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// `volumes/<id>/volume.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// Volume id (hash of DIR).
+    pub id: String,
+    /// The canonical volume DIR.
+    pub dir: PathBuf,
+    /// The cache it reads from; `None` for a plain size-limited volume.
+    pub cache: Option<CacheId>,
+    /// The generation it was created on.
+    pub generation: u64,
+    /// That generation's layer ids, bottom first: these stay on disk while the volume lives.
+    pub layers: Vec<String>,
+    /// Size of its writable image.
+    pub size: u64,
+    /// Whether delete commits it.
+    pub write_back: bool,
+    /// Owner and mode of the root, when asked for.
+    pub root: Option<RootOwner>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Lifecycle state.
+    pub state: VolumeState,
+    /// Set once delete decided: discard instead of commit.
+    #[serde(default)]
+    pub discard: bool,
+    /// Set when delete unmounted the image cleanly: only such an image may be committed.
+    #[serde(default)]
+    pub clean: bool,
+    /// The layer id this volume's image is committed as (chosen before the rename, so a retried
+    /// delete finishes the same commit instead of making a second one).
+    #[serde(default)]
+    pub commit_layer: Option<String>,
+    /// Free-form labels from the caller (e.g. the Kubernetes PV/PVC names).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
