@@ -33,11 +33,14 @@ pub struct CopyStats {
     pub bytes: u64,
 }
 
+/// Called after each copied entry with the running totals (progress display).
+pub type Progress = Box<dyn FnMut(&CopyStats)>;
+
 struct Ctx {
     opts: CopyOptions,
     links: HashMap<(u64, u64), PathBuf>,
     stats: CopyStats,
-    progress: Option<Box<dyn FnMut(&CopyStats)>>,
+    progress: Option<Progress>,
 }
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
@@ -46,7 +49,7 @@ pub fn copy_tree(
     src: &Path,
     dst: &Path,
     opts: CopyOptions,
-    progress: Option<Box<dyn FnMut(&CopyStats)>>,
+    progress: Option<Progress>,
 ) -> Result<CopyStats> {
     let mut ctx = Ctx {
         opts,

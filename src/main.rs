@@ -117,13 +117,13 @@ struct CreateArgs {
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
     /// Size limit of the volume's writes (e.g. 2Gi); writes beyond it get ENOSPC.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     size: Option<String>,
     /// Commit the volume into the cache when it is deleted.
     #[arg(long)]
     write_back: bool,
     /// Size limit of the cache, if this creates it (e.g. 20Gi).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     cache_size: Option<String>,
 }
 

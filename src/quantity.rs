@@ -32,7 +32,7 @@ pub fn parse_size(what: &str, value: &str) -> Result<u64> {
         return Err(bad());
     }
     let (int, frac) = match number.split_once('.') {
-        Some((i, f)) if !f.contains('.') && !(i.is_empty() && f.is_empty()) => (i, f),
+        Some((i, f)) if !(f.contains('.') || i.is_empty() && f.is_empty()) => (i, f),
         Some(_) => return Err(bad()),
         None => (number, ""),
     };

@@ -110,6 +110,9 @@ pub struct VolumeRecord {
     /// Set once delete decided: discard instead of commit.
     #[serde(default)]
     pub discard: bool,
+    /// Set when delete found nothing changed in a write-back volume (nothing to publish).
+    #[serde(default)]
+    pub unchanged: bool,
     /// Set when delete unmounted the image cleanly: only such an image may be committed.
     #[serde(default)]
     pub clean: bool,

@@ -140,7 +140,10 @@ fn walk(
     Ok(())
 }
 
-fn file_data(p: &Path) -> Result<(Option<String>, Vec<(u64, u64)>)> {
+/// A file's content digest and its data extents.
+type FileData = (Option<String>, Vec<(u64, u64)>);
+
+fn file_data(p: &Path) -> Result<FileData> {
     let mut f = File::open(p).at("open", p)?;
     let len = f.metadata().at("stat", p)?.len() as i64;
     let mut extents = Vec::new();

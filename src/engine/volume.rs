@@ -196,6 +196,7 @@ impl Engine {
             discard: false,
             clean: false,
             commit_layer: None,
+            unchanged: false,
             labels: req.labels.clone(),
         };
         ensure_dir(&self.layout.volume_dir(&vol))?;
@@ -504,6 +505,7 @@ impl Engine {
                     record.commit_layer = Some(new_layer_id(&record));
                 } else {
                     record.discard = true;
+                    record.unchanged = true;
                 }
                 record.clean = false;
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
@@ -530,6 +532,7 @@ impl Engine {
                 }
             }
             (None, false) => DeleteOutcome::Unchanged,
+            _ if record.unchanged => DeleteOutcome::Unchanged,
             _ => DeleteOutcome::Discarded,
         };
         fault::point("delete:committed");

@@ -1,0 +1,242 @@
+//! Shared harness of the privileged integration tests: a temporary "node" (its own state dir)
+//! that runs the real binary, and a guard that leaves no mount and no loop device behind —
+//! on success, on failure and on panic. `JOBCACHEFS_KEEP_TEST_STATE=1` keeps the state dir (its
+//! mounts are still removed) for debugging.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// True when running as root; otherwise prints a loud SKIPPED line and the test returns early.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!(
+        "\n!!!!! SKIPPED {test}: needs root (loop devices, mounts). CI runs it as root. !!!!!\n"
+    );
+    false
+}
+
+/// A temporary node: a state dir and a scratch area for volume DIRs.
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub config: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "command failed:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("jcfs-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
+        std::fs::create_dir(tmp.path().join("vols")).unwrap();
+        Node {
+            tmp,
+            config: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// A node whose config file holds `toml`.
+    pub fn with_config(toml: &str) -> Self {
+        let mut n = Node::new();
+        let p = n.tmp.path().join("config.toml");
+        std::fs::write(&p, toml).unwrap();
+        n.config = Some(p);
+        n
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    /// A volume DIR path (not created).
+    pub fn vol(&self, name: &str) -> PathBuf {
+        self.tmp.path().join("vols").join(name)
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_jobcachefs"));
+        c.env("JOBCACHEFS_STATE_DIR", self.state());
+        c.env("JOBCACHEFS_LOG", "info");
+        c.env_remove("JOBCACHEFS_CRASH_AT");
+        match &self.config {
+            Some(p) => c.env("JOBCACHEFS_CONFIG", p),
+            None => c.env("JOBCACHEFS_CONFIG", self.tmp.path().join("no-config.toml")),
+        };
+        if self.config.is_none() {
+            // An explicit but missing config is an error; use an empty one for defaults.
+            std::fs::write(self.tmp.path().join("no-config.toml"), "").unwrap();
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.command();
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out: Output = c.output().expect("run jobcachefs");
+        let code = out.status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + out.status.signal().unwrap_or(0)
+        });
+        Run {
+            code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `volume create DIR --cache NAME` plus extra args; returns DIR.
+    pub fn create(&self, name: &str, cache: &str, extra: &[&str]) -> PathBuf {
+        let dir = self.vol(name);
+        let mut args = vec!["volume", "create", dir.to_str().unwrap(), "--cache", cache];
+        args.extend_from_slice(extra);
+        self.run(&args).ok();
+        dir
+    }
+
+    pub fn delete(&self, dir: &Path, extra: &[&str]) -> Run {
+        let mut args = vec!["volume", "delete", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    pub fn show(&self, cache: &str) -> serde_json::Value {
+        self.run(&["cache", "show", cache, "-o", "json"])
+            .ok()
+            .json()
+    }
+
+    pub fn generation(&self, cache: &str) -> u64 {
+        let r = self.run(&["cache", "show", cache, "-o", "json"]);
+        if r.code == 4 {
+            return 0;
+        }
+        r.ok().json()["generation"].as_u64().unwrap()
+    }
+
+    /// Mount points under this node's temp dir (state mounts and volume DIRs).
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        leaked_mounts(self.tmp.path())
+    }
+
+    /// Loop devices backed by files under this node's temp dir.
+    pub fn loops(&self) -> Vec<String> {
+        leaked_loops(self.tmp.path())
+    }
+
+    /// Asserts nothing of this node is mounted or attached.
+    pub fn assert_clean(&self) {
+        assert_eq!(self.mounts(), Vec::<PathBuf>::new(), "leaked mounts");
+        assert_eq!(self.loops(), Vec::<String>::new(), "leaked loop devices");
+    }
+}
+
+pub fn leaked_mounts(under: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    jobcachefs::mounts::parse_mountinfo(&text)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(under))
+        .collect()
+}
+
+pub fn leaked_loops(under: &Path) -> Vec<String> {
+    // Give autoclear a moment: the kernel releases a device right after its last unmount.
+    for _ in 0..50 {
+        let l: Vec<String> = jobcachefs::loopback::list()
+            .into_iter()
+            .filter(|b| b.file.starts_with(under))
+            .map(|b| format!("{} {}", b.device.display(), b.file.display()))
+            .collect();
+        if l.is_empty() {
+            return l;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    jobcachefs::loopback::list()
+        .into_iter()
+        .filter(|b| b.file.starts_with(under))
+        .map(|b| format!("{} {}", b.device.display(), b.file.display()))
+        .collect()
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Best effort through the binary first (discard every volume), then force: deepest
+        // mounts first, lazily, and detach what is left.
+        if let Ok(out) = self.command().args(["volume", "ls", "-o", "json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                for vol in v.as_array().cloned().unwrap_or_default() {
+                    if let Some(d) = vol["dir"].as_str() {
+                        let _ = self
+                            .command()
+                            .args(["volume", "delete", d, "--discard"])
+                            .output();
+                    }
+                }
+            }
+        }
+        let _ = self.command().args(["gc"]).output();
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in &mounts {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for b in jobcachefs::loopback::list() {
+            if b.file.starts_with(self.tmp.path()) {
+                let _ = jobcachefs::loopback::detach(&b.device);
+            }
+        }
+        if std::env::var_os("JOBCACHEFS_KEEP_TEST_STATE").is_some() {
+            let p = std::mem::replace(&mut self.tmp, tempfile::tempdir().unwrap()).keep();
+            eprintln!("kept test state in {}", p.display());
+        }
+    }
+}
+
+/// Runs a shell snippet (for building trees the way users' tools would).
+pub fn sh(script: &str) {
+    let out = Command::new("sh").arg("-ec").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sh failed: {script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,655 @@
+//! The engine end to end, as root, on real loop devices, ext4 images and overlayfs: round trip,
+//! fidelity against the kernel's merged view, concurrency, quotas, crashes, idempotency and bad
+//! input. Every test runs in its own state dir and checks it leaked no mount or loop device.
+
+mod common;
+
+use common::{root_or_skip, sh, Node};
+use jobcachefs::tree::{diff, snapshot};
+use std::path::Path;
+
+fn snap(dir: &Path) -> jobcachefs::tree::Snapshot {
+    snapshot(dir).unwrap()
+}
+
+fn assert_same_tree(expected: &jobcachefs::tree::Snapshot, dir: &Path, what: &str) {
+    let d = diff(expected, &snap(dir));
+    assert!(
+        d.is_empty(),
+        "{what}: tree differs from the merged view at delete time:\n{}",
+        d.join("\n")
+    );
+}
+
+#[test]
+fn real_round_trip_and_discard() {
+    if !root_or_skip("real_round_trip_and_discard") {
+        return;
+    }
+    let n = Node::new();
+    let v1 = n.create("v1", "maven", &["--size", "64Mi", "--write-back"]);
+    sh(&format!(
+        "cd {}; mkdir -p keep/sub gone replaced; echo a > keep/a; echo s > keep/sub/s; echo g > gone/g; \
+         echo old > replaced/old; echo r > renamed-from",
+        v1.display()
+    ));
+    assert!(n.delete(&v1, &[]).ok().stdout.contains("generation 1"));
+
+    // Second volume: deletions, a directory replaced by a new one, a rename.
+    let v2 = n.create("v2", "maven", &["--size", "64Mi", "--write-back"]);
+    assert_eq!(std::fs::read_to_string(v2.join("keep/a")).unwrap(), "a\n");
+    sh(&format!(
+        "cd {}; rm -r gone; rm -r replaced; mkdir replaced; echo new > replaced/new; mv renamed-from renamed-to; \
+         echo changed > keep/a",
+        v2.display()
+    ));
+    let expected = snap(&v2);
+    n.delete(&v2, &[]).ok();
+    assert_eq!(n.generation("maven"), 2);
+
+    let v3 = n.create("v3", "maven", &[]);
+    assert_same_tree(&expected, &v3, "after commit");
+    assert!(!v3.join("gone").exists());
+    assert!(
+        !v3.join("replaced/old").exists(),
+        "an opaque dir must hide the old contents"
+    );
+    assert!(!v3.join("renamed-from").exists());
+    assert_eq!(
+        std::fs::read_to_string(v3.join("renamed-to")).unwrap(),
+        "r\n"
+    );
+    // A volume without write-back changes nothing.
+    sh(&format!(
+        "cd {}; rm -r keep; echo junk > junk",
+        v3.display()
+    ));
+    n.delete(&v3, &[]).ok();
+    assert_eq!(n.generation("maven"), 2);
+
+    // A write-back volume deleted with --discard changes nothing either.
+    let v4 = n.create("v4", "maven", &["--write-back"]);
+    sh(&format!("echo junk > {}/junk", v4.display()));
+    assert!(n
+        .delete(&v4, &["--discard"])
+        .ok()
+        .stdout
+        .contains("discarded"));
+    assert_eq!(n.generation("maven"), 2);
+
+    // A write-back volume that changed nothing publishes nothing.
+    let v5 = n.create("v5", "maven", &["--write-back"]);
+    assert!(n.delete(&v5, &[]).ok().stdout.contains("nothing changed"));
+    assert_eq!(n.generation("maven"), 2);
+
+    let v6 = n.create("v6", "maven", &[]);
+    assert_same_tree(&expected, &v6, "after discards");
+    n.delete(&v6, &[]).ok();
+    n.assert_clean();
+}
+
+/// Builds a tree with every kind of metadata a build cache can hold.
+fn rich_tree(dir: &Path) {
+    sh(&format!(
+        "cd {d}; mkdir -p a/b/c empty; echo hello > a/file; ln a/file a/hardlink; ln -s ../file a/b/rel; \
+         ln -s /etc/passwd abs; mkfifo fifo; mknod null c 1 3; \
+         truncate -s 50M sparse; printf x | dd of=sparse bs=1 seek=30000000 conv=notrunc status=none; \
+         head -c 300000 /dev/urandom > a/b/c/random; \
+         chown 1234:5678 a/b; chmod 2750 a/b; chmod 4755 a/file; chmod 700 empty; \
+         touch -h -d '2021-02-03 04:05:06.123456789' a/b/rel; \
+         touch -d '2020-01-01 00:00:00.987654321' a/b/c/random a/b/c",
+        d = dir.display()
+    ));
+    xattr::set(dir.join("a/file"), "user.origin", b"maven-central").unwrap();
+    xattr::set(dir.join("a/b"), "trusted.cache", b"yes").unwrap();
+    xattr::set(dir.join("empty"), "security.test", b"1").unwrap_or(());
+}
+
+#[test]
+fn real_fidelity_after_commit_and_squash() {
+    if !root_or_skip("real_fidelity_after_commit_and_squash") {
+        return;
+    }
+    let n = Node::new();
+    let v1 = n.create("v1", "rich", &["--size", "256Mi", "--write-back"]);
+    rich_tree(&v1);
+    n.delete(&v1, &[]).ok();
+
+    // Changes on top of a lower layer: copy-ups, whiteouts, opaque dirs, metadata-only changes.
+    let v2 = n.create("v2", "rich", &["--size", "256Mi", "--write-back"]);
+    sh(&format!(
+        "cd {d}; chmod 640 a/file; chown 42:42 a/b/c/random; rm a/hardlink; rm -r empty; mkdir empty; \
+         touch -d '2019-05-05 05:05:05.5' empty; echo more >> a/b/c/random; mv a/b/rel a/b/rel2; \
+         mkdir -p new/deep; echo n > new/deep/n; ln new/deep/n new/n-link",
+        d = v2.display()
+    ));
+    xattr::set(v2.join("a/b/c"), "user.changed", b"1").unwrap();
+    let expected = snap(&v2);
+    n.delete(&v2, &[]).ok();
+
+    let v3 = n.create("v3", "rich", &[]);
+    assert_same_tree(&expected, &v3, "after commit");
+    n.delete(&v3, &[]).ok();
+
+    let r = n
+        .run(&["cache", "squash", "rich", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(r["outcome"], "squashed");
+    assert_eq!(n.show("rich")["depth"], 1);
+    let v4 = n.create("v4", "rich", &[]);
+    assert_same_tree(&expected, &v4, "after squash");
+    // Sparse files stay sparse: 50 MiB apparent, a few KiB allocated.
+    let blocks =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(v4.join("sparse")).unwrap());
+    assert!(
+        blocks * 512 < 1 << 20,
+        "sparse file allocates {} bytes",
+        blocks * 512
+    );
+    n.delete(&v4, &[]).ok();
+    // The old layers are gone from the disk once no volume uses them.
+    let layers = std::fs::read_dir(n.state().join("caches/default/rich/layers"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 1);
+    n.assert_clean();
+}
+
+#[test]
+fn real_concurrent_volumes_of_one_cache() {
+    if !root_or_skip("real_concurrent_volumes_of_one_cache") {
+        return;
+    }
+    let n = Node::with_config("max_depth = 4\n");
+    let seed = n.create("seed", "shared", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo seed > {}/seed", seed.display()));
+    n.delete(&seed, &[]).ok();
+
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let dir = n.vol(&format!("job{i}"));
+            let bin = env!("CARGO_BIN_EXE_jobcachefs");
+            let state = n.state();
+            let cfg = n.config.clone().unwrap();
+            std::thread::spawn(move || {
+                let script = format!(
+                    "set -e; {bin} volume create {d} --cache shared --size 64Mi --write-back >/dev/null; \
+                     test \"$(cat {d}/seed)\" = seed; mkdir -p {d}/jobs; echo {i} > {d}/jobs/{i}; \
+                     head -c 100000 /dev/urandom > {d}/blob-{i}; {bin} volume delete {d} >/dev/null",
+                    d = dir.display()
+                );
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(script)
+                    .env("JOBCACHEFS_STATE_DIR", state)
+                    .env("JOBCACHEFS_CONFIG", cfg)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "job failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    n.run(&["gc", "--drain"]).ok();
+    let check = n.create("check", "shared", &[]);
+    for i in 0..8 {
+        assert_eq!(
+            std::fs::read_to_string(check.join(format!("jobs/{i}"))).unwrap(),
+            format!("{i}\n")
+        );
+        assert!(check.join(format!("blob-{i}")).exists());
+    }
+    assert_eq!(
+        std::fs::read_to_string(check.join("seed")).unwrap(),
+        "seed\n"
+    );
+    let show = n.show("shared");
+    assert!(
+        show["depth"].as_u64().unwrap() <= 4 + 1,
+        "depth stays bounded: {show}"
+    );
+    assert!(show["generation"].as_u64().unwrap() >= 9);
+    n.delete(&check, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
+fn real_quotas() {
+    if !root_or_skip("real_quotas") {
+        return;
+    }
+    let n = Node::new();
+    // ENOSPC inside the volume at its size; the host file never grows beyond it.
+    let v = n.create(
+        "small",
+        "q",
+        &["--size", "32Mi", "--cache-size", "48Mi", "--write-back"],
+    );
+    let out = std::process::Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}/big", v.display()),
+            "bs=1M",
+            "count=64",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No space left on device"));
+    let vols = n.run(&["volume", "ls", "-o", "json"]).ok().json();
+    let id = vols[0]["id"].as_str().unwrap();
+    let img = n.state().join("volumes").join(id).join("upper.img");
+    let md = std::fs::metadata(&img).unwrap();
+    assert!(md.len() <= 32 << 20 && std::os::unix::fs::MetadataExt::blocks(&md) * 512 <= 32 << 20);
+    std::fs::remove_file(v.join("big")).unwrap();
+    sh(&format!(
+        "head -c 20000000 /dev/urandom > {}/first",
+        v.display()
+    ));
+    n.delete(&v, &[]).ok();
+    assert_eq!(n.generation("q"), 1);
+
+    // 20 MB in the cache plus 30 MB of incompressible data cannot fit 48 MiB, squashed or not.
+    let v2 = n.create("over", "q", &["--size", "64Mi", "--write-back"]);
+    sh(&format!(
+        "head -c 30000000 /dev/urandom > {}/second",
+        v2.display()
+    ));
+    let r = n.delete(&v2, &[]);
+    assert_eq!(
+        r.code, 3,
+        "over-size commit must exit 3: {} {}",
+        r.stdout, r.stderr
+    );
+    assert!(
+        r.stderr.contains("rejected") && r.stderr.contains("cache-size"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(n.generation("q"), 1, "the previous generation stays");
+    let show = n.show("q");
+    assert!(show["allocated"].as_u64().unwrap() <= 48 << 20);
+
+    // An over-size commit that fits once squashed is squashed and published.
+    let v3 = n.create("fits", "q", &["--size", "64Mi", "--write-back"]);
+    sh(&format!(
+        "rm {d}/first; head -c 25000000 /dev/urandom > {d}/third",
+        d = v3.display()
+    ));
+    let r = n.delete(&v3, &["-o", "json"]).ok().json();
+    assert_eq!(r["outcome"], "committed");
+    assert_eq!(r["squashed"], true);
+    let show = n.show("q");
+    assert_eq!(show["depth"], 1);
+    assert!(show["allocated"].as_u64().unwrap() <= 48 << 20);
+    let v4 = n.create("see", "q", &[]);
+    assert!(v4.join("third").exists() && !v4.join("first").exists());
+    n.delete(&v4, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
+fn real_idempotent_create_and_delete() {
+    if !root_or_skip("real_idempotent_create_and_delete") {
+        return;
+    }
+    let n = Node::new();
+    let v = n.create("v", "idem", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo 1 > {}/f", v.display()));
+    // Same request again: a no-op success, data intact.
+    n.create("v", "idem", &["--size", "64Mi", "--write-back"]);
+    assert_eq!(std::fs::read_to_string(v.join("f")).unwrap(), "1\n");
+    // A conflicting request: a clear error, nothing changed.
+    let r = n.run(&[
+        "volume",
+        "create",
+        v.to_str().unwrap(),
+        "--cache",
+        "idem",
+        "--size",
+        "128Mi",
+    ]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(v.join("f")).unwrap(), "1\n");
+
+    n.delete(&v, &[]).ok();
+    let again = n.delete(&v, &[]).ok();
+    assert!(again.stdout.contains("already deleted"), "{}", again.stdout);
+    assert_eq!(n.generation("idem"), 1, "one commit, not two");
+    n.assert_clean();
+}
+
+#[test]
+fn real_bad_input_changes_nothing() {
+    if !root_or_skip("real_bad_input_changes_nothing") {
+        return;
+    }
+    let n = Node::new();
+    let dir = n.vol("x");
+    let d = dir.to_str().unwrap();
+    let long = "a".repeat(64);
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["volume", "create", d, "--cache", "../x"],
+            2,
+            "\"../x\"",
+        ),
+        (vec!["volume", "create", d, "--cache", "A_B"], 2, "\"A_B\""),
+        (
+            vec!["volume", "create", d, "--cache", ""],
+            2,
+            "cache name is empty",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", &long],
+            2,
+            "64 characters",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "cachéü"],
+            2,
+            "\"cachéü\"",
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                d,
+                "--cache",
+                "c",
+                "--namespace",
+                "Bad_NS",
+            ],
+            2,
+            "namespace \"Bad_NS\"",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--size", "10Xi"],
+            2,
+            "\"10Xi\"",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--size", "-1"],
+            2,
+            "\"-1\"",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--size", "0"],
+            2,
+            "\"0\"",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--size", "1Ki"],
+            2,
+            "below the minimum",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--size", "900Ti"],
+            3,
+            "max_volume_size",
+        ),
+        (
+            vec!["volume", "create", d, "--cache", "c", "--cache-size", "1Xi"],
+            2,
+            "\"1Xi\"",
+        ),
+        (
+            vec!["volume", "create", d, "--write-back"],
+            2,
+            "needs a cache",
+        ),
+        (vec!["cache", "show", "nope"], 4, "does not exist"),
+    ];
+    for (args, code, needle) in cases {
+        let r = n.run(&args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: expected {needle:?} in {}",
+            r.stderr
+        );
+    }
+    // Larger than the host's free space (with a max_volume_size that allows it).
+    let big = Node::with_config("max_volume_size = \"1Ei\"\n");
+    let r = big.run(&[
+        "volume",
+        "create",
+        big.vol("b").to_str().unwrap(),
+        "--cache",
+        "c",
+        "--size",
+        "900Ti",
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("free space"), "{}", r.stderr);
+
+    // DIR that is a file, not empty, or inside the state dir.
+    let file = n.tmp.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let full = n.tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("f"), "x").unwrap();
+    let inside = n.state().join("caches/mine");
+    for (p, needle) in [
+        (&file, "is a file"),
+        (&full, "is not empty"),
+        (&inside, "overlaps the state dir"),
+    ] {
+        let r = n.run(&["volume", "create", p.to_str().unwrap(), "--cache", "c"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(
+            r.stderr.contains(needle) && r.stderr.contains(p.to_str().unwrap()),
+            "{}",
+            r.stderr
+        );
+    }
+    // Nothing was made: no cache, no volume, no DIR, no mount.
+    assert_eq!(
+        n.run(&["cache", "ls", "-o", "json"]).ok().json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        n.run(&["volume", "ls", "-o", "json"]).ok().json(),
+        serde_json::json!([])
+    );
+    assert!(!dir.exists());
+    assert_eq!(
+        std::fs::read_dir(n.state().join("volumes"))
+            .unwrap()
+            .count(),
+        0
+    );
+    n.assert_clean();
+}
+
+/// Steps at which a crash is injected (see src/fault.rs).
+const CREATE_STEPS: &[&str] = &[
+    "create:recorded",
+    "create:image-made",
+    "create:upper-mounted",
+    "create:mounted",
+];
+const DELETE_STEPS: &[&str] = &[
+    "delete:marked",
+    "delete:overlay-unmounted",
+    "delete:upper-unmounted",
+    "commit:renamed",
+    "commit:published",
+    "delete:committed",
+];
+const SQUASH_STEPS: &[&str] = &[
+    "squash:view-mounted",
+    "squash:copied",
+    "squash:renamed",
+    "squash:published",
+];
+
+#[test]
+fn real_crash_during_create_then_gc() {
+    if !root_or_skip("real_crash_during_create_then_gc") {
+        return;
+    }
+    let n = Node::new();
+    let seed = n.create("seed", "crash", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo seed > {}/seed", seed.display()));
+    n.delete(&seed, &[]).ok();
+    for step in CREATE_STEPS {
+        let dir = n.vol(&step.replace(':', "-"));
+        let r = n.run_env(
+            &[
+                "volume",
+                "create",
+                dir.to_str().unwrap(),
+                "--cache",
+                "crash",
+                "--size",
+                "64Mi",
+            ],
+            &[("JOBCACHEFS_CRASH_AT", step)],
+        );
+        assert_eq!(
+            r.code,
+            128 + 9,
+            "{step}: expected SIGKILL, got {} {}",
+            r.code,
+            r.stderr
+        );
+        n.run(&["gc"]).ok();
+        n.assert_clean();
+        assert_eq!(
+            n.run(&["volume", "ls", "-o", "json"]).ok().json(),
+            serde_json::json!([]),
+            "{step}"
+        );
+        // The same create now succeeds and sees the cache.
+        n.create(&step.replace(':', "-"), "crash", &["--size", "64Mi"]);
+        assert!(dir.join("seed").exists(), "{step}");
+        n.delete(&dir, &[]).ok();
+    }
+    assert_eq!(n.generation("crash"), 1);
+    n.assert_clean();
+}
+
+#[test]
+fn real_crash_during_delete_then_gc_or_retry() {
+    if !root_or_skip("real_crash_during_delete_then_gc_or_retry") {
+        return;
+    }
+    // Deep enough that no squash (which publishes a generation of its own) runs in between.
+    let n = Node::with_config("max_depth = 64\n");
+    for (i, step) in DELETE_STEPS.iter().enumerate() {
+        for finish_with_gc in [true, false] {
+            let before = n.generation("crash");
+            let name = format!("{}-{finish_with_gc}", step.replace(':', "-"));
+            let dir = n.create(&name, "crash", &["--size", "64Mi", "--write-back"]);
+            sh(&format!("echo {i} > {}/{name}", dir.display()));
+            let r = n.run_env(
+                &["volume", "delete", dir.to_str().unwrap()],
+                &[("JOBCACHEFS_CRASH_AT", step)],
+            );
+            assert_eq!(r.code, 128 + 9, "{step}: {}", r.stderr);
+            let g = n.generation("crash");
+            assert!(
+                g == before || g == before + 1,
+                "{step}: generation {g} after {before}"
+            );
+            if finish_with_gc {
+                n.run(&["gc"]).ok();
+            } else {
+                n.delete(&dir, &[]).ok();
+            }
+            n.assert_clean();
+            // Finished exactly once: the file is in the cache and the generation moved by one.
+            assert_eq!(
+                n.generation("crash"),
+                before + 1,
+                "{step} (gc: {finish_with_gc})"
+            );
+            let check = n.create("check", "crash", &[]);
+            assert!(check.join(&name).exists(), "{step}: committed file missing");
+            n.delete(&check, &[]).ok();
+            // A further delete is a no-op.
+            assert!(n.delete(&dir, &[]).ok().stdout.contains("already deleted"));
+        }
+    }
+    n.assert_clean();
+}
+
+#[test]
+fn real_crash_during_squash_then_gc() {
+    if !root_or_skip("real_crash_during_squash_then_gc") {
+        return;
+    }
+    let n = Node::new();
+    for i in 0..3 {
+        let v = n.create(&format!("w{i}"), "sq", &["--size", "64Mi", "--write-back"]);
+        sh(&format!("echo {i} > {}/f{i}", v.display()));
+        n.delete(&v, &[]).ok();
+    }
+    let live = n.create("live", "sq", &[]);
+    for step in SQUASH_STEPS {
+        let pre = n.create("pre", "sq", &[]);
+        let expected = snap(&pre);
+        n.delete(&pre, &[]).ok();
+        let before = n.show("sq");
+        let r = n.run_env(&["cache", "squash", "sq"], &[("JOBCACHEFS_CRASH_AT", step)]);
+        assert_eq!(r.code, 128 + 9, "{step}: {}", r.stderr);
+        let after = n.show("sq");
+        let (g0, g1) = (
+            before["generation"].as_u64().unwrap(),
+            after["generation"].as_u64().unwrap(),
+        );
+        assert!(g1 == g0 || g1 == g0 + 1, "{step}");
+        n.run(&["gc"]).ok();
+        // The cache is whole at either generation, and the live volume still reads.
+        let c = n.create("check", "sq", &[]);
+        assert_same_tree(&expected, &c, step);
+        n.delete(&c, &[]).ok();
+        assert_eq!(
+            std::fs::read_to_string(live.join("f0")).unwrap(),
+            "0\n",
+            "{step}"
+        );
+        if g1 == g0 + 1 {
+            assert_eq!(after["depth"], 1, "{step}");
+            // Published: make the stack deep again for the next step.
+            for i in 0..2 {
+                let v = n.create(
+                    &format!("again{i}"),
+                    "sq",
+                    &["--size", "64Mi", "--write-back"],
+                );
+                sh(&format!(
+                    "touch {}/.keep{i}-{}",
+                    v.display(),
+                    step.replace(':', "-")
+                ));
+                n.delete(&v, &[]).ok();
+            }
+        } else {
+            assert_eq!(after["depth"], before["depth"], "{step}");
+        }
+        let tmp = n.state().join("caches/default/sq/tmp");
+        assert_eq!(
+            std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{step}: half-built image left"
+        );
+        let squash_mounts: Vec<_> = n
+            .mounts()
+            .into_iter()
+            .filter(|m| m.to_string_lossy().contains("/mnt/squash/"))
+            .collect();
+        assert!(squash_mounts.is_empty(), "{step}: {squash_mounts:?}");
+    }
+    n.delete(&live, &[]).ok();
+    n.assert_clean();
+}
