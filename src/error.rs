@@ -28,8 +28,8 @@ pub enum ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    #[source]
-    source: Option<io::Error>,
+    // Not a `#[source]`: the message already ends with it, and error chains would print it twice.
+    os: Option<io::Error>,
 }
 
 /// Result type of the library.
@@ -41,7 +41,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
-            source: None,
+            os: None,
         }
     }
 
@@ -56,7 +56,7 @@ impl Error {
         Error {
             kind: ErrorKind::Io,
             message: format!("{what}: {source}"),
-            source: Some(source),
+            os: Some(source),
         }
     }
 
@@ -67,7 +67,7 @@ impl Error {
 
     /// The OS error number, when the error came from a system call.
     pub fn raw_os_error(&self) -> Option<i32> {
-        self.source.as_ref().and_then(|e| e.raw_os_error())
+        self.os.as_ref().and_then(|e| e.raw_os_error())
     }
 }
 

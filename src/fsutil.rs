@@ -62,10 +62,10 @@ pub fn allocated_bytes(path: &Path) -> Result<u64> {
     Ok(fs::symlink_metadata(path).at("stat", path)?.blocks() * 512)
 }
 
-/// Bytes available to root on the filesystem holding `path`.
+/// Bytes available on the filesystem holding `path` (what df shows as Avail).
 pub fn free_bytes(path: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).at("statvfs", path)?;
-    Ok(st.blocks_free() as u64 * st.fragment_size() as u64)
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// `(used, total)` bytes of the filesystem mounted at `path`.

@@ -9,6 +9,7 @@
 pub mod cmd;
 pub mod config;
 pub mod copy;
+pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod fault;
@@ -23,5 +24,5 @@ pub mod quantity;
 pub mod records;
 pub mod tree;
 
-pub use engine::Engine;
+pub use engine::{Engine, ProgressHook};
 pub use error::{Error, ErrorKind, Result};

@@ -76,6 +76,9 @@ enum Command {
         #[arg(long)]
         drain: bool,
     },
+    /// Check this node: kernel, tools, state dir, leftovers of crashes; each finding says what
+    /// to do.
+    Doctor,
     /// Print shell completions for SHELL to stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -227,8 +230,11 @@ fn engine(cli: &Cli) -> Result<Engine> {
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
     let config = Config::load(&path, explicit)?;
-    jobcachefs::cmd::require(jobcachefs::cmd::ENGINE_TOOLS)?;
-    Ok(Engine::open(&cli.state_dir, config)?)
+    let engine = Engine::open(&cli.state_dir, config)?;
+    Ok(match output::progress_hook() {
+        Some(hook) => engine.with_progress(hook),
+        None => engine,
+    })
 }
 
 fn run(cli: Cli) -> Result<u8> {
@@ -250,6 +256,19 @@ fn run(cli: Cli) -> Result<u8> {
     }
     let engine = engine(&cli)?;
     let json = cli.output == Format::Json;
+    if let Command::Doctor = cli.command {
+        let findings = jobcachefs::doctor::run(&engine);
+        if json {
+            print_json(&findings);
+        } else {
+            output::print_doctor(&findings);
+        }
+        let failed = findings
+            .iter()
+            .any(|f| f.status == jobcachefs::doctor::Status::Fail);
+        return Ok(if failed { exit::FAILURE } else { exit::OK });
+    }
+    jobcachefs::cmd::require(jobcachefs::cmd::ENGINE_TOOLS)?;
     match &cli.command {
         Command::Volume(cmd) => volume(&engine, cmd, json),
         Command::Cache(cmd) => cache(&engine, cmd, json),
@@ -268,7 +287,7 @@ fn run(cli: Cli) -> Result<u8> {
                 exit::FAILURE
             })
         }
-        Command::Completions { .. } | Command::Man => unreachable!(),
+        Command::Completions { .. } | Command::Man | Command::Doctor => unreachable!(),
     }
 }
 

@@ -238,3 +238,46 @@ pub fn print_gc(r: &GcReport) {
     show("squashed", r.squashed.clone());
     show("error", r.errors.clone());
 }
+
+pub fn print_doctor(findings: &[jobcachefs::doctor::Finding]) {
+    use jobcachefs::doctor::Status;
+    for f in findings {
+        let mark = match f.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        };
+        println!("[{mark}] {}: {}", f.check, f.detail);
+        if !f.fix.is_empty() {
+            println!("       fix: {}", f.fix);
+        }
+    }
+    let fails = findings.iter().filter(|f| f.status == Status::Fail).count();
+    let warns = findings.iter().filter(|f| f.status == Status::Warn).count();
+    println!(
+        "{} checks: {fails} failed, {warns} warnings",
+        findings.len()
+    );
+}
+
+/// A progress bar on stderr for long operations, when stderr is a terminal; plain log lines
+/// (from the engine's tracing) otherwise.
+pub fn progress_hook() -> Option<jobcachefs::engine::ProgressHook> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}] {prefix}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let hook = move |name: &str, s: &jobcachefs::copy::CopyStats| {
+        if s.entries % 64 == 0 {
+            bar.set_message(name.to_string());
+            bar.set_prefix(format!("{} entries, {}", s.entries, human_bytes(s.bytes)));
+            bar.tick();
+        }
+    };
+    Some(jobcachefs::engine::ProgressHook(std::sync::Arc::new(hook)))
+}

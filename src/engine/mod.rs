@@ -25,11 +25,26 @@ use crate::names::CacheId;
 use crate::records::{CacheRecord, Generation, VolumeRecord};
 use std::path::{Path, PathBuf};
 
+/// Receives progress of long operations (squash, resize): the operation's name and its copy
+/// counters so far. The CLI draws a progress bar with it on a terminal.
+#[derive(Clone)]
+pub struct ProgressHook(pub std::sync::Arc<ProgressFn>);
+
+/// The callback inside a [`ProgressHook`].
+pub type ProgressFn = dyn Fn(&str, &crate::copy::CopyStats) + Send + Sync;
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
 /// The engine over one state dir.
 #[derive(Debug, Clone)]
 pub struct Engine {
     layout: Layout,
     config: Config,
+    progress: Option<ProgressHook>,
 }
 
 impl Engine {
@@ -62,7 +77,17 @@ impl Engine {
             std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .at("chmod", &empty)?;
         }
-        Ok(Engine { layout, config })
+        Ok(Engine {
+            layout,
+            config,
+            progress: None,
+        })
+    }
+
+    /// Reports progress of long operations to `hook`.
+    pub fn with_progress(mut self, hook: ProgressHook) -> Self {
+        self.progress = Some(hook);
+        self
     }
 
     /// The paths of this state dir.

@@ -92,6 +92,21 @@ impl Engine {
         extra: Option<(&Path, &str)>,
         size: Option<u64>,
     ) -> Result<SquashOutcome> {
+        let result = self.squash_inner(id, extra, size);
+        // Layer mounts made only for this squash go, whatever the outcome.
+        if result.is_err() {
+            let _clock = self.lock_cache(id)?;
+            self.unmount_unused_layers(id)?;
+        }
+        result
+    }
+
+    fn squash_inner(
+        &self,
+        id: &CacheId,
+        extra: Option<(&Path, &str)>,
+        size: Option<u64>,
+    ) -> Result<SquashOutcome> {
         let cache = self.require_cache(id)?;
         let limit = size.unwrap_or(cache.cache_size);
         let _slock = lock::lock(&self.layout.squash_lock(id))?;
@@ -126,8 +141,9 @@ impl Engine {
                 scratch.mounts.push(extra_mnt.clone());
                 lowers.push(extra_mnt.join("upper"));
             }
-            if lowers.is_empty() {
-                lowers.push(self.layout.empty());
+            // A read-only overlay needs two lowers at least: the empty dir makes up the count.
+            while lowers.len() < 2 {
+                lowers.insert(0, self.layout.empty());
             }
             ensure_dir(&view)?;
             mounts::mount_overlay(&lowers, None, &view)?;
@@ -147,7 +163,11 @@ impl Engine {
         std::fs::create_dir(new_mnt.join("work")).at("create", &new_mnt.join("work"))?;
         tracing::info!(cache = %id, layers = base.layers.len() + extra.is_some() as usize, "squash: copying the merged view");
         let started = std::time::Instant::now();
-        let stats = copy_tree(&view, &target, CopyOptions::default(), None).map_err(|e| {
+        let progress = self.progress.clone().map(|h| {
+            let name = format!("squash {id}");
+            Box::new(move |s: &crate::copy::CopyStats| (h.0)(&name, s)) as crate::copy::Progress
+        });
+        let stats = copy_tree(&view, &target, CopyOptions::default(), progress).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 Error::new(
                     ErrorKind::Quota,
