@@ -273,7 +273,7 @@ pub fn progress_hook() -> Option<jobcachefs::engine::ProgressHook> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     let hook = move |name: &str, s: &jobcachefs::copy::CopyStats| {
-        if s.entries % 64 == 0 {
+        if s.entries.is_multiple_of(64) {
             bar.set_message(name.to_string());
             bar.set_prefix(format!("{} entries, {}", s.entries, human_bytes(s.bytes)));
             bar.tick();
