@@ -120,6 +120,9 @@ pub struct VolumeRecord {
     /// delete finishes the same commit instead of making a second one).
     #[serde(default)]
     pub commit_layer: Option<String>,
+    /// Whether create made DIR (then rollback and delete remove it again, if empty).
+    #[serde(default)]
+    pub made_dir: bool,
     /// Free-form labels from the caller (e.g. the Kubernetes PV/PVC names).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,

@@ -198,13 +198,24 @@ impl Engine {
         unused_for: Option<u64>,
         max_total: Option<u64>,
     ) -> Result<Vec<PruneCandidate>> {
+        self.prune_plan_except(unused_for, max_total, None)
+    }
+
+    fn prune_plan_except(
+        &self,
+        unused_for: Option<u64>,
+        max_total: Option<u64>,
+        keep: Option<&CacheId>,
+    ) -> Result<Vec<PruneCandidate>> {
         let mut caches = self.cache_list()?;
         caches.sort_by_key(|c| c.last_used);
         let now = fsutil::now();
         let mut total: u64 = caches.iter().map(|c| c.on_disk).sum();
         let mut out = Vec::new();
         for c in &caches {
-            if !c.volumes.is_empty() {
+            if !c.volumes.is_empty()
+                || keep.is_some_and(|k| k.namespace == c.namespace && k.name == c.name)
+            {
                 continue;
             }
             let reason = match (unused_for, max_total) {
@@ -247,14 +258,16 @@ impl Engine {
         Ok(plan)
     }
 
-    /// Prunes least recently used caches until the node total fits `budget`.
+    /// Prunes least recently used caches until the node total fits `budget`, never `keep` (the
+    /// cache that was just committed to).
     pub(crate) fn prune_to_budget(
         &self,
         budget: u64,
-        dry_run: bool,
+        keep: Option<&CacheId>,
     ) -> Result<Vec<PruneCandidate>> {
-        let pruned = self.prune(None, Some(budget), dry_run)?;
+        let pruned = self.prune_plan_except(None, Some(budget), keep)?;
         for c in &pruned {
+            self.cache_rm(&CacheId::new(&c.namespace, &c.name)?)?;
             tracing::info!(cache = %format!("{}/{}", c.namespace, c.name), frees = c.frees, "pruned to the node budget");
         }
         Ok(pruned)

@@ -131,7 +131,7 @@ impl Engine {
             }
         }
         if let Some(budget) = self.config.node_budget {
-            self.prune_to_budget(budget, false)?;
+            self.prune_to_budget(budget, Some(id))?;
         }
         Ok(())
     }

@@ -197,6 +197,7 @@ impl Engine {
             clean: false,
             commit_layer: None,
             unchanged: false,
+            made_dir: !dir.exists(),
             labels: req.labels.clone(),
         };
         ensure_dir(&self.layout.volume_dir(&vol))?;
@@ -423,7 +424,22 @@ impl Engine {
             mounts::unmount(&upper, true)?;
         }
         let _ = std::fs::remove_dir(&upper);
-        self.forget(record)
+        self.forget(record)?;
+        self.remove_made_dir(record);
+        Ok(())
+    }
+
+    /// Removes DIR if this volume's create made it and it is empty and unmounted again.
+    fn remove_made_dir(&self, record: &VolumeRecord) {
+        if !record.made_dir {
+            return;
+        }
+        let mounted = mounts::mount_table()
+            .map(|t| mounts::is_mounted(&t, &record.dir))
+            .unwrap_or(true);
+        if !mounted {
+            let _ = std::fs::remove_dir(&record.dir); // fails, harmlessly, when not empty
+        }
     }
 
     /// Removes a volume's image and record (the last step of delete and rollback), then lets go
@@ -537,6 +553,7 @@ impl Engine {
         };
         fault::point("delete:committed");
         self.forget(&record)?;
+        self.remove_made_dir(&record);
         tracing::info!(dir = %record.dir.display(), outcome = ?outcome, "volume deleted");
         if let (DeleteOutcome::Committed { .. }, Some(id)) = (&outcome, &record.cache) {
             self.after_commit(id)?;
