@@ -653,3 +653,59 @@ fn real_crash_during_squash_then_gc() {
     n.delete(&live, &[]).ok();
     n.assert_clean();
 }
+
+#[test]
+fn real_squash_does_not_block_create_or_commit() {
+    if !root_or_skip("real_squash_does_not_block_create_or_commit") {
+        return;
+    }
+    let n = Node::new();
+    for i in 0..3 {
+        let v = n.create(
+            &format!("w{i}"),
+            "busy",
+            &["--size", "64Mi", "--write-back"],
+        );
+        sh(&format!("echo {i} > {}/f{i}", v.display()));
+        n.delete(&v, &[]).ok();
+    }
+    // Hold a squash in the middle of its copy, after it let go of the cache lock.
+    let gate = n.tmp.path().join("gate");
+    std::fs::write(&gate, b"").unwrap();
+    let mut squash = n.command();
+    squash
+        .args(["cache", "squash", "busy"])
+        .env("JOBCACHEFS_PAUSE_AT", "squash:view-mounted")
+        .env("JOBCACHEFS_PAUSE_FILE", &gate);
+    let mut child = squash.spawn().unwrap();
+    let reached = n.tmp.path().join("gate.reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "squash never reached its pause point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Meanwhile a job creates, writes and commits: it must not wait for the squash (it would hang
+    // here if the squash held the cache lock while copying).
+    let v = n.create("during", "busy", &["--size", "64Mi", "--write-back"]);
+    assert!(v.join("f2").exists());
+    sh(&format!(
+        "echo during > {}/during; rm {}/f0",
+        v.display(),
+        v.display()
+    ));
+    n.delete(&v, &[]).ok();
+    assert_eq!(n.generation("busy"), 4);
+    std::fs::remove_file(&gate).unwrap();
+    assert!(child.wait().unwrap().success());
+    // The squash published a base of generations 1-3 with the commit made meanwhile on top.
+    let s = n.show("busy");
+    assert_eq!(s["generation"], 5);
+    assert_eq!(s["depth"], 2);
+    let c = n.create("check", "busy", &[]);
+    assert!(c.join("during").exists() && c.join("f1").exists() && !c.join("f0").exists());
+    n.delete(&c, &[]).ok();
+    n.assert_clean();
+}

@@ -1,16 +1,35 @@
-//! Test-only crash injection: with `JOBCACHEFS_CRASH_AT=<step>` in the environment, the process
-//! SIGKILLs itself when it reaches that named step, exactly as an OOM kill or node drain would.
-//! Steps are listed in the integration tests; production never sets the variable.
+//! Test-only fault injection at named steps; production never sets these variables.
+//!
+//! - `JOBCACHEFS_CRASH_AT=<step>`: the process SIGKILLs itself at that step, exactly as an OOM
+//!   kill or a node drain would.
+//! - `JOBCACHEFS_PAUSE_AT=<step>` with `JOBCACHEFS_PAUSE_FILE=<path>`: at that step the process
+//!   creates `<path>.reached` and waits until `<path>` is removed (tests use it to run other
+//!   commands while, say, a squash is copying).
+
+use std::path::PathBuf;
 
 /// Environment variable naming the step at which to die.
 pub const CRASH_AT_ENV: &str = "JOBCACHEFS_CRASH_AT";
+/// Environment variable naming the step at which to pause.
+pub const PAUSE_AT_ENV: &str = "JOBCACHEFS_PAUSE_AT";
+/// Environment variable naming the pause gate file.
+pub const PAUSE_FILE_ENV: &str = "JOBCACHEFS_PAUSE_FILE";
 
-/// Marks a step; kills the process here if the environment asks for it.
+/// Marks a step; kills or pauses the process here if the environment asks for it.
 pub fn point(step: &str) {
-    if let Some(v) = std::env::var_os(CRASH_AT_ENV) {
-        if v == step {
-            tracing::warn!(step, "crash injected by {CRASH_AT_ENV}");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    if std::env::var_os(CRASH_AT_ENV).is_some_and(|v| v == step) {
+        tracing::warn!(step, "crash injected by {CRASH_AT_ENV}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    if std::env::var_os(PAUSE_AT_ENV).is_some_and(|v| v == step) {
+        if let Some(gate) = std::env::var_os(PAUSE_FILE_ENV).map(PathBuf::from) {
+            tracing::warn!(step, gate = %gate.display(), "paused by {PAUSE_AT_ENV}");
+            let mut reached = gate.clone().into_os_string();
+            reached.push(".reached");
+            let _ = std::fs::write(&reached, step);
+            while gate.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     }
 }
