@@ -709,3 +709,43 @@ fn real_squash_does_not_block_create_or_commit() {
     n.delete(&c, &[]).ok();
     n.assert_clean();
 }
+
+#[test]
+fn real_concurrent_volumes_keep_their_generation_and_last_writer_wins() {
+    if !root_or_skip("real_concurrent_volumes_keep_their_generation_and_last_writer_wins") {
+        return;
+    }
+    let n = Node::new();
+    let seed = n.create("seed", "lw", &["--size", "64Mi", "--write-back"]);
+    sh(&format!(
+        "echo seed > {d}/same; echo keep > {d}/keep",
+        d = seed.display()
+    ));
+    n.delete(&seed, &[]).ok();
+    let a = n.create("a", "lw", &["--size", "64Mi", "--write-back"]);
+    let b = n.create("b", "lw", &["--size", "64Mi", "--write-back"]);
+    sh(&format!(
+        "echo a > {d}/same; echo a > {d}/only-a",
+        d = a.display()
+    ));
+    sh(&format!("echo b > {d}/same; rm {d}/keep", d = b.display()));
+    n.delete(&a, &[]).ok();
+    // b still sees the generation it started on, not a's commit.
+    assert_eq!(std::fs::read_to_string(b.join("same")).unwrap(), "b\n");
+    assert!(!b.join("only-a").exists());
+    n.delete(&b, &[]).ok();
+    let c = n.create("c", "lw", &[]);
+    assert_eq!(
+        std::fs::read_to_string(c.join("same")).unwrap(),
+        "b\n",
+        "the last writer wins"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.join("only-a")).unwrap(),
+        "a\n",
+        "a's other file stays"
+    );
+    assert!(!c.join("keep").exists(), "b's deletion applies");
+    n.delete(&c, &[]).ok();
+    n.assert_clean();
+}

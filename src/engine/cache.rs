@@ -207,38 +207,13 @@ impl Engine {
         max_total: Option<u64>,
         keep: Option<&CacheId>,
     ) -> Result<Vec<PruneCandidate>> {
-        let mut caches = self.cache_list()?;
-        caches.sort_by_key(|c| c.last_used);
-        let now = fsutil::now();
-        let mut total: u64 = caches.iter().map(|c| c.on_disk).sum();
-        let mut out = Vec::new();
-        for c in &caches {
-            if !c.volumes.is_empty()
-                || keep.is_some_and(|k| k.namespace == c.namespace && k.name == c.name)
-            {
-                continue;
-            }
-            let reason = match (unused_for, max_total) {
-                (Some(age), _) if now.saturating_sub(c.last_used) >= age => {
-                    format!("unused for {}s", now.saturating_sub(c.last_used))
-                }
-                (_, Some(budget)) if total > budget => format!(
-                    "node total {} is over the budget {}",
-                    human_bytes(total),
-                    human_bytes(budget)
-                ),
-                _ => continue,
-            };
-            total = total.saturating_sub(c.on_disk);
-            out.push(PruneCandidate {
-                namespace: c.namespace.clone(),
-                name: c.name.clone(),
-                frees: c.on_disk,
-                last_used: c.last_used,
-                reason,
-            });
-        }
-        Ok(out)
+        Ok(plan_prune(
+            &self.cache_list()?,
+            fsutil::now(),
+            unused_for,
+            max_total,
+            keep,
+        ))
     }
 
     /// Removes what [`Engine::prune_plan`] lists (unless `dry_run`), returning it.
@@ -271,5 +246,127 @@ impl Engine {
             tracing::info!(cache = %format!("{}/{}", c.namespace, c.name), frees = c.frees, "pruned to the node budget");
         }
         Ok(pruned)
+    }
+}
+
+/// Decides what a prune removes, without I/O: caches unused for at least `unused_for` seconds
+/// and, least recently used first, caches until the total of `on_disk` is at most `max_total`.
+/// Caches with live volumes and `keep` are never chosen.
+pub fn plan_prune(
+    caches: &[CacheInfo],
+    now: u64,
+    unused_for: Option<u64>,
+    max_total: Option<u64>,
+    keep: Option<&CacheId>,
+) -> Vec<PruneCandidate> {
+    let mut caches: Vec<&CacheInfo> = caches.iter().collect();
+    caches.sort_by_key(|c| (c.last_used, c.namespace.clone(), c.name.clone()));
+    let mut total: u64 = caches.iter().map(|c| c.on_disk).sum();
+    let mut out = Vec::new();
+    for c in caches {
+        let kept = keep.is_some_and(|k| k.namespace == c.namespace && k.name == c.name);
+        if !c.volumes.is_empty() || kept {
+            continue;
+        }
+        let idle = now.saturating_sub(c.last_used);
+        let reason = match (unused_for, max_total) {
+            (Some(age), _) if idle >= age => format!("unused for {idle}s"),
+            (_, Some(budget)) if total > budget => format!(
+                "node total {} is over the budget {}",
+                human_bytes(total),
+                human_bytes(budget)
+            ),
+            _ => continue,
+        };
+        total = total.saturating_sub(c.on_disk);
+        out.push(PruneCandidate {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            frees: c.on_disk,
+            last_used: c.last_used,
+            reason,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(name: &str, last_used: u64, on_disk: u64, live: usize) -> CacheInfo {
+        CacheInfo {
+            namespace: "ns".into(),
+            name: name.into(),
+            generation: 1,
+            depth: 1,
+            layers: Vec::new(),
+            allocated: on_disk,
+            cache_size: 1 << 30,
+            on_disk,
+            volumes: (0..live).map(|i| PathBuf::from(format!("/v{i}"))).collect(),
+            last_used,
+            created: 0,
+            squash_due: false,
+        }
+    }
+
+    fn names(p: &[PruneCandidate]) -> Vec<&str> {
+        p.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    #[test]
+    fn prunes_by_age_but_never_live_caches() {
+        let cs = [
+            cache("old", 100, 10, 0),
+            cache("busy", 50, 10, 1),
+            cache("new", 990, 10, 0),
+        ];
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, Some(500), None, None)),
+            ["old"]
+        );
+        assert!(plan_prune(&cs, 1000, Some(5000), None, None).is_empty());
+    }
+
+    #[test]
+    fn prunes_least_recently_used_first_until_the_budget_fits() {
+        let cs = [
+            cache("c", 300, 30, 0),
+            cache("a", 100, 10, 0),
+            cache("b", 200, 20, 0),
+        ];
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, None, Some(60), None)),
+            Vec::<&str>::new()
+        );
+        assert_eq!(names(&plan_prune(&cs, 1000, None, Some(59), None)), ["a"]);
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, None, Some(30), None)),
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, None, Some(0), None)),
+            ["a", "b", "c"]
+        );
+        let keep = CacheId::new("ns", "a").unwrap();
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, None, Some(30), Some(&keep))),
+            ["b", "c"]
+        );
+    }
+
+    #[test]
+    fn age_and_budget_combine() {
+        let cs = [
+            cache("a", 100, 10, 0),
+            cache("b", 900, 50, 0),
+            cache("c", 950, 50, 0),
+        ];
+        // a is old; after it goes the total is 100, over 60: b (next least recent) goes too.
+        assert_eq!(
+            names(&plan_prune(&cs, 1000, Some(500), Some(60), None)),
+            ["a", "b"]
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 use super::volume::DeleteOutcome;
 use super::Engine;
+use crate::config::Config;
 use crate::error::{ErrorKind, IoContext, Result};
 use crate::fault;
 use crate::fsutil::{self, write_json_atomic};
@@ -119,7 +120,7 @@ impl Engine {
     /// large, and prune to the node budget.
     pub(crate) fn after_commit(&self, id: &CacheId) -> Result<()> {
         let current = self.current(id)?;
-        if self.squash_due(&current) {
+        if squash_due(&self.config, &current) {
             let marker = self.layout.squash_due(id);
             std::fs::write(&marker, b"").at("queue squash", &marker)?;
             if self.config.squash_inline {
@@ -135,10 +136,54 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    /// Whether `g` needs a squash under the config.
-    pub(crate) fn squash_due(&self, g: &Generation) -> bool {
-        g.layers.len() > self.config.max_depth
-            || (g.layers.len() > 1 && g.delta_allocated() > self.config.squash_delta_size)
+/// Whether `g` needs a squash under `config`: deeper than `max_depth`, or its layers above the
+/// base allocate more than `squash_delta_size`.
+pub fn squash_due(config: &Config, g: &Generation) -> bool {
+    g.layers.len() > config.max_depth
+        || (g.layers.len() > 1 && g.delta_allocated() > config.squash_delta_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen(allocs: &[u64]) -> Generation {
+        Generation {
+            generation: 1,
+            layers: allocs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| LayerInfo {
+                    id: format!("l{i}"),
+                    created: 0,
+                    source: String::new(),
+                    size: 0,
+                    allocated: *a,
+                })
+                .collect(),
+            published: 0,
+        }
+    }
+
+    #[test]
+    fn squash_is_due_past_the_depth_or_the_delta_size() {
+        let c = Config {
+            max_depth: 3,
+            squash_delta_size: 100,
+            ..Config::default()
+        };
+        assert!(!squash_due(&c, &gen(&[])));
+        assert!(
+            !squash_due(&c, &gen(&[1000])),
+            "a lone base is never squashed"
+        );
+        assert!(!squash_due(&c, &gen(&[1000, 50, 50])));
+        assert!(
+            squash_due(&c, &gen(&[1000, 50, 51])),
+            "deltas over 100 bytes"
+        );
+        assert!(squash_due(&c, &gen(&[1, 1, 1, 1])), "deeper than 3");
     }
 }
