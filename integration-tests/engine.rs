@@ -749,3 +749,37 @@ fn real_concurrent_volumes_keep_their_generation_and_last_writer_wins() {
     n.delete(&c, &[]).ok();
     n.assert_clean();
 }
+
+#[test]
+fn real_delete_waits_for_users_in_other_mount_namespaces() {
+    if !root_or_skip("real_delete_waits_for_users_in_other_mount_namespaces") {
+        return;
+    }
+    let n = Node::new();
+    let v = n.create("held", "ns-held", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo 1 > {}/f", v.display()));
+    // A process in its own mount namespace keeps a copy of every mount, the volume's included,
+    // as a pod that was not torn down would.
+    let mut holder = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = n.delete(&v, &[]);
+    assert_eq!(r.code, 5, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("still in use"), "{}", r.stderr);
+    assert_eq!(
+        n.generation("ns-held"),
+        0,
+        "nothing published while the image is in use"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // Once its users are gone, the retried delete commits.
+    let r = n.delete(&v, &["-o", "json"]).ok().json();
+    assert_eq!(r["outcome"], "committed", "{r}");
+    let c = n.create("check", "ns-held", &[]);
+    assert_eq!(std::fs::read_to_string(c.join("f")).unwrap(), "1\n");
+    n.delete(&c, &[]).ok();
+    n.assert_clean();
+}

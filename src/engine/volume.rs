@@ -530,6 +530,7 @@ impl Engine {
             let _ = std::fs::remove_dir_all(upper.join("work").join("work"));
             mounts::unmount(&upper, record.discard)?;
             if record.commit_layer.is_some() {
+                wait_released(&self.layout.volume_image(&vol))?;
                 record.clean = true;
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
             }
@@ -538,6 +539,9 @@ impl Engine {
         fault::point("delete:upper-unmounted");
         let outcome = match (&record.commit_layer, record.discard) {
             (Some(layer), false) => {
+                if !record.clean {
+                    wait_released(&self.layout.volume_image(&vol))?;
+                }
                 if !record.clean && !image_is_clean(&self.layout.volume_image(&vol))? {
                     tracing::warn!(dir = %record.dir.display(),
                         "volume image was not cleanly unmounted (node crash?): discarding instead of committing");
@@ -611,6 +615,27 @@ fn overlay_of(table: &[mounts::MountEntry], dir: &Path, engine: &Engine, vol: &s
 /// A layer id: the volume's id and a random suffix, unique across retries and nodes.
 fn new_layer_id(record: &VolumeRecord) -> String {
     format!("{}-{}", &record.id[..8], fsutil::random_hex())
+}
+
+/// Waits until no loop device is backed by `image` any more. Unmounting our mount point does not
+/// end the filesystem if another mount namespace still holds the volume (a pod that was not torn
+/// down): committing then would publish an image that is still being written. With autoclear the
+/// device goes as soon as the last user does.
+fn wait_released(image: &Path) -> Result<()> {
+    for _ in 0..100 {
+        if !crate::loopback::list().iter().any(|b| b.file == image) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "volume image {} is still in use after unmounting (mounted in another mount namespace, e.g. a pod that still runs?): \
+             stop its users and retry the delete",
+            image.display()
+        ),
+    ))
 }
 
 /// Whether an unmounted ext4 image's superblock says it was cleanly unmounted.
