@@ -80,6 +80,7 @@ pub fn is_mounted(table: &[MountEntry], path: &Path) -> bool {
 /// asked). On failure nothing stays attached.
 pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
     let dev = loopback::attach(image, read_only)?;
+    crate::fault::point("loop:attached");
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
