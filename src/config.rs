@@ -21,6 +21,33 @@ struct RawConfig {
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
     node_budget: Option<String>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    node_paths: Option<Vec<std::path::PathBuf>>,
+    api_timeout: Option<String>,
+}
+
+/// Settings of the Kubernetes hook (`[kubernetes]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// The provisioner's node paths (its `config.json` `nodePathMap` paths); needed to read the
+    /// PVC from folders made by a `pathPattern`.
+    pub node_paths: Vec<std::path::PathBuf>,
+    /// Time one API read may take, retries included, in seconds.
+    pub api_timeout: u64,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            node_paths: Vec::new(),
+            api_timeout: 20,
+        }
+    }
 }
 
 /// The effective configuration.
@@ -42,6 +69,8 @@ pub struct Config {
     /// Node-wide budget for all caches' allocated bytes; least recently used caches are pruned
     /// after a commit pushes the total over it.
     pub node_budget: Option<u64>,
+    /// Settings of the Kubernetes hook.
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for Config {
@@ -54,6 +83,7 @@ impl Default for Config {
             squash_delta_size: 4 << 30,
             squash_inline: true,
             node_budget: None,
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -102,6 +132,7 @@ impl Config {
                 Some(s) => Some(parse_size(&format!("node_budget in {origin}"), s)?),
                 None => None,
             },
+            kubernetes: kubernetes(raw.kubernetes.unwrap_or_default(), origin)?,
         })
     }
 
@@ -122,6 +153,35 @@ impl Config {
             )),
         }
     }
+}
+
+fn kubernetes(raw: RawKubernetes, origin: &str) -> Result<KubernetesConfig> {
+    let d = KubernetesConfig::default();
+    let node_paths = raw.node_paths.unwrap_or_default();
+    if let Some(p) = node_paths
+        .iter()
+        .find(|p| !p.is_absolute() || p.parent().is_none())
+    {
+        return Err(Error::invalid(format!(
+            "kubernetes.node_paths in {origin} has {:?}: give the provisioner's absolute node paths (not /)",
+            p.display().to_string()
+        )));
+    }
+    let api_timeout = match raw.api_timeout {
+        Some(s) => {
+            crate::quantity::parse_duration(&format!("kubernetes.api_timeout in {origin}"), &s)?
+        }
+        None => d.api_timeout,
+    };
+    if !(1..=110).contains(&api_timeout) {
+        return Err(Error::invalid(format!(
+            "kubernetes.api_timeout in {origin} is {api_timeout}s: use 1s to 110s (the provisioner gives a setup 120 s)"
+        )));
+    }
+    Ok(KubernetesConfig {
+        node_paths,
+        api_timeout,
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub enum ErrorKind {
     Tool,
     /// A system call failed.
     Io,
+    /// A service this depends on (the Kubernetes API, a registry) could not be reached or kept
+    /// failing within the time allowed: retrying later may help.
+    Unavailable,
 }
 
 /// An error with its kind and an operator-facing message.

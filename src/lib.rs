@@ -15,6 +15,7 @@ pub mod error;
 pub mod fault;
 pub mod fsutil;
 pub mod image;
+pub mod k8s;
 pub mod layout;
 pub mod lock;
 pub mod loopback;

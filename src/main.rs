@@ -25,6 +25,7 @@ mod exit {
     pub const NOT_FOUND: u8 = 4;
     pub const CONFLICT: u8 = 5;
     pub const TOOL: u8 = 6;
+    pub const UNAVAILABLE: u8 = 7;
 }
 
 #[derive(Parser)]
@@ -79,6 +80,12 @@ enum Command {
     /// Check this node: kernel, tools, state dir, leftovers of crashes; each finding says what
     /// to do.
     Doctor,
+    /// The local-path-provisioner setup/teardown hook (deploy/ runs it in the helper pod).
+    ///
+    /// Takes what the provisioner passes: -p PATH -s BYTES -m Filesystem|Block -a create|delete,
+    /// with VOL_DIR, VOL_SIZE_BYTES, VOL_MODE, VOL_USER, VOL_GROUP, VOL_PERM as the environment
+    /// (arguments win over the environment; a disagreement is logged).
+    Hook(HookArgs),
     /// Print shell completions for SHELL to stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -86,6 +93,22 @@ enum Command {
     },
     /// Print the man page (roff) to stdout.
     Man,
+}
+
+#[derive(Args)]
+struct HookArgs {
+    /// The volume's folder (env VOL_DIR).
+    #[arg(short = 'p')]
+    path: Option<String>,
+    /// Requested size in bytes (env VOL_SIZE_BYTES).
+    #[arg(short = 's', allow_hyphen_values = true)]
+    size: Option<String>,
+    /// Volume mode: Filesystem (Block is refused) (env VOL_MODE).
+    #[arg(short = 'm')]
+    mode: Option<String>,
+    /// create (setup) or delete (teardown).
+    #[arg(short = 'a')]
+    action: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +239,7 @@ fn main() -> ExitCode {
                     ErrorKind::NotFound => exit::NOT_FOUND,
                     ErrorKind::Conflict => exit::CONFLICT,
                     ErrorKind::Tool => exit::TOOL,
+                    ErrorKind::Unavailable => exit::UNAVAILABLE,
                     _ => exit::FAILURE,
                 })
                 .unwrap_or(exit::FAILURE);
@@ -229,7 +253,11 @@ fn engine(cli: &Cli) -> Result<Engine> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
-    let config = Config::load(&path, explicit)?;
+    let mut config = Config::load(&path, explicit)?;
+    if let Command::Hook(_) = cli.command {
+        // The provisioner gives a teardown 120 s: a due squash is queued for the agent instead.
+        config.squash_inline = false;
+    }
     let engine = Engine::open(&cli.state_dir, config)?;
     Ok(match output::progress_hook() {
         Some(hook) => engine.with_progress(hook),
@@ -272,6 +300,7 @@ fn run(cli: Cli) -> Result<u8> {
     match &cli.command {
         Command::Volume(cmd) => volume(&engine, cmd, json),
         Command::Cache(cmd) => cache(&engine, cmd, json),
+        Command::Hook(args) => hook(&engine, args, json),
         Command::Gc { drain } => {
             let report = engine.gc(*drain)?;
             if json {
@@ -288,6 +317,104 @@ fn run(cli: Cli) -> Result<u8> {
             })
         }
         Command::Completions { .. } | Command::Man | Command::Doctor => unreachable!(),
+    }
+}
+
+fn hook(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
+    use jobcachefs::k8s::hook::{self, HookOutcome, HookSettings, RawInputs};
+    use jobcachefs::k8s::{client::Client, kubeconfig};
+    let env = [
+        "VOL_DIR",
+        "VOL_SIZE_BYTES",
+        "VOL_MODE",
+        "VOL_USER",
+        "VOL_GROUP",
+        "VOL_PERM",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+    .collect();
+    let req = hook::resolve(&RawInputs {
+        path: args.path.clone(),
+        size: args.size.clone(),
+        mode: args.mode.clone(),
+        action: args.action.clone(),
+        env,
+    })?;
+    let k8s = &engine.config().kubernetes;
+    let settings = HookSettings {
+        node_paths: k8s.node_paths.clone(),
+    };
+    let budget = std::time::Duration::from_secs(k8s.api_timeout);
+    let outcome = hook::run(engine, &req, &settings, || {
+        Client::new(kubeconfig::discover()?, budget)
+    })?;
+    if json {
+        print_json(&outcome);
+        return Ok(exit::OK);
+    }
+    match outcome {
+        HookOutcome::Created {
+            volume,
+            repeated,
+            notes,
+        } => {
+            let cache = match &volume.cache {
+                Some(c) => format!(
+                    "cache {c} generation {}{}",
+                    volume.generation,
+                    if volume.write_back {
+                        ", write-back"
+                    } else {
+                        ", read-only for the cache"
+                    }
+                ),
+                None => "no cache (plain volume)".to_string(),
+            };
+            println!(
+                "{} volume {}: {cache}, size {}",
+                if repeated {
+                    "already set up:"
+                } else {
+                    "created"
+                },
+                volume.dir.display(),
+                human_bytes(volume.size)
+            );
+            for n in notes {
+                println!("note: {n}");
+            }
+        }
+        HookOutcome::Deleted { path, result } => {
+            println!(
+                "deleted volume {}: {}",
+                path.display(),
+                describe_delete(&result)
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// One line on what a delete did to the volume's changes.
+fn describe_delete(outcome: &DeleteOutcome) -> String {
+    match outcome {
+        DeleteOutcome::NotFound => "no volume there (already deleted)".to_string(),
+        DeleteOutcome::RolledBack => "half-made volume rolled back".to_string(),
+        DeleteOutcome::Discarded => "deleted, changes discarded".to_string(),
+        DeleteOutcome::Unchanged => "deleted, nothing changed to commit".to_string(),
+        DeleteOutcome::Committed {
+            generation,
+            squashed,
+        } => format!(
+            "deleted, committed as generation {generation}{}",
+            if *squashed {
+                " (squashed to fit the cache-size)"
+            } else {
+                ""
+            }
+        ),
+        DeleteOutcome::Rejected { reason } => format!("deleted; {reason}"),
     }
 }
 
@@ -349,35 +476,10 @@ fn volume(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
             if json {
                 print_json(&outcome);
             } else {
-                match &outcome {
-                    DeleteOutcome::NotFound => {
-                        println!("no volume at {} (already deleted)", dir.display())
-                    }
-                    DeleteOutcome::RolledBack => {
-                        println!("half-made volume at {} rolled back", dir.display())
-                    }
-                    DeleteOutcome::Discarded => {
-                        println!("volume {} deleted, changes discarded", dir.display())
-                    }
-                    DeleteOutcome::Unchanged => println!(
-                        "volume {} deleted, nothing changed to commit",
-                        dir.display()
-                    ),
-                    DeleteOutcome::Committed {
-                        generation,
-                        squashed,
-                    } => println!(
-                        "volume {} deleted, committed as generation {generation}{}",
-                        dir.display(),
-                        if *squashed {
-                            " (squashed to fit the cache-size)"
-                        } else {
-                            ""
-                        }
-                    ),
-                    DeleteOutcome::Rejected { reason } => {
-                        eprintln!("volume {} deleted; {reason}", dir.display())
-                    }
+                let text = format!("volume {}: {}", dir.display(), describe_delete(&outcome));
+                match outcome {
+                    DeleteOutcome::Rejected { .. } => eprintln!("{text}"),
+                    _ => println!("{text}"),
                 }
             }
             Ok(match outcome {
