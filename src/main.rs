@@ -106,9 +106,10 @@ struct HookArgs {
     /// Volume mode: Filesystem (Block is refused) (env VOL_MODE).
     #[arg(short = 'm')]
     mode: Option<String>,
-    /// create (setup) or delete (teardown).
-    #[arg(short = 'a')]
-    action: Option<String>,
+    /// create (setup) or delete (teardown). deploy/'s scripts pass it and so does the
+    /// provisioner: it may be given twice if both agree.
+    #[arg(short = 'a', action = clap::ArgAction::Append)]
+    action: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -334,11 +335,17 @@ fn hook(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
     .iter()
     .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
     .collect();
+    if args.action.windows(2).any(|w| w[0] != w[1]) {
+        anyhow::bail!(jobcachefs::Error::invalid(format!(
+            "-a is given as {}: a hook run is either -a create or -a delete",
+            args.action.join(" and ")
+        )));
+    }
     let req = hook::resolve(&RawInputs {
         path: args.path.clone(),
         size: args.size.clone(),
         mode: args.mode.clone(),
-        action: args.action.clone(),
+        action: args.action.first().cloned(),
         env,
     })?;
     let k8s = &engine.config().kubernetes;

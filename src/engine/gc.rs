@@ -58,8 +58,22 @@ impl GcReport {
 impl Engine {
     /// Repairs and collects everything on this node. `drain_queue` also runs due squashes.
     pub fn gc(&self, drain_queue: bool) -> Result<GcReport> {
+        self.gc_inner(drain_queue, true)
+    }
+
+    /// The cheap part of [`Engine::gc`] that touches only the state dir (layers, half-built
+    /// images, stale mounts under it, loop devices), not volumes. The hook runs this: a helper
+    /// pod sees only its own volume's folder, so finishing or remounting other volumes from it
+    /// would put their mounts where the node does not see them.
+    pub fn gc_shared(&self) -> Result<GcReport> {
+        self.gc_inner(false, false)
+    }
+
+    fn gc_inner(&self, drain_queue: bool, volumes: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
-        self.gc_volumes(&mut report)?;
+        if volumes {
+            self.gc_volumes(&mut report)?;
+        }
         for id in self.cache_ids()? {
             if let Err(e) = self.gc_cache(&id, &mut report) {
                 report.errors.push(format!("cache {id}: {e}"));

@@ -97,6 +97,9 @@ fn backoff(n: u32) -> Duration {
     )
 }
 
+/// The longest one attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client of one API server.
 pub struct Client {
     agent: ureq::Agent,
@@ -111,7 +114,7 @@ impl Client {
         let agent = ureq::AgentBuilder::new()
             .tls_config(Arc::new(tls))
             .timeout_connect(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
+            .timeout(ATTEMPT_TIMEOUT)
             .build();
         Ok(Client {
             agent,
@@ -142,7 +145,17 @@ impl Client {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut req = self.agent.get(&url).set("Accept", "application/json");
+            // No attempt may outlive the budget: a server that accepts and never answers is
+            // given what is left, not a fixed timeout.
+            let left = self
+                .budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            let mut req = self
+                .agent
+                .get(&url)
+                .timeout(left.min(ATTEMPT_TIMEOUT))
+                .set("Accept", "application/json");
             if let Some(t) = &self.target.token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }

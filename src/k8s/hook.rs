@@ -340,9 +340,9 @@ fn create(
 fn delete(engine: &Engine, req: &HookRequest) -> Result<HookOutcome> {
     let result = engine.volume_delete(&req.path, false)?;
     remove_folder(&req.path)?;
-    // Cheap repair of what crashed hook runs left; it never fails the teardown, whose own work
-    // is done. Squashes stay queued for the agent (`squash_inline = false` for the hook).
-    match engine.gc(false) {
+    // Cheap repair of what crashed runs left in the state dir; it never fails the teardown, whose
+    // own work is done. Squashes stay queued for the node agent (`squash_inline = false` here).
+    match engine.gc_shared() {
         Ok(report) if !report.errors.is_empty() => {
             tracing::warn!(errors = ?report.errors, "gc after teardown found problems")
         }

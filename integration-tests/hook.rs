@@ -1,0 +1,792 @@
+//! The Kubernetes hook, run the way local-path-provisioner v0.0.37 runs it: the very `setup` and
+//! `teardown` scripts of deploy/'s ConfigMap, through `/bin/sh`, with the provisioner's arguments
+//! and `VOL_*` environment, against a stand-in API server (integration-tests/k8s-api/server.py:
+//! HTTPS with a self-signed CA, reached through a KUBECONFIG, serving recorded PVC and
+//! StorageClass objects). Real loop devices, ext4 and overlayfs underneath.
+
+mod common;
+
+use common::{root_or_skip, Node, Run};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const TOKEN: &str = "test-token-of-the-provisioner-sa";
+
+/// The API stand-in: a python HTTPS server over a directory of recorded objects.
+struct Api {
+    dir: tempfile::TempDir,
+    child: Child,
+    kubeconfig: PathBuf,
+}
+
+fn openssl(args: &[&str], cwd: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run openssl (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Api {
+    fn start() -> Api {
+        let dir = tempfile::Builder::new()
+            .prefix("jcfs-api-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        // A CA of our own and a server certificate for 127.0.0.1 signed by it.
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=jobcachefs-test-ca",
+            ],
+            d,
+        );
+        openssl(
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=kube-apiserver",
+            ],
+            d,
+        );
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+            d,
+        );
+        let root = d.join("root");
+        std::fs::create_dir(&root).unwrap();
+        let child = Command::new("python3")
+            .arg(Path::new(REPO).join("integration-tests/k8s-api/server.py"))
+            .args(["--root", root.to_str().unwrap()])
+            .args(["--cert", d.join("server.crt").to_str().unwrap()])
+            .args(["--key", d.join("server.key").to_str().unwrap()])
+            .args(["--token", TOKEN])
+            .args(["--port-file", d.join("port").to_str().unwrap()])
+            .spawn()
+            .expect("start python3 (scripts/setup installs it)");
+        let mut api = Api {
+            dir,
+            child,
+            kubeconfig: PathBuf::new(),
+        };
+        let started = Instant::now();
+        while !api.dir.path().join("port").exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the API stand-in did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let port = std::fs::read_to_string(api.dir.path().join("port")).unwrap();
+        api.kubeconfig = api.write_kubeconfig(&format!("https://127.0.0.1:{port}"), TOKEN);
+        api
+    }
+
+    /// A kubeconfig for `server` with `token`, trusting the test CA.
+    fn write_kubeconfig(&self, server: &str, token: &str) -> PathBuf {
+        use base64::Engine as _;
+        let ca = std::fs::read(self.dir.path().join("ca.crt")).unwrap();
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-{}", server.len() + token.len()));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: provisioner\nusers:\n- name: provisioner\n  user:\n    token: {token}\n"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn object_path(&self, api_path: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("root")
+            .join(format!("{}.json", api_path.trim_start_matches('/')))
+    }
+
+    fn put(&self, api_path: &str, obj: &Value) {
+        let p = self.object_path(api_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, serde_json::to_vec_pretty(obj).unwrap()).unwrap();
+    }
+
+    fn remove(&self, api_path: &str) {
+        std::fs::remove_file(self.object_path(api_path)).unwrap();
+    }
+
+    fn faults(&self, faults: &Value) {
+        std::fs::write(self.dir.path().join("root/faults.json"), faults.to_string()).unwrap();
+    }
+
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("root/requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Records a PVC as the API returns it while its volume is being provisioned.
+    fn pvc(&self, ns: &str, name: &str, class: &str, annotations: &[(&str, &str)], storage: &str) {
+        let mut ann = serde_json::Map::new();
+        ann.insert(
+            "volume.kubernetes.io/storage-provisioner".into(),
+            "jobcachefs.io/local-path".into(),
+        );
+        ann.insert("volume.kubernetes.io/selected-node".into(), "node-1".into());
+        for (k, v) in annotations {
+            ann.insert(k.to_string(), json!(v));
+        }
+        self.put(
+            &pvc_path(ns, name),
+            &json!({
+                "kind": "PersistentVolumeClaim",
+                "apiVersion": "v1",
+                "metadata": {
+                    "name": name,
+                    "namespace": ns,
+                    "uid": format!("0b7a3c0e-5b2f-4a55-9d2c-{:012x}", name.len() * 7919 + ns.len()),
+                    "resourceVersion": "48213",
+                    "creationTimestamp": "2026-11-24T10:00:00Z",
+                    "annotations": ann,
+                    "finalizers": ["kubernetes.io/pvc-protection"],
+                    "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "Pod", "name": format!("{name}-pod"),
+                        "uid": "5f0e4b8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b",
+                        "controller": true, "blockOwnerDeletion": true
+                    }],
+                    "managedFields": []
+                },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": storage}},
+                    "storageClassName": class,
+                    "volumeMode": "Filesystem"
+                },
+                "status": {"phase": "Pending"}
+            }),
+        );
+    }
+
+    /// Records deploy/'s StorageClasses as the API returns them.
+    fn storage_classes_from_deploy(&self) {
+        let text =
+            std::fs::read_to_string(Path::new(REPO).join("deploy/storageclasses.yaml")).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut sc: Value = serde::Deserialize::deserialize(doc).unwrap();
+            assert_eq!(sc["kind"], "StorageClass");
+            let name = sc["metadata"]["name"].as_str().unwrap().to_string();
+            sc["metadata"]["uid"] = json!("9d1e2f3a-4b5c-6d7e-8f90-a1b2c3d4e5f6");
+            sc["metadata"]["resourceVersion"] = json!("311");
+            sc["metadata"]["creationTimestamp"] = json!("2026-11-20T08:00:00Z");
+            self.put(&sc_path(&name), &sc);
+        }
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pvc_path(ns: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}")
+}
+
+fn sc_path(name: &str) -> String {
+    format!("/apis/storage.k8s.io/v1/storageclasses/{name}")
+}
+
+/// The provisioner's side: runs deploy/'s scripts as its helper pod does.
+struct Provisioner {
+    node: Node,
+    scripts: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Provisioner {
+    fn new(api: &Api, extra_config: &str) -> Provisioner {
+        let node = Node::with_config("");
+        let config = format!(
+            "[kubernetes]\nnode_paths = [{:?}]\napi_timeout = \"3s\"\n{extra_config}",
+            node.tmp.path().join("vols").display().to_string()
+        );
+        std::fs::write(node.config.as_ref().unwrap(), config).unwrap();
+        let scripts = node.tmp.path().join("script");
+        std::fs::create_dir(&scripts).unwrap();
+        for s in ["setup", "teardown"] {
+            std::fs::copy(
+                Path::new(REPO).join("deploy/provisioner").join(s),
+                scripts.join(s),
+            )
+            .unwrap();
+        }
+        Provisioner {
+            node,
+            scripts,
+            kubeconfig: api.kubeconfig.clone(),
+        }
+    }
+
+    /// The volume path the provisioner makes for PV `pv` of PVC `ns/pvc` (default folder form).
+    fn path(&self, pv: &str, ns: &str, pvc: &str) -> PathBuf {
+        self.node.vol(&format!("{pv}_{ns}_{pvc}"))
+    }
+
+    /// `/bin/sh /script/<script> -p PATH -s BYTES -m MODE -a ACTION` with the provisioner's env.
+    fn run(&self, script: &str, path: &Path, bytes: u64, mode: &str, env: &[(&str, &str)]) -> Run {
+        let base = self.node.command();
+        let mut c = Command::new("/bin/sh");
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_jobcachefs"))
+            .parent()
+            .unwrap();
+        c.env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        );
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c.env_remove("KUBERNETES_SERVICE_HOST");
+        let action = if script == "setup" {
+            "create"
+        } else {
+            "delete"
+        };
+        c.env("VOL_DIR", path)
+            .env("VOL_MODE", mode)
+            .env("VOL_SIZE_BYTES", bytes.to_string());
+        for k in ["VOL_USER", "VOL_GROUP", "VOL_PERM"] {
+            c.env(k, "");
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.arg(self.scripts.join(script)).arg("-p").arg(path).args([
+            "-s",
+            &bytes.to_string(),
+            "-m",
+            mode,
+            "-a",
+            action,
+        ]);
+        let out = c.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn setup(&self, path: &Path, bytes: u64) -> Run {
+        self.run("setup", path, bytes, "Filesystem", &[])
+    }
+
+    fn teardown(&self, path: &Path, bytes: u64) -> Run {
+        self.run("teardown", path, bytes, "Filesystem", &[])
+    }
+
+    fn generation(&self, ns: &str, cache: &str) -> u64 {
+        let r = self
+            .node
+            .run(&["cache", "show", cache, "--namespace", ns, "-o", "json"]);
+        if r.code == 4 {
+            return 0;
+        }
+        r.ok().json()["generation"].as_u64().unwrap()
+    }
+
+    fn volumes(&self) -> Vec<Value> {
+        self.node
+            .run(&["volume", "ls", "-o", "json"])
+            .ok()
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap()
+    }
+
+    /// Asserts a failed setup changed nothing: no volume, no folder, no mount, no loop device.
+    fn assert_untouched(&self, path: &Path) {
+        assert_eq!(self.volumes(), Vec::<Value>::new());
+        assert!(!path.exists(), "{} was created", path.display());
+        self.node.assert_clean();
+    }
+}
+
+/// An API stand-in serving deploy/'s StorageClasses, and a provisioner using it.
+fn world() -> (Api, Provisioner) {
+    let api = Api::start();
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(&api, "");
+    (api, p)
+}
+
+const MI: u64 = 1 << 20;
+const PV1: &str = "pvc-11111111-aaaa-4bbb-8ccc-000000000001";
+const PV2: &str = "pvc-22222222-aaaa-4bbb-8ccc-000000000002";
+const PV3: &str = "pvc-33333333-aaaa-4bbb-8ccc-000000000003";
+const PV4: &str = "pvc-44444444-aaaa-4bbb-8ccc-000000000004";
+const PV5: &str = "pvc-55555555-aaaa-4bbb-8ccc-000000000005";
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+#[test]
+fn real_hook_lifecycle_write_back_read_only_and_plain() {
+    if !root_or_skip("real_hook_lifecycle_write_back_read_only_and_plain") {
+        return;
+    }
+    let (api, p) = world();
+    let cache = [("jobcachefs.io/cache", "maven")];
+    api.pvc("ci", "build-1", "jobcache-writeback", &cache, "64Mi");
+    api.pvc("ci", "build-2", "jobcache-writeback", &cache, "64Mi");
+    api.pvc("ci", "pr-1", "jobcache", &cache, "64Mi");
+    api.pvc("ci", "plain", "jobcache", &[], "32Mi");
+
+    // Two build volumes of one cache on the write-back class, live at the same time.
+    let v1 = p.path(PV1, "ci", "build-1");
+    let v2 = p.path(PV2, "ci", "build-2");
+    let r = p.setup(&v1, 64 * MI).ok();
+    assert!(
+        r.stdout.contains("cache ci/maven generation 0, write-back"),
+        "{}",
+        r.stdout
+    );
+    p.setup(&v2, 64 * MI).ok();
+    write(&v1, "m2/a/a.jar", "from build 1");
+    write(&v2, "m2/b/b.jar", "from build 2");
+    // The volume's root is the provisioner's: world-writable, like its stock `mkdir -m 0777`.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&v1).unwrap().permissions().mode() & 0o7777,
+        0o777
+    );
+
+    // A PR build on the read-only class, writing what must never reach the cache.
+    let v3 = p.path(PV3, "ci", "pr-1");
+    let r = p.setup(&v3, 64 * MI).ok();
+    assert!(r.stdout.contains("read-only for the cache"), "{}", r.stdout);
+    write(&v3, "m2/poison.jar", "from an untrusted PR");
+
+    // A PVC without the annotation: a plain, empty, size-limited volume.
+    let v4 = p.path(PV4, "ci", "plain");
+    let r = p.setup(&v4, 32 * MI).ok();
+    assert!(r.stdout.contains("no cache (plain volume)"), "{}", r.stdout);
+    assert_eq!(std::fs::read_dir(&v4).unwrap().count(), 0);
+    let big = vec![7u8; 40 * MI as usize];
+    let err = std::fs::write(v4.join("big"), &big).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+
+    // The volume records carry what teardown needs.
+    let vols = p.volumes();
+    assert_eq!(vols.len(), 4);
+    let rec1 = vols
+        .iter()
+        .find(|v| v["dir"] == v1.to_str().unwrap())
+        .unwrap();
+    assert_eq!(rec1["labels"]["jobcachefs.io/pvc"], "build-1");
+    assert_eq!(rec1["labels"]["jobcachefs.io/pv"], PV1);
+    assert_eq!(
+        rec1["labels"]["jobcachefs.io/storage-class"],
+        "jobcache-writeback"
+    );
+
+    // The PVCs are deleted before teardown, as Kubernetes does; teardown must not ask the API.
+    for n in ["build-1", "build-2", "pr-1", "plain"] {
+        api.remove(&pvc_path("ci", n));
+    }
+    let asked = api.requests().len();
+    let r = p.teardown(&v1, 64 * MI).ok();
+    assert!(
+        r.stdout.contains("committed as generation 1"),
+        "{}",
+        r.stdout
+    );
+    assert!(!v1.exists(), "teardown removes the folder");
+    assert_eq!(p.generation("ci", "maven"), 1);
+    // A retried teardown succeeds and changes nothing.
+    let r = p.teardown(&v1, 64 * MI).ok();
+    assert!(r.stdout.contains("already deleted"), "{}", r.stdout);
+    assert_eq!(p.generation("ci", "maven"), 1);
+
+    let r = p.teardown(&v3, 64 * MI).ok();
+    assert!(r.stdout.contains("changes discarded"), "{}", r.stdout);
+    assert_eq!(
+        p.generation("ci", "maven"),
+        1,
+        "the read-only class changed the cache"
+    );
+    p.teardown(&v2, 64 * MI).ok();
+    assert_eq!(p.generation("ci", "maven"), 2);
+    p.teardown(&v4, 32 * MI).ok();
+    assert_eq!(api.requests().len(), asked, "teardown asked the API");
+
+    // The next build finds both write-back builds' files and nothing of the PR build.
+    api.pvc("ci", "build-3", "jobcache-writeback", &cache, "64Mi");
+    let v5 = p.path(PV5, "ci", "build-3");
+    let r = p.setup(&v5, 64 * MI).ok();
+    assert!(r.stdout.contains("generation 2"), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read_to_string(v5.join("m2/a/a.jar")).unwrap(),
+        "from build 1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(v5.join("m2/b/b.jar")).unwrap(),
+        "from build 2"
+    );
+    assert!(!v5.join("m2/poison.jar").exists());
+    // A retried setup of the same path is a no-op success, without asking the API.
+    let asked = api.requests().len();
+    let r = p.setup(&v5, 64 * MI).ok();
+    assert!(r.stdout.contains("already set up"), "{}", r.stdout);
+    assert_eq!(api.requests().len(), asked);
+    assert_eq!(p.volumes().len(), 1);
+    api.remove(&pvc_path("ci", "build-3"));
+    let r = p.teardown(&v5, 64 * MI).ok();
+    assert!(r.stdout.contains("nothing changed"), "{}", r.stdout);
+    assert_eq!(p.generation("ci", "maven"), 2);
+    p.node.assert_clean();
+}
+
+#[test]
+fn real_hook_path_pattern_owner_and_opt_out() {
+    if !root_or_skip("real_hook_path_pattern_owner_and_opt_out") {
+        return;
+    }
+    let (api, p) = world();
+    // pathPattern "{{ .PVC.Namespace }}/{{ .PVC.Name }}/{{ .PVName }}"; the PVC opts out of
+    // writing back although its class would.
+    api.pvc(
+        "team-a",
+        "gradle.cache",
+        "jobcache-writeback",
+        &[
+            ("jobcachefs.io/cache", "gradle"),
+            ("jobcachefs.io/write-back", "false"),
+        ],
+        "16Mi",
+    );
+    let path = p.node.vol(&format!("team-a/gradle.cache/{PV1}"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let r = p.run(
+        "setup",
+        &path,
+        16 * MI,
+        "Filesystem",
+        &[
+            ("VOL_USER", "1000"),
+            ("VOL_GROUP", "3000"),
+            ("VOL_PERM", "0750"),
+        ],
+    );
+    let r = r.ok();
+    assert!(
+        r.stdout
+            .contains("cache team-a/gradle generation 0, read-only"),
+        "{}",
+        r.stdout
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (1000, 3000, 0o750)
+    );
+    write(&path, "x", "y");
+    api.remove(&pvc_path("team-a", "gradle.cache"));
+    let r = p.teardown(&path, 16 * MI).ok();
+    assert!(r.stdout.contains("changes discarded"), "{}", r.stdout);
+    assert_eq!(p.generation("team-a", "gradle"), 0);
+    p.node.assert_clean();
+}
+
+/// Runs a setup expected to fail; checks exit code, message and that nothing changed.
+fn refused(p: &Provisioner, path: &Path, bytes: u64, mode: &str, code: i32, needles: &[&str]) {
+    let r = p.run("setup", path, bytes, mode, &[]);
+    assert_eq!(r.code, code, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    for n in needles {
+        assert!(r.stderr.contains(n), "missing {n:?} in: {}", r.stderr);
+    }
+    p.assert_untouched(path);
+}
+
+#[test]
+fn real_hook_refuses_bad_requests_and_changes_nothing() {
+    if !root_or_skip("real_hook_refuses_bad_requests_and_changes_nothing") {
+        return;
+    }
+    let (api, p) = world();
+    let cache = [("jobcachefs.io/cache", "maven")];
+
+    // Above the class's max-volume-size (20Gi in deploy/storageclasses.yaml): both numbers.
+    api.pvc("ci", "huge", "jobcache", &cache, "21Gi");
+    refused(
+        &p,
+        &p.path(PV1, "ci", "huge"),
+        21 << 30,
+        "Filesystem",
+        3,
+        &[
+            "21.0 GiB",
+            "22548578304",
+            "20.0 GiB",
+            "21474836480",
+            "max-volume-size",
+        ],
+    );
+    // Unknown StorageClass.
+    api.pvc("ci", "typo", "jobcache-wirteback", &cache, "1Gi");
+    refused(
+        &p,
+        &p.path(PV1, "ci", "typo"),
+        1 << 30,
+        "Filesystem",
+        4,
+        &[
+            "storageclasses.storage.k8s.io \"jobcache-wirteback\" not found",
+            "unknown StorageClass",
+        ],
+    );
+    // The PVC is gone (404 from the API).
+    refused(
+        &p,
+        &p.path(PV1, "ci", "gone"),
+        1 << 30,
+        "Filesystem",
+        4,
+        &["persistentvolumeclaims \"gone\" not found"],
+    );
+    // A bad annotation on the PVC.
+    api.pvc(
+        "ci",
+        "bad-name",
+        "jobcache",
+        &[("jobcachefs.io/cache", "Maven_Repo")],
+        "1Gi",
+    );
+    refused(
+        &p,
+        &p.path(PV1, "ci", "bad-name"),
+        1 << 30,
+        "Filesystem",
+        2,
+        &["\"Maven_Repo\""],
+    );
+    // Block mode.
+    api.pvc("ci", "block", "jobcache", &cache, "1Gi");
+    refused(
+        &p,
+        &p.path(PV1, "ci", "block"),
+        1 << 30,
+        "Block",
+        2,
+        &["volumeMode Block is not supported"],
+    );
+    // Malformed paths: `..`, missing parts, outside the node path.
+    let vols = p.node.tmp.path().join("vols");
+    for (path, needle) in [
+        (vols.join(format!("../{PV1}_ci_x")), "'..'"),
+        (
+            vols.join(format!("{PV1}_ci")),
+            "is not <pv>_<namespace>_<pvc>",
+        ),
+        (vols.join("ci"), "is not <pv>_<namespace>_<pvc>"),
+        (
+            PathBuf::from(format!("/srv/elsewhere/{PV1}_ci_x")),
+            "not under a node path",
+        ),
+    ] {
+        refused(&p, &path, 1 << 30, "Filesystem", 2, &[needle]);
+    }
+    // Wrong credentials: a clear pointer at RBAC, no retry storm.
+    let bad = api.write_kubeconfig(
+        std::fs::read_to_string(&p.kubeconfig)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .unwrap(),
+        "not-the-token",
+    );
+    let p2 = Provisioner {
+        kubeconfig: bad,
+        ..Provisioner::new(&api, "")
+    };
+    api.pvc("ci", "ok", "jobcache", &cache, "1Gi");
+    refused(
+        &p2,
+        &p2.path(PV1, "ci", "ok"),
+        1 << 30,
+        "Filesystem",
+        2,
+        &["HTTP 401", "service account"],
+    );
+}
+
+#[test]
+fn real_hook_retries_transient_api_errors_within_a_bound() {
+    if !root_or_skip("real_hook_retries_transient_api_errors_within_a_bound") {
+        return;
+    }
+    let (api, p) = world();
+    let cache = [("jobcachefs.io/cache", "maven")];
+    api.pvc("ci", "flaky", "jobcache", &cache, "16Mi");
+
+    // Two 500s, then the answer: the setup succeeds.
+    api.faults(&json!({ pvc_path("ci", "flaky"): [500, 503] }));
+    let path = p.path(PV1, "ci", "flaky");
+    p.setup(&path, 16 * MI).ok();
+    let codes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|l| l.contains("/flaky "))
+        .collect();
+    assert_eq!(codes.len(), 3, "{codes:?}");
+    p.teardown(&path, 16 * MI).ok();
+
+    // 500 on every attempt: a clear error within the configured bound (api_timeout = 3s).
+    api.faults(&json!({ pvc_path("ci", "flaky"): vec![500; 50] }));
+    let t = Instant::now();
+    refused(
+        &p,
+        &path,
+        16 * MI,
+        "Filesystem",
+        7,
+        &["HTTP 500", "attempts"],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // An API server that accepts and never answers: bounded too.
+    api.faults(&json!({ pvc_path("ci", "flaky"): [0] }));
+    let t = Instant::now();
+    refused(
+        &p,
+        &path,
+        16 * MI,
+        "Filesystem",
+        7,
+        &["could not read PVC ci/flaky"],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Nothing listening at all.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let p2 = Provisioner {
+        kubeconfig: api.write_kubeconfig(&format!("https://127.0.0.1:{closed}"), TOKEN),
+        ..Provisioner::new(&api, "")
+    };
+    let t = Instant::now();
+    refused(
+        &p2,
+        &p2.path(PV1, "ci", "flaky"),
+        16 * MI,
+        "Filesystem",
+        7,
+        &[
+            "could not read PVC ci/flaky",
+            &format!("127.0.0.1:{closed}"),
+        ],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+/// `kubectl kustomize deploy/` (and deploy/examples/) renders, every object validates offline
+/// against the Kubernetes schemas, and the helper pod is what the hook needs (scripts/validate-deploy
+/// says what it checks). Needs no root; needs what scripts/setup installs.
+#[test]
+fn deploy_manifests_render_and_validate() {
+    let python = Path::new(REPO).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it makes the virtualenv with the pinned kubernetes-validate)",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(Path::new(REPO).join("scripts/validate-deploy"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("valid against Kubernetes"), "{text}");
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""A stand-in for the Kubernetes API server in the hook's tests (no API server can run here).
+
+Serves recorded objects over HTTPS, the way the API does: GET <api path> answers the JSON file
+<root>/<api path>.json with 200, or a `Status` object with 404 (NotFound) when there is none, or
+401 when the bearer token is wrong. Faults are injected per path through <root>/faults.json
+({"<api path>": [500, 500]}: the next two GETs of that path answer 500; a code of 0 means "hang
+for 30 s"). Every request is appended to <root>/requests.log as "GET <path> <code>".
+
+Usage: server.py --root DIR --cert CRT --key KEY --token TOKEN --port-file FILE
+(binds 127.0.0.1 on a free port and writes the port to FILE once listening).
+"""
+
+import argparse
+import json
+import os
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOCK = threading.Lock()
+
+
+def status(code, reason, message, details=None):
+    obj = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if details:
+        obj["details"] = details
+    return obj
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet: the request log is the record
+        pass
+
+    def answer(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        with LOCK, open(os.path.join(self.server.root, "requests.log"), "a") as log:
+            log.write(f"GET {self.path} {code}\n")
+
+    def next_fault(self, path):
+        faults_path = os.path.join(self.server.root, "faults.json")
+        with LOCK:
+            try:
+                with open(faults_path) as f:
+                    faults = json.load(f)
+            except FileNotFoundError:
+                return None
+            codes = faults.get(path) or []
+            if not codes:
+                return None
+            code = codes.pop(0)
+            with open(faults_path, "w") as f:
+                json.dump(faults, f)
+            return code
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if self.headers.get("Authorization") != "Bearer " + self.server.token:
+            return self.answer(401, status(401, "Unauthorized", "Unauthorized"))
+        fault = self.next_fault(path)
+        if fault == 0:
+            time.sleep(30)
+            return self.answer(504, status(504, "Timeout", "hung"))
+        if fault:
+            return self.answer(
+                fault, status(fault, "InternalError", "Internal error occurred: injected")
+            )
+        parts = [p for p in path.split("/") if p]
+        if ".." in parts or not parts:
+            return self.answer(400, status(400, "BadRequest", f"bad path {path}"))
+        file = os.path.join(self.server.root, *parts) + ".json"
+        if os.path.isfile(file):
+            with open(file) as f:
+                return self.answer(200, json.load(f))
+        kind, name = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+        group = "storage.k8s.io" if parts[0] == "apis" and len(parts) > 1 and parts[1] == "storage.k8s.io" else ""
+        details = {"name": name, "kind": kind}
+        if group:
+            details["group"] = group
+        qualified = f"{kind}.{group}" if group else kind
+        return self.answer(
+            404, status(404, "NotFound", f'{qualified} "{name}" not found', details)
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--cert", required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--port-file", required=True)
+    a = ap.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.root = a.root
+    server.token = a.token
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(a.cert, a.key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    tmp = a.port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(tmp, a.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
