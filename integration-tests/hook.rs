@@ -256,6 +256,8 @@ struct Provisioner {
     node: Node,
     scripts: PathBuf,
     kubeconfig: PathBuf,
+    /// Run as in a pod: (service account dir, API port) instead of the kubeconfig.
+    service_account: Option<(PathBuf, String)>,
 }
 
 impl Provisioner {
@@ -279,6 +281,7 @@ impl Provisioner {
             node,
             scripts,
             kubeconfig: api.kubeconfig.clone(),
+            service_account: None,
         }
     }
 
@@ -304,8 +307,19 @@ impl Provisioner {
             "PATH",
             format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
         );
-        c.env("KUBECONFIG", &self.kubeconfig);
-        c.env_remove("KUBERNETES_SERVICE_HOST");
+        match &self.service_account {
+            // In a pod: the service account's token and CA, and the API's service address.
+            Some((dir, port)) => {
+                c.env_remove("KUBECONFIG");
+                c.env("KUBERNETES_SERVICE_HOST", "127.0.0.1");
+                c.env("KUBERNETES_SERVICE_PORT", port);
+                c.env("JOBCACHEFS_SERVICE_ACCOUNT_DIR", dir);
+            }
+            None => {
+                c.env("KUBECONFIG", &self.kubeconfig);
+                c.env_remove("KUBERNETES_SERVICE_HOST");
+            }
+        }
         let action = if script == "setup" {
             "create"
         } else {
@@ -560,6 +574,43 @@ fn real_hook_path_pattern_owner_and_opt_out() {
     assert!(r.stdout.contains("changes discarded"), "{}", r.stdout);
     assert_eq!(p.generation("team-a", "gradle"), 0);
     p.node.assert_clean();
+}
+
+#[test]
+fn real_hook_in_cluster_service_account() {
+    if !root_or_skip("real_hook_in_cluster_service_account") {
+        return;
+    }
+    let (api, mut p) = world();
+    // What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount.
+    let sa = p.node.tmp.path().join("serviceaccount");
+    std::fs::create_dir(&sa).unwrap();
+    std::fs::write(sa.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::copy(api.dir.path().join("ca.crt"), sa.join("ca.crt")).unwrap();
+    let port = std::fs::read_to_string(api.dir.path().join("port")).unwrap();
+    p.service_account = Some((sa.clone(), port));
+    api.pvc(
+        "ci",
+        "in-pod",
+        "jobcache-writeback",
+        &[("jobcachefs.io/cache", "npm")],
+        "16Mi",
+    );
+    let path = p.path(PV1, "ci", "in-pod");
+    let r = p.setup(&path, 16 * MI).ok();
+    assert!(
+        r.stdout.contains("cache ci/npm generation 0, write-back"),
+        "{}",
+        r.stdout
+    );
+    write(&path, "npm/_cacache/index", "x");
+    api.remove(&pvc_path("ci", "in-pod"));
+    p.teardown(&path, 16 * MI).ok();
+    assert_eq!(p.generation("ci", "npm"), 1);
+    // A token the API does not know: refused with the RBAC hint.
+    std::fs::write(sa.join("token"), "stale\n").unwrap();
+    api.pvc("ci", "in-pod", "jobcache", &[], "16Mi");
+    refused(&p, &path, 16 * MI, "Filesystem", 2, &["HTTP 401"]);
 }
 
 /// Runs a setup expected to fail; checks exit code, message and that nothing changed.

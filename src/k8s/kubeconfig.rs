@@ -96,7 +96,11 @@ pub fn discover() -> Result<ApiTarget> {
         std::env::var("KUBERNETES_SERVICE_HOST"),
         std::env::var("KUBERNETES_SERVICE_PORT"),
     ) {
-        return in_cluster(&host, &port, Path::new(SERVICE_ACCOUNT_DIR));
+        // The override exists for tests, which cannot write the real mount point.
+        let dir = std::env::var_os("JOBCACHEFS_SERVICE_ACCOUNT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR));
+        return in_cluster(&host, &port, &dir);
     }
     match std::env::var_os("HOME") {
         Some(home) if Path::new(&home).join(".kube/config").exists() => {
