@@ -23,6 +23,7 @@ pub mod mounts;
 pub mod names;
 pub mod quantity;
 pub mod records;
+pub mod sync;
 pub mod tree;
 
 pub use engine::{Engine, ProgressHook};

@@ -31,6 +31,18 @@ pub struct LayerInfo {
     pub size: u64,
     /// Bytes the image occupies on the host.
     pub allocated: u64,
+    /// For a squashed base: the ids of every layer whose content it holds (transitively). Registry
+    /// sync uses it to tell a base that merely folds layers the registry already has from new
+    /// content. Empty for a commit's delta layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub covers: Vec<String>,
+}
+
+impl LayerInfo {
+    /// This layer's id and every id it covers.
+    pub fn known_ids(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.id).chain(self.covers.iter())
+    }
 }
 
 /// `caches/<ns>/<name>/current.json`: the current generation.

@@ -73,6 +73,7 @@ impl Engine {
             source: record.dir.display().to_string(),
             size,
             allocated,
+            covers: Vec::new(),
         });
         write_json_atomic(&self.layout.current(id), &next)?;
         fault::point("commit:published");
@@ -161,6 +162,7 @@ mod tests {
                     source: String::new(),
                     size: 0,
                     allocated: *a,
+                    covers: vec![],
                 })
                 .collect(),
             published: 0,

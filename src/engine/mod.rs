@@ -100,7 +100,7 @@ impl Engine {
         &self.config
     }
 
-    fn lock_cache(&self, id: &CacheId) -> Result<Lock> {
+    pub(crate) fn lock_cache(&self, id: &CacheId) -> Result<Lock> {
         lock::lock(&self.layout.cache_lock(id))
     }
 

@@ -231,6 +231,11 @@ impl Engine {
             },
             size: std::fs::metadata(&dst).at("stat", &dst)?.len(),
             allocated,
+            covers: base
+                .layers
+                .iter()
+                .flat_map(|l| l.known_ids().cloned())
+                .collect(),
         }];
         layers.extend(now.layers[base_ids.len()..].iter().cloned());
         let next = Generation {

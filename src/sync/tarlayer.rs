@@ -1,0 +1,686 @@
+//! An overlay upper tree ⇄ an OCI layer tar.
+//!
+//! Export ([`write_layer`]) walks a layer's upper tree in name order (so the same tree always
+//! makes the same bytes, and the same blob digest) and writes a PAX tar: owners and modes,
+//! nanosecond mtimes (PAX `mtime`), xattrs (PAX `SCHILY.xattr.*`, minus `trusted.overlay.*`),
+//! hardlinks, symlinks, FIFOs and device nodes; overlay whiteouts (char 0/0) become `.wh.<name>`
+//! and opaque directories (`trusted.overlay.opaque=y`) get a `.wh..wh..opq` entry, as the OCI
+//! image spec says. Sparse files are written in full (holes as zeros, which gzip shrinks to
+//! almost nothing) and made sparse again on import.
+//!
+//! Import is two passes over the same blob: [`scan_layer`] validates every entry and sums what it
+//! claims before anything is created (a hostile layer is refused with nothing changed), then
+//! [`extract_layer`] writes the tree into a fresh, never-networked ext4 image, turning `.wh.`
+//! entries back into overlay whiteouts and runs of zero blocks into holes.
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid};
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const XATTR_PAX: &str = "SCHILY.xattr.";
+const BLOCK: usize = 4096;
+
+/// What a layer tar holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Entries (whiteouts included).
+    pub entries: u64,
+    /// Bytes of regular file content (apparent sizes).
+    pub bytes: u64,
+}
+
+fn bad(msg: String) -> Error {
+    Error::invalid(msg)
+}
+
+/// Writes the tree under `root` as an OCI layer tar to `out`.
+pub fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
+    let mut b = tar::Builder::new(out);
+    let mut w = Writer {
+        links: HashMap::new(),
+        stats: LayerStats::default(),
+    };
+    w.dir(root, Path::new(""), &mut b)?;
+    b.finish().ctx(|| "finish the layer tar".into())?;
+    Ok(w.stats)
+}
+
+struct Writer {
+    links: HashMap<(u64, u64), PathBuf>,
+    stats: LayerStats,
+}
+
+impl Writer {
+    fn dir<W: Write>(&mut self, dir: &Path, rel: &Path, b: &mut tar::Builder<W>) -> Result<()> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .at("read", dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .at("read", dir)?;
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            let rel = rel.join(&name);
+            if name.as_encoded_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                return Err(bad(format!(
+                    "{} is named like an OCI whiteout: it cannot be exported; rename or remove it",
+                    path.display()
+                )));
+            }
+            let md = fs::symlink_metadata(&path).at("stat", &path)?;
+            let ft = md.file_type();
+            if ft.is_char_device() && md.rdev() == 0 {
+                let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
+                self.marker(&wh, b)?;
+                continue;
+            }
+            if ft.is_socket() {
+                tracing::warn!(path = %path.display(), "sockets are not exported");
+                continue;
+            }
+            self.entry(&path, &rel, &md, b)?;
+            if ft.is_dir() {
+                if xattr::get(&path, OPAQUE_XATTR)
+                    .at("read xattr of", &path)?
+                    .as_deref()
+                    == Some(b"y")
+                {
+                    self.marker(&rel.join(OPAQUE), b)?;
+                }
+                self.dir(&path, &rel, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty regular file entry: a whiteout or the opaque marker.
+    fn marker<W: Write>(&mut self, rel: &Path, b: &mut tar::Builder<W>) -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(0);
+        self.stats.entries += 1;
+        append(b, h, rel, None, Vec::new(), std::io::empty())
+    }
+
+    fn entry<W: Write>(
+        &mut self,
+        path: &Path,
+        rel: &Path,
+        md: &fs::Metadata,
+        b: &mut tar::Builder<W>,
+    ) -> Result<()> {
+        let ft = md.file_type();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(md.mode() & 0o7777);
+        h.set_uid(md.uid() as u64);
+        h.set_gid(md.gid() as u64);
+        h.set_mtime(md.mtime().max(0) as u64);
+        h.set_size(0);
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        if md.mtime_nsec() != 0 || md.mtime() < 0 {
+            pax.push((
+                "mtime".into(),
+                format!("{}.{:09}", md.mtime(), md.mtime_nsec()).into_bytes(),
+            ));
+        }
+        for name in xattr::list(path).at("list xattrs of", path)? {
+            if name.as_encoded_bytes().starts_with(b"trusted.overlay.") {
+                continue;
+            }
+            if let Some(v) = xattr::get(path, &name).at("read xattr of", path)? {
+                pax.push((format!("{XATTR_PAX}{}", name.to_string_lossy()), v));
+            }
+        }
+        self.stats.entries += 1;
+        if ft.is_file() && md.nlink() > 1 {
+            if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
+                h.set_entry_type(tar::EntryType::Link);
+                return append(b, h, rel, Some(&first.clone()), pax, std::io::empty());
+            }
+            self.links.insert((md.dev(), md.ino()), rel.to_path_buf());
+        }
+        if ft.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            append(b, h, rel, None, pax, std::io::empty())
+        } else if ft.is_file() {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(md.len());
+            self.stats.bytes += md.len();
+            let f = fs::File::open(path).at("open", path)?;
+            append(b, h, rel, None, pax, f.take(md.len()))
+        } else if ft.is_symlink() {
+            h.set_entry_type(tar::EntryType::Symlink);
+            let target = fs::read_link(path).at("read link", path)?;
+            append(b, h, rel, Some(&target), pax, std::io::empty())
+        } else if ft.is_fifo() {
+            h.set_entry_type(tar::EntryType::Fifo);
+            append(b, h, rel, None, pax, std::io::empty())
+        } else {
+            h.set_entry_type(if ft.is_char_device() {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            });
+            let rdev = md.rdev();
+            h.set_device_major(nix::sys::stat::major(rdev) as u32)
+                .ctx(|| format!("device number of {}", path.display()))?;
+            h.set_device_minor(nix::sys::stat::minor(rdev) as u32)
+                .ctx(|| format!("device number of {}", path.display()))?;
+            append(b, h, rel, None, pax, std::io::empty())
+        }
+    }
+}
+
+/// Appends one entry; names and link targets that do not fit the ustar fields go in PAX.
+fn append<W: Write>(
+    b: &mut tar::Builder<W>,
+    mut h: tar::Header,
+    rel: &Path,
+    link: Option<&Path>,
+    mut pax: Vec<(String, Vec<u8>)>,
+    data: impl Read,
+) -> Result<()> {
+    let name = rel.as_os_str().as_encoded_bytes().to_vec();
+    let is_dir = h.entry_type() == tar::EntryType::Directory;
+    let mut name = name;
+    if is_dir {
+        name.push(b'/');
+    }
+    if name.len() > 100 {
+        pax.push(("path".into(), name.clone()));
+        name.truncate(100);
+    }
+    h.as_old_mut().name[..name.len()].copy_from_slice(&name);
+    if let Some(l) = link {
+        let mut l = l.as_os_str().as_encoded_bytes().to_vec();
+        if l.len() > 100 {
+            pax.push(("linkpath".into(), l.clone()));
+            l.truncate(100);
+        }
+        h.as_old_mut().linkname[..l.len()].copy_from_slice(&l);
+    }
+    if !pax.is_empty() {
+        pax.sort();
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .ctx(|| "write the layer tar".into())?;
+    }
+    h.set_cksum();
+    b.append(&h, data).ctx(|| "write the layer tar".into())
+}
+
+/// What import allows beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportPolicy {
+    /// Accept character and block device nodes (whiteouts are always fine).
+    pub allow_devices: bool,
+    /// Refuse a layer whose files claim more than this many bytes in all.
+    pub max_bytes: u64,
+}
+
+/// One validated tar entry.
+struct Checked {
+    rel: PathBuf,
+    kind: Kind,
+}
+
+enum Kind {
+    Whiteout(PathBuf),
+    Opaque(PathBuf),
+    Entry,
+}
+
+/// A relative, normal path inside the layer, or an error naming the entry.
+fn clean(raw: &Path, what: &str) -> Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(bad(format!(
+                    "refusing the image: {what} {:?} escapes the layer's root",
+                    raw.display().to_string()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `target`, a symlink in `dir`, stays inside the root when resolved lexically.
+fn stays_inside(dir: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 = dir.components().count() as i64;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+fn check_entry(
+    entry: &mut tar::Entry<impl Read>,
+    policy: &ImportPolicy,
+    seen: &mut BTreeSet<PathBuf>,
+) -> Result<Checked> {
+    let raw = entry.path().ctx(|| "read a tar entry's path".into())?.into_owned();
+    let rel = clean(&raw, "entry")?;
+    if rel.as_os_str().is_empty() {
+        return Ok(Checked {
+            rel,
+            kind: Kind::Entry,
+        });
+    }
+    let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+    let et = entry.header().entry_type();
+    if name == OPAQUE {
+        return Ok(Checked {
+            rel,
+            kind: Kind::Opaque(parent),
+        });
+    }
+    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+        if hidden.is_empty() || hidden.starts_with(WHITEOUT_PREFIX) || hidden == "." || hidden == ".." {
+            return Err(bad(format!("refusing the image: unknown whiteout entry {:?}", raw.display().to_string())));
+        }
+        return Ok(Checked {
+            kind: Kind::Whiteout(parent.join(hidden)),
+            rel,
+        });
+    }
+    if let Some(exts) = entry.pax_extensions().ctx(|| "read PAX headers".into())? {
+        for e in exts {
+            let e = e.ctx(|| "read PAX headers".into())?;
+            if let Some(x) = e.key().ok().and_then(|k| k.strip_prefix(XATTR_PAX)) {
+                if x.starts_with("trusted.overlay.") {
+                    return Err(bad(format!(
+                        "refusing the image: entry {:?} carries the overlayfs xattr {x}",
+                        raw.display().to_string()
+                    )));
+                }
+            }
+        }
+    }
+    match et {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory | tar::EntryType::Fifo => {}
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name()
+                .ctx(|| "read a link target".into())?
+                .ok_or_else(|| bad(format!("refusing the image: symlink {:?} has no target", raw.display().to_string())))?
+                .into_owned();
+            if !stays_inside(&parent, &target) {
+                return Err(bad(format!(
+                    "refusing the image: symlink {:?} points outside the cache ({:?})",
+                    raw.display().to_string(),
+                    target.display().to_string()
+                )));
+            }
+        }
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ctx(|| "read a link target".into())?
+                .ok_or_else(|| bad(format!("refusing the image: hardlink {:?} has no target", raw.display().to_string())))?;
+            let target = clean(&target, "hardlink target")?;
+            if !seen.contains(&target) {
+                return Err(bad(format!(
+                    "refusing the image: hardlink {:?} points at {:?}, which is not an earlier file of the layer",
+                    raw.display().to_string(),
+                    target.display().to_string()
+                )));
+            }
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            if !policy.allow_devices {
+                return Err(bad(format!(
+                    "refusing the image: {:?} is a device node; set `allow_devices = true` in the registry's config to accept them",
+                    raw.display().to_string()
+                )));
+            }
+        }
+        tar::EntryType::XGlobalHeader => {}
+        other => {
+            return Err(bad(format!(
+                "refusing the image: entry {:?} has the unsupported type {other:?}",
+                raw.display().to_string()
+            )))
+        }
+    }
+    seen.insert(rel.clone());
+    Ok(Checked {
+        rel,
+        kind: Kind::Entry,
+    })
+}
+
+/// First pass: validates every entry of a layer tar and sums what it claims; creates nothing.
+pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats> {
+    let mut archive = tar::Archive::new(input);
+    let mut stats = LayerStats::default();
+    let mut seen = BTreeSet::new();
+    for entry in archive.entries().ctx(|| "read the layer tar".into())? {
+        let mut entry = entry.ctx(|| "read the layer tar".into())?;
+        check_entry(&mut entry, policy, &mut seen)?;
+        stats.entries += 1;
+        stats.bytes = stats.bytes.saturating_add(entry.header().size().unwrap_or(0));
+        if stats.bytes > policy.max_bytes {
+            return Err(Error::new(
+                ErrorKind::Quota,
+                format!(
+                    "refusing the image: its files claim more than the cache-size of {} bytes; raise the cache's limit if it is genuine",
+                    policy.max_bytes
+                ),
+            ));
+        }
+    }
+    Ok(stats)
+}
+
+/// Second pass: writes the layer into `dest` (the new layer's empty upper dir, on a fresh local
+/// image). Must follow a successful [`scan_layer`] of the same bytes.
+pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Result<LayerStats> {
+    let mut archive = tar::Archive::new(input);
+    let mut stats = LayerStats::default();
+    let mut seen = BTreeSet::new();
+    // Directory times are set last: creating their children changes them.
+    let mut dir_times: Vec<(PathBuf, TimeSpec)> = Vec::new();
+    for entry in archive.entries().ctx(|| "read the layer tar".into())? {
+        let mut entry = entry.ctx(|| "read the layer tar".into())?;
+        let checked = check_entry(&mut entry, policy, &mut seen)?;
+        stats.entries += 1;
+        let target = dest.join(&checked.rel);
+        if !checked.rel.as_os_str().is_empty() {
+            real_parent_dirs(dest, &checked.rel)?;
+        }
+        match checked.kind {
+            Kind::Opaque(dir) => {
+                let d = dest.join(dir);
+                xattr::set(&d, OPAQUE_XATTR, b"y").at("mark opaque", &d)?;
+            }
+            Kind::Whiteout(hidden) => {
+                let p = dest.join(hidden);
+                remove_existing(&p)?;
+                mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0).at("make whiteout", &p)?;
+            }
+            Kind::Entry => {
+                let mtime = entry_mtime(&mut entry)?;
+                let h = entry.header().clone();
+                let et = h.entry_type();
+                if checked.rel.as_os_str().is_empty() {
+                    continue; // the root itself: the caller owns it
+                }
+                if et != tar::EntryType::Directory || !target.is_dir() {
+                    remove_existing(&target)?;
+                }
+                match et {
+                    tar::EntryType::Directory => {
+                        if !target.is_dir() {
+                            fs::create_dir(&target).at("create", &target)?;
+                        }
+                    }
+                    tar::EntryType::Regular | tar::EntryType::Continuous => {
+                        stats.bytes += write_sparse(&mut entry, &target)?;
+                    }
+                    tar::EntryType::Symlink => {
+                        let l = entry.link_name().ctx(|| "read a link".into())?.unwrap().into_owned();
+                        std::os::unix::fs::symlink(&l, &target).at("create symlink", &target)?;
+                    }
+                    tar::EntryType::Link => {
+                        let l = entry.link_name().ctx(|| "read a link".into())?.unwrap().into_owned();
+                        let src = dest.join(clean(&l, "hardlink target")?);
+                        fs::hard_link(&src, &target).at("create hardlink", &target)?;
+                        continue; // metadata is the first name's
+                    }
+                    tar::EntryType::Fifo => {
+                        mknod(&target, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)
+                            .at("create fifo", &target)?;
+                    }
+                    tar::EntryType::Char | tar::EntryType::Block => {
+                        let kind = if et == tar::EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                        let dev = nix::sys::stat::makedev(
+                            h.device_major().ok().flatten().unwrap_or(0) as u64,
+                            h.device_minor().ok().flatten().unwrap_or(0) as u64,
+                        );
+                        mknod(&target, kind, Mode::from_bits_truncate(0o600), dev)
+                            .at("create device", &target)?;
+                    }
+                    _ => continue,
+                }
+                apply_metadata(&mut entry, &h, &target)?;
+                if et == tar::EntryType::Directory {
+                    dir_times.push((target, mtime));
+                } else {
+                    set_mtime(&target, mtime)?;
+                }
+            }
+        }
+    }
+    for (d, t) in dir_times.into_iter().rev() {
+        set_mtime(&d, t)?;
+    }
+    Ok(stats)
+}
+
+/// Refuses to create through a symlink: every parent of `rel` below `dest` must be a directory.
+fn real_parent_dirs(dest: &Path, rel: &Path) -> Result<()> {
+    let mut p = dest.to_path_buf();
+    let parents: Vec<_> = rel.parent().map(|x| x.components().collect()).unwrap_or_default();
+    for c in parents {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(bad(format!(
+                    "refusing the image: {:?} is used as a directory but is not one",
+                    p.strip_prefix(dest).unwrap_or(&p).display().to_string()
+                )))
+            }
+            Err(_) => fs::create_dir(&p).at("create", &p)?,
+        }
+    }
+    Ok(())
+}
+
+fn remove_existing(p: &Path) -> Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p).at("replace", p),
+        Ok(_) => fs::remove_file(p).at("replace", p),
+        Err(_) => Ok(()),
+    }
+}
+
+fn entry_mtime(entry: &mut tar::Entry<impl Read>) -> Result<TimeSpec> {
+    if let Some(exts) = entry.pax_extensions().ctx(|| "read PAX headers".into())? {
+        for e in exts.flatten() {
+            if e.key() == Ok("mtime") {
+                if let Ok(v) = e.value() {
+                    let (s, ns) = v.split_once('.').unwrap_or((v, "0"));
+                    let ns = format!("{ns:0<9}");
+                    if let (Ok(s), Ok(ns)) = (s.parse::<i64>(), ns[..9].parse::<i64>()) {
+                        return Ok(TimeSpec::new(s, ns));
+                    }
+                }
+            }
+        }
+    }
+    Ok(TimeSpec::new(
+        entry.header().mtime().unwrap_or(0) as i64,
+        0,
+    ))
+}
+
+fn set_mtime(p: &Path, t: TimeSpec) -> Result<()> {
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).at("set times of", p)
+}
+
+/// Owner, mode, then xattrs (a chown clears file capabilities).
+fn apply_metadata(entry: &mut tar::Entry<impl Read>, h: &tar::Header, p: &Path) -> Result<()> {
+    let uid = h.uid().unwrap_or(0) as u32;
+    let gid = h.gid().unwrap_or(0) as u32;
+    fchownat(
+        None,
+        p,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .at("chown", p)?;
+    if h.entry_type() != tar::EntryType::Symlink {
+        let mode = h.mode().unwrap_or(0o644) & 0o7777;
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).at("chmod", p)?;
+    }
+    if let Some(exts) = entry.pax_extensions().ctx(|| "read PAX headers".into())? {
+        for e in exts.flatten() {
+            if let Some(name) = e.key().ok().and_then(|k| k.strip_prefix(XATTR_PAX)) {
+                xattr::set(p, name, e.value_bytes())
+                    .ctx(|| format!("set xattr {name} on {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file's data, seeking over whole zero blocks so they become holes.
+fn write_sparse(data: &mut impl Read, p: &Path) -> Result<u64> {
+    let mut f = fs::File::create(p).at("create", p)?;
+    let mut buf = vec![0u8; 64 * BLOCK];
+    let mut len = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = data.read(&mut buf[filled..]).ctx(|| format!("read data of {}", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        for chunk in buf[..filled].chunks(BLOCK) {
+            if chunk.iter().all(|b| *b == 0) {
+                f.seek(SeekFrom::Current(chunk.len() as i64)).at("seek", p)?;
+            } else {
+                f.write_all(chunk).at("write", p)?;
+            }
+        }
+        len += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    f.set_len(len).at("set length of", p)?;
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_targets_must_stay_inside() {
+        for (dir, t, ok) in [
+            ("", "a", true),
+            ("a/b", "../c", true),
+            ("a/b", "../../c", true),
+            ("a/b", "../../../c", false),
+            ("", "../x", false),
+            ("a", "/etc/passwd", false),
+            ("a", "b/../../..", false),
+        ] {
+            assert_eq!(stays_inside(Path::new(dir), Path::new(t)), ok, "{dir} {t}");
+        }
+    }
+
+    #[test]
+    fn entry_paths_are_cleaned_or_refused() {
+        assert_eq!(clean(Path::new("./a/b"), "e").unwrap(), PathBuf::from("a/b"));
+        for badp in ["../a", "a/../../b", "/etc/passwd"] {
+            let e = clean(Path::new(badp), "entry").unwrap_err();
+            assert!(e.to_string().contains("escapes"), "{badp}: {e}");
+        }
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, et, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*et);
+            h.set_size(0);
+            h.set_mode(0o644);
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, std::io::empty()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn scan_refuses_hostile_entries() {
+        let policy = ImportPolicy {
+            allow_devices: false,
+            max_bytes: 1 << 30,
+        };
+        use tar::EntryType::*;
+        for (entries, needle) in [
+            (vec![("../evil", Regular, None)], "escapes"),
+            (vec![("a", Symlink, Some("/etc"))], "points outside"),
+            (vec![("a/b", Symlink, Some("../../x"))], "points outside"),
+            (vec![("null", Char, None)], "device node"),
+            (vec![("h", Link, Some("nope"))], "not an earlier file"),
+            (vec![("x/.wh..wh.foo", Regular, None)], "unknown whiteout"),
+        ] {
+            let e = scan_layer(&tar_of(&entries)[..], &policy).unwrap_err();
+            assert!(e.to_string().contains(needle), "{entries:?}: {e}");
+        }
+        let ok = tar_of(&[
+            ("d/", Directory, None),
+            ("d/f", Regular, None),
+            ("d/h", Link, Some("d/f")),
+            ("d/l", Symlink, Some("f")),
+            ("d/.wh.gone", Regular, None),
+            ("d/.wh..wh..opq", Regular, None),
+        ]);
+        assert_eq!(scan_layer(&ok[..], &policy).unwrap().entries, 6);
+    }
+
+    #[test]
+    fn scan_refuses_a_claim_beyond_the_limit() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1 << 20);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "big", &vec![0u8; 1 << 20][..]).unwrap();
+        let t = b.into_inner().unwrap();
+        let policy = ImportPolicy {
+            allow_devices: false,
+            max_bytes: 1000,
+        };
+        assert_eq!(scan_layer(&t[..], &policy).unwrap_err().kind(), ErrorKind::Quota);
+    }
+}
