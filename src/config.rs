@@ -22,6 +22,66 @@ struct RawConfig {
     squash_inline: Option<bool>,
     node_budget: Option<String>,
     kubernetes: Option<RawKubernetes>,
+    #[serde(default)]
+    registry: Vec<RawRegistry>,
+    agent: Option<RawAgent>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    caches: Option<String>,
+    image: String,
+    tls_verify: Option<bool>,
+    allow_devices: Option<bool>,
+    pull_on_create: Option<bool>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interval: Option<String>,
+    metrics_addr: Option<String>,
+    prefetch: Option<Vec<String>>,
+}
+
+/// Where the caches matching a prefix live in a registry (`[[registry]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Prefix of `<namespace>/<name>` this applies to (`""`: every cache). The longest match wins.
+    pub caches: String,
+    /// Repository prefix: a cache's image is `<image>/<namespace>/<name>`.
+    pub image: String,
+    /// Verify TLS.
+    pub tls_verify: bool,
+    /// Accept device nodes in imported layers.
+    pub allow_devices: bool,
+    /// `volume create` on a cold cache pulls it first (blocking).
+    pub pull_on_create: bool,
+    /// Longest one registry operation may take, in seconds.
+    pub timeout: u64,
+}
+
+/// The node agent (`[agent]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Seconds between sync rounds.
+    pub interval: u64,
+    /// Address of the Prometheus endpoint.
+    pub metrics_addr: String,
+    /// Caches (`<namespace>/<name>`) to pull even before this node used them.
+    pub prefetch: Vec<String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            interval: 30,
+            metrics_addr: "127.0.0.1:9477".into(),
+            prefetch: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +131,10 @@ pub struct Config {
     pub node_budget: Option<u64>,
     /// Settings of the Kubernetes hook.
     pub kubernetes: KubernetesConfig,
+    /// Registries, by cache prefix.
+    pub registries: Vec<RegistryConfig>,
+    /// The node agent.
+    pub agent: AgentConfig,
 }
 
 impl Default for Config {
@@ -84,6 +148,8 @@ impl Default for Config {
             squash_inline: true,
             node_budget: None,
             kubernetes: KubernetesConfig::default(),
+            registries: Vec::new(),
+            agent: AgentConfig::default(),
         }
     }
 }
@@ -133,6 +199,12 @@ impl Config {
                 None => None,
             },
             kubernetes: kubernetes(raw.kubernetes.unwrap_or_default(), origin)?,
+            registries: raw
+                .registry
+                .into_iter()
+                .map(|r| registry(r, origin))
+                .collect::<Result<_>>()?,
+            agent: agent(raw.agent.unwrap_or_default(), origin)?,
         })
     }
 
@@ -153,6 +225,49 @@ impl Config {
             )),
         }
     }
+}
+
+impl Config {
+    /// The registry settings for cache `id` (the longest matching prefix), if any.
+    pub fn registry_for(&self, id: &crate::names::CacheId) -> Option<&RegistryConfig> {
+        let key = format!("{}/{}", id.namespace, id.name);
+        self.registries
+            .iter()
+            .filter(|r| key.starts_with(&r.caches))
+            .max_by_key(|r| r.caches.len())
+    }
+}
+
+fn registry(raw: RawRegistry, origin: &str) -> Result<RegistryConfig> {
+    let timeout = match raw.timeout {
+        Some(s) => crate::quantity::parse_duration(&format!("registry.timeout in {origin}"), &s)?,
+        None => 300,
+    };
+    if raw.image.trim().is_empty() {
+        return Err(Error::invalid(format!(
+            "a [[registry]] in {origin} has an empty image: give a repository prefix such as registry.example.com/jobcachefs"
+        )));
+    }
+    Ok(RegistryConfig {
+        caches: raw.caches.unwrap_or_default(),
+        image: raw.image.trim_end_matches('/').to_string(),
+        tls_verify: raw.tls_verify.unwrap_or(true),
+        allow_devices: raw.allow_devices.unwrap_or(false),
+        pull_on_create: raw.pull_on_create.unwrap_or(false),
+        timeout,
+    })
+}
+
+fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
+    let d = AgentConfig::default();
+    Ok(AgentConfig {
+        interval: match raw.interval {
+            Some(s) => crate::quantity::parse_duration(&format!("agent.interval in {origin}"), &s)?,
+            None => d.interval,
+        },
+        metrics_addr: raw.metrics_addr.unwrap_or(d.metrics_addr),
+        prefetch: raw.prefetch.unwrap_or_default(),
+    })
 }
 
 fn kubernetes(raw: RawKubernetes, origin: &str) -> Result<KubernetesConfig> {

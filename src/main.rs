@@ -177,6 +177,18 @@ enum CacheCmd {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Push the cache's generation to its registry as an OCI image; only layers the registry
+    /// lacks are uploaded, and a line another node pushed meanwhile is built upon, not replaced.
+    Export(SyncArgs),
+    /// Pull the newest generation of the cache's image; only missing layers are downloaded, and
+    /// each is rebuilt locally from its files (no filesystem image is taken from the network).
+    Import {
+        #[command(flatten)]
+        sync: SyncArgs,
+        /// Size limit of the cache, if this creates it (e.g. 20Gi).
+        #[arg(long, allow_hyphen_values = true)]
+        cache_size: Option<String>,
+    },
     /// Remove caches unused for a while or beyond a node budget (least recently used first).
     Prune {
         /// Remove caches unused for at least this long (e.g. 14d, 12h).
@@ -189,6 +201,18 @@ enum CacheCmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    cache: CacheRef,
+    /// Repository of the cache's image, without tag (default: from the config's [[registry]]).
+    #[arg(long)]
+    image: Option<String>,
+    /// Verify the registry's TLS certificate (--tls-verify=false for a plain-HTTP registry).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    tls_verify: Option<bool>,
 }
 
 #[derive(Args)]
@@ -515,8 +539,92 @@ fn volume(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
     }
 }
 
+/// The registry of cache `id`: `--image`, else the config's `[[registry]]` for it.
+fn remote_for(
+    engine: &Engine,
+    id: &CacheId,
+    args: &SyncArgs,
+) -> Result<(jobcachefs::sync::transport::Remote, bool)> {
+    let rule = engine.config().registry_for(id);
+    let repo = match (&args.image, rule) {
+        (Some(i), _) => i.clone(),
+        (None, Some(r)) => format!("{}/{}/{}", r.image, id.namespace, id.name),
+        (None, None) => anyhow::bail!(jobcachefs::Error::invalid(format!(
+            "no registry for cache {id}: pass --image REPOSITORY or add a [[registry]] to the config"
+        ))),
+    };
+    let tls = args
+        .tls_verify
+        .or(rule.map(|r| r.tls_verify))
+        .unwrap_or(true);
+    let timeout = std::time::Duration::from_secs(rule.map(|r| r.timeout).unwrap_or(300));
+    let remote = jobcachefs::sync::transport::Remote::new(&repo, tls, timeout)?;
+    Ok((remote, rule.map(|r| r.allow_devices).unwrap_or(false)))
+}
+
 fn cache(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
     match cmd {
+        CacheCmd::Export(a) => {
+            let id = a.cache.id()?;
+            let (remote, _) = remote_for(engine, &id, a)?;
+            jobcachefs::cmd::require(&[jobcachefs::cmd::SKOPEO])?;
+            let r = jobcachefs::sync::ops::export(engine, &id, &remote)?;
+            if json {
+                print_json(&r);
+            } else if r.outcome == "up-to-date" {
+                println!(
+                    "{} is up to date: generation {}, {} layers",
+                    r.image, r.generation, r.layers
+                );
+            } else {
+                println!(
+                    "pushed {id} to {}:{} ({} layers, {} new, {}{}) in {:.1} s",
+                    r.image,
+                    r.generation,
+                    r.layers,
+                    r.new_layers,
+                    human_bytes(r.new_bytes),
+                    if r.rebased {
+                        ", on top of another node's line"
+                    } else {
+                        ""
+                    },
+                    r.seconds
+                );
+            }
+        }
+        CacheCmd::Import { sync, cache_size } => {
+            let id = sync.cache.id()?;
+            let cache_size = cache_size
+                .as_deref()
+                .map(|s| parse_size("--cache-size", s))
+                .transpose()?;
+            let (remote, allow_devices) = remote_for(engine, &id, sync)?;
+            jobcachefs::cmd::require(&[jobcachefs::cmd::SKOPEO])?;
+            let r = jobcachefs::sync::ops::import(engine, &id, &remote, cache_size, allow_devices)?;
+            if json {
+                print_json(&r);
+            } else if r.outcome == "up-to-date" {
+                println!(
+                    "{id} is up to date with {} (generation {})",
+                    r.image, r.generation
+                );
+            } else {
+                println!(
+                    "imported {} into {id}: generation {}, {} new layers ({}){} in {:.1} s",
+                    r.image,
+                    r.generation,
+                    r.new_layers,
+                    human_bytes(r.new_bytes),
+                    if r.kept_local > 0 {
+                        format!(", {} local layers kept on top", r.kept_local)
+                    } else {
+                        String::new()
+                    },
+                    r.seconds
+                );
+            }
+        }
         CacheCmd::Ls => {
             let caches = engine.cache_list()?;
             if json {

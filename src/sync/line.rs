@@ -45,8 +45,10 @@ fn news(mine: &[LineLayer], theirs: &[LineLayer]) -> Vec<usize> {
     mine.iter()
         .enumerate()
         .filter(|(_, l)| {
-            !k.contains(l.id.as_str())
-                && !(!l.covers.is_empty() && l.covers.iter().all(|c| k.contains(c.as_str())))
+            // Unknown, and not a base that folds only known layers.
+            let folds_known =
+                !l.covers.is_empty() && l.covers.iter().all(|c| k.contains(c.as_str()));
+            !k.contains(l.id.as_str()) && !folds_known
         })
         .map(|(i, _)| i)
         .collect()
@@ -112,7 +114,11 @@ mod tests {
             Some(vec![Remote(0), Local(1)])
         );
         assert_eq!(plan_push(&[d("a"), d("b")], &[d("a"), d("b")], 8), None);
-        assert_eq!(plan_push(&[d("a"), d("b")], &[d("a")], 8), None, "behind: pull");
+        assert_eq!(
+            plan_push(&[d("a"), d("b")], &[d("a")], 8),
+            None,
+            "behind: pull"
+        );
     }
 
     #[test]
@@ -151,7 +157,10 @@ mod tests {
             None => b.clone(),
         };
         assert_eq!(a2, r2);
-        assert_eq!(b2, r2, "B's pull after its own push must give the same line");
+        assert_eq!(
+            b2, r2,
+            "B's pull after its own push must give the same line"
+        );
         assert_eq!(plan_push(&r2, &a2, 8), None);
     }
 
@@ -174,6 +183,10 @@ mod tests {
             plan_push(&remote, &local, 8),
             Some(vec![Remote(0), Local(2)])
         );
-        assert_eq!(plan_pull(&remote, &local), None, "R folds nothing new for us");
+        assert_eq!(
+            plan_pull(&remote, &local),
+            None,
+            "R folds nothing new for us"
+        );
     }
 }

@@ -70,7 +70,10 @@ impl Writer {
         for name in names {
             let path = dir.join(&name);
             let rel = rel.join(&name);
-            if name.as_encoded_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            if name
+                .as_encoded_bytes()
+                .starts_with(WHITEOUT_PREFIX.as_bytes())
+            {
                 return Err(bad(format!(
                     "{} is named like an OCI whiteout: it cannot be exported; rename or remove it",
                     path.display()
@@ -281,7 +284,10 @@ fn check_entry(
     policy: &ImportPolicy,
     seen: &mut BTreeSet<PathBuf>,
 ) -> Result<Checked> {
-    let raw = entry.path().ctx(|| "read a tar entry's path".into())?.into_owned();
+    let raw = entry
+        .path()
+        .ctx(|| "read a tar entry's path".into())?
+        .into_owned();
     let rel = clean(&raw, "entry")?;
     if rel.as_os_str().is_empty() {
         return Ok(Checked {
@@ -299,8 +305,15 @@ fn check_entry(
         });
     }
     if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-        if hidden.is_empty() || hidden.starts_with(WHITEOUT_PREFIX) || hidden == "." || hidden == ".." {
-            return Err(bad(format!("refusing the image: unknown whiteout entry {:?}", raw.display().to_string())));
+        if hidden.is_empty()
+            || hidden.starts_with(WHITEOUT_PREFIX)
+            || hidden == "."
+            || hidden == ".."
+        {
+            return Err(bad(format!(
+                "refusing the image: unknown whiteout entry {:?}",
+                raw.display().to_string()
+            )));
         }
         return Ok(Checked {
             kind: Kind::Whiteout(parent.join(hidden)),
@@ -321,12 +334,20 @@ fn check_entry(
         }
     }
     match et {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory | tar::EntryType::Fifo => {}
+        tar::EntryType::Regular
+        | tar::EntryType::Continuous
+        | tar::EntryType::Directory
+        | tar::EntryType::Fifo => {}
         tar::EntryType::Symlink => {
             let target = entry
                 .link_name()
                 .ctx(|| "read a link target".into())?
-                .ok_or_else(|| bad(format!("refusing the image: symlink {:?} has no target", raw.display().to_string())))?
+                .ok_or_else(|| {
+                    bad(format!(
+                        "refusing the image: symlink {:?} has no target",
+                        raw.display().to_string()
+                    ))
+                })?
                 .into_owned();
             if !stays_inside(&parent, &target) {
                 return Err(bad(format!(
@@ -340,7 +361,12 @@ fn check_entry(
             let target = entry
                 .link_name()
                 .ctx(|| "read a link target".into())?
-                .ok_or_else(|| bad(format!("refusing the image: hardlink {:?} has no target", raw.display().to_string())))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "refusing the image: hardlink {:?} has no target",
+                        raw.display().to_string()
+                    ))
+                })?;
             let target = clean(&target, "hardlink target")?;
             if !seen.contains(&target) {
                 return Err(bad(format!(
@@ -382,7 +408,9 @@ pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats>
         let mut entry = entry.ctx(|| "read the layer tar".into())?;
         check_entry(&mut entry, policy, &mut seen)?;
         stats.entries += 1;
-        stats.bytes = stats.bytes.saturating_add(entry.header().size().unwrap_or(0));
+        stats.bytes = stats
+            .bytes
+            .saturating_add(entry.header().size().unwrap_or(0));
         if stats.bytes > policy.max_bytes {
             return Err(Error::new(
                 ErrorKind::Quota,
@@ -442,11 +470,19 @@ pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Re
                         stats.bytes += write_sparse(&mut entry, &target)?;
                     }
                     tar::EntryType::Symlink => {
-                        let l = entry.link_name().ctx(|| "read a link".into())?.unwrap().into_owned();
+                        let l = entry
+                            .link_name()
+                            .ctx(|| "read a link".into())?
+                            .unwrap()
+                            .into_owned();
                         std::os::unix::fs::symlink(&l, &target).at("create symlink", &target)?;
                     }
                     tar::EntryType::Link => {
-                        let l = entry.link_name().ctx(|| "read a link".into())?.unwrap().into_owned();
+                        let l = entry
+                            .link_name()
+                            .ctx(|| "read a link".into())?
+                            .unwrap()
+                            .into_owned();
                         let src = dest.join(clean(&l, "hardlink target")?);
                         fs::hard_link(&src, &target).at("create hardlink", &target)?;
                         continue; // metadata is the first name's
@@ -456,7 +492,11 @@ pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Re
                             .at("create fifo", &target)?;
                     }
                     tar::EntryType::Char | tar::EntryType::Block => {
-                        let kind = if et == tar::EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                        let kind = if et == tar::EntryType::Char {
+                            SFlag::S_IFCHR
+                        } else {
+                            SFlag::S_IFBLK
+                        };
                         let dev = nix::sys::stat::makedev(
                             h.device_major().ok().flatten().unwrap_or(0) as u64,
                             h.device_minor().ok().flatten().unwrap_or(0) as u64,
@@ -484,7 +524,10 @@ pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Re
 /// Refuses to create through a symlink: every parent of `rel` below `dest` must be a directory.
 fn real_parent_dirs(dest: &Path, rel: &Path) -> Result<()> {
     let mut p = dest.to_path_buf();
-    let parents: Vec<_> = rel.parent().map(|x| x.components().collect()).unwrap_or_default();
+    let parents: Vec<_> = rel
+        .parent()
+        .map(|x| x.components().collect())
+        .unwrap_or_default();
     for c in parents {
         p.push(c);
         match fs::symlink_metadata(&p) {
@@ -523,10 +566,7 @@ fn entry_mtime(entry: &mut tar::Entry<impl Read>) -> Result<TimeSpec> {
             }
         }
     }
-    Ok(TimeSpec::new(
-        entry.header().mtime().unwrap_or(0) as i64,
-        0,
-    ))
+    Ok(TimeSpec::new(entry.header().mtime().unwrap_or(0) as i64, 0))
 }
 
 fn set_mtime(p: &Path, t: TimeSpec) -> Result<()> {
@@ -568,7 +608,9 @@ fn write_sparse(data: &mut impl Read, p: &Path) -> Result<u64> {
     loop {
         let mut filled = 0;
         while filled < buf.len() {
-            let n = data.read(&mut buf[filled..]).ctx(|| format!("read data of {}", p.display()))?;
+            let n = data
+                .read(&mut buf[filled..])
+                .ctx(|| format!("read data of {}", p.display()))?;
             if n == 0 {
                 break;
             }
@@ -579,7 +621,8 @@ fn write_sparse(data: &mut impl Read, p: &Path) -> Result<u64> {
         }
         for chunk in buf[..filled].chunks(BLOCK) {
             if chunk.iter().all(|b| *b == 0) {
-                f.seek(SeekFrom::Current(chunk.len() as i64)).at("seek", p)?;
+                f.seek(SeekFrom::Current(chunk.len() as i64))
+                    .at("seek", p)?;
             } else {
                 f.write_all(chunk).at("write", p)?;
             }
@@ -614,7 +657,10 @@ mod tests {
 
     #[test]
     fn entry_paths_are_cleaned_or_refused() {
-        assert_eq!(clean(Path::new("./a/b"), "e").unwrap(), PathBuf::from("a/b"));
+        assert_eq!(
+            clean(Path::new("./a/b"), "e").unwrap(),
+            PathBuf::from("a/b")
+        );
         for badp in ["../a", "a/../../b", "/etc/passwd"] {
             let e = clean(Path::new(badp), "entry").unwrap_err();
             assert!(e.to_string().contains("escapes"), "{badp}: {e}");
@@ -675,12 +721,16 @@ mod tests {
         h.set_size(1 << 20);
         h.set_mode(0o644);
         h.set_cksum();
-        b.append_data(&mut h, "big", &vec![0u8; 1 << 20][..]).unwrap();
+        b.append_data(&mut h, "big", &vec![0u8; 1 << 20][..])
+            .unwrap();
         let t = b.into_inner().unwrap();
         let policy = ImportPolicy {
             allow_devices: false,
             max_bytes: 1000,
         };
-        assert_eq!(scan_layer(&t[..], &policy).unwrap_err().kind(), ErrorKind::Quota);
+        assert_eq!(
+            scan_layer(&t[..], &policy).unwrap_err().kind(),
+            ErrorKind::Quota
+        );
     }
 }

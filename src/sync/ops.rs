@@ -1,0 +1,626 @@
+//! `cache export` and `cache import`: a cache's generation ⇄ its registry line.
+//!
+//! Export tars each local layer once (a blob per layer, recorded so it is never tarred again),
+//! writes a manifest for the merged line (see [`super::line`]), and pushes it as `:<generation>`
+//! and `:latest`. Before pushing it checks that `:latest` has not moved since it was read; if it
+//! has, another node won the race and the push is re-based on the newer line. A push that was
+//! overwritten in the remaining window is found by the next export (the agent runs one every
+//! interval): its layers are still news, and it is stacked on top again — never dropped.
+//!
+//! Import downloads only the blobs the node lacks, rebuilds each new layer as a local ext4 image
+//! from its tar (validated entry by entry first; no filesystem image from the network is ever
+//! mounted), and publishes the merged line atomically. Layers the node has (by id) are reused.
+//!
+//! Both run under one node-wide lock (`<state>/sync/lock`): the OCI layout is shared.
+
+use super::line::{self, LineLayer, Src};
+use super::oci::{self, BlobRecord, Descriptor, Manifest, Store};
+use super::tarlayer::{self, ImportPolicy};
+use super::transport::{Remote, LATEST};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::names::CacheId;
+use crate::records::{Generation, LayerInfo};
+use crate::{fault, image, lock, mounts, Engine};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How many times a push re-bases after losing a race before giving up (the agent retries later).
+const PUSH_ATTEMPTS: usize = 5;
+
+/// What an export did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// `pushed` or `up-to-date`.
+    pub outcome: &'static str,
+    /// The image.
+    pub image: String,
+    /// The line's generation now.
+    pub generation: u64,
+    /// Layers of the line.
+    pub layers: usize,
+    /// Layers this push added to the line (uploaded unless the registry had the blob).
+    pub new_layers: usize,
+    /// Compressed bytes of those layers.
+    pub new_bytes: u64,
+    /// Whether the push was stacked on another node's newer line.
+    pub rebased: bool,
+    /// Push attempts (more than one: lost a race and re-based).
+    pub attempts: usize,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// `imported` or `up-to-date`.
+    pub outcome: &'static str,
+    /// The image.
+    pub image: String,
+    /// The cache's local generation now.
+    pub generation: u64,
+    /// Layers rebuilt locally from downloaded blobs.
+    pub new_layers: usize,
+    /// Compressed bytes of those layers' blobs.
+    pub new_bytes: u64,
+    /// Local layers stacked on the remote line (this node's unpushed commits).
+    pub kept_local: usize,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// A remote line as read from the registry.
+struct RemoteLine {
+    digest: Option<String>,
+    generation: u64,
+    layers: Vec<Descriptor>,
+    line: Vec<LineLayer>,
+    diff_ids: Vec<String>,
+}
+
+fn valid_layer_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn refuse(msg: String) -> Error {
+    Error::invalid(format!("refusing the image: {msg}"))
+}
+
+/// Reads `:latest` (and its config); an empty line when there is none.
+fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
+    let Some(raw) = remote.manifest(LATEST)? else {
+        return Ok(RemoteLine {
+            digest: None,
+            generation: 0,
+            layers: vec![],
+            line: vec![],
+            diff_ids: vec![],
+        });
+    };
+    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| {
+        refuse(format!(
+            "{}:latest is not an OCI image manifest ({e})",
+            remote.repo
+        ))
+    })?;
+    if m.schema_version != 2 || (!m.media_type.is_empty() && m.media_type != oci::MANIFEST) {
+        return Err(refuse(format!(
+            "{}:latest is a {:?}, not an OCI image manifest",
+            remote.repo, m.media_type
+        )));
+    }
+    let mut line = Vec::new();
+    for l in &m.layers {
+        if l.media_type != oci::LAYER_GZIP {
+            return Err(refuse(format!(
+                "layer {} has media type {}",
+                l.digest, l.media_type
+            )));
+        }
+        store.blob_path(&l.digest)?;
+        let id = l
+            .annotations
+            .get(oci::ANN_LAYER_ID)
+            .cloned()
+            .unwrap_or_default();
+        if !valid_layer_id(&id) {
+            return Err(refuse(format!(
+                "layer {} has no valid {} annotation (was the image made by jobcachefs?)",
+                l.digest,
+                oci::ANN_LAYER_ID
+            )));
+        }
+        let covers: Vec<String> = l
+            .annotations
+            .get(oci::ANN_COVERS)
+            .map(|c| {
+                c.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if covers.iter().any(|c| !valid_layer_id(c)) {
+            return Err(refuse(format!(
+                "layer {} has an invalid covers annotation",
+                l.digest
+            )));
+        }
+        line.push(LineLayer { id, covers });
+    }
+    let config_raw = remote.config(LATEST)?;
+    let config: serde_json::Value = serde_json::from_slice(&config_raw)
+        .map_err(|e| refuse(format!("its config is not JSON ({e})")))?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != m.layers.len() {
+        return Err(refuse(format!(
+            "its config lists {} diff_ids for {} layers",
+            diff_ids.len(),
+            m.layers.len()
+        )));
+    }
+    Ok(RemoteLine {
+        digest: Some(oci::digest_of(&raw)),
+        generation: m
+            .annotations
+            .get(oci::ANN_GENERATION)
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0),
+        layers: m.layers,
+        line,
+        diff_ids,
+    })
+}
+
+fn local_line(g: &Generation) -> Vec<LineLayer> {
+    g.layers
+        .iter()
+        .map(|l| LineLayer {
+            id: l.id.clone(),
+            covers: l.covers.clone(),
+        })
+        .collect()
+}
+
+/// A read-only or writable mount of a local image that the node's gc can tell from a live one:
+/// it holds `<state>/mnt/sync/<token>.lock` while mounted.
+struct PrivateMount {
+    target: PathBuf,
+    _lock: lock::Lock,
+}
+
+impl PrivateMount {
+    fn new(engine: &Engine, image: &Path, read_only: bool) -> Result<PrivateMount> {
+        let base = engine.layout().mnt().join("sync");
+        ensure_dir(&base)?;
+        let token = fsutil::random_hex();
+        let l = lock::lock(&base.join(format!("{token}.lock")))?;
+        let target = base.join(&token);
+        ensure_dir(&target)?;
+        if let Err(e) = mounts::mount_image(image, &target, read_only) {
+            let _ = std::fs::remove_dir(&target);
+            return Err(e);
+        }
+        Ok(PrivateMount { target, _lock: l })
+    }
+
+    fn unmount(self) -> Result<()> {
+        mounts::unmount(&self.target, false)?;
+        Ok(())
+    }
+}
+
+impl Drop for PrivateMount {
+    fn drop(&mut self) {
+        let _ = mounts::unmount(&self.target, true);
+        let _ = std::fs::remove_dir(&self.target);
+        let lockfile = self.target.with_extension("lock");
+        let _ = std::fs::remove_file(lockfile);
+    }
+}
+
+/// The node-wide sync lock and the OCI layout.
+fn open_store(engine: &Engine) -> Result<(lock::Lock, Store)> {
+    let dir = engine.layout().root().join("sync");
+    ensure_dir(&dir)?;
+    let l = lock::lock(&dir.join("lock"))?;
+    let tmp = dir.join("tmp");
+    // Half-built images of a crashed import: ours to remove, we hold the lock.
+    let _ = std::fs::remove_dir_all(&tmp);
+    ensure_dir(&tmp)?;
+    Ok((l, Store::open(&dir.join("oci"))?))
+}
+
+/// The blob of local layer `layer`, tarring it the first time.
+fn layer_blob(engine: &Engine, store: &Store, id: &CacheId, layer: &str) -> Result<BlobRecord> {
+    if let Some(r) = store.record(layer)? {
+        return Ok(r);
+    }
+    let img = engine.layout().layer_image(id, layer);
+    let m = PrivateMount::new(engine, &img, true)?;
+    let upper = m.target.join("upper");
+    let r = store.put_layer(|w| tarlayer::write_layer(&upper, w).map(|_| ()))?;
+    m.unmount()?;
+    store.set_record(layer, &r)?;
+    Ok(r)
+}
+
+/// Pushes cache `id`'s generation to `remote`, re-basing on a newer line when needed.
+pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
+    let started = Instant::now();
+    let (_l, store) = open_store(engine)?;
+    if engine.cache_record(id)?.is_none() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("cache {id} does not exist on this node: see `jobcachefs cache ls`"),
+        ));
+    }
+    for attempt in 1..=PUSH_ATTEMPTS {
+        let r = read_remote(remote, &store)?;
+        let current = engine.current(id)?;
+        let local = local_line(&current);
+        let report = |outcome, generation, layers, new_layers, new_bytes, rebased| ExportReport {
+            outcome,
+            image: remote.repo.clone(),
+            generation,
+            layers,
+            new_layers,
+            new_bytes,
+            rebased,
+            attempts: attempt,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let Some(plan) = line::plan_push(&r.line, &local, engine.config().max_depth) else {
+            return Ok(report(
+                "up-to-date",
+                r.generation,
+                r.layers.len(),
+                0,
+                0,
+                false,
+            ));
+        };
+        let rebased = plan.iter().any(|s| matches!(s, Src::Remote(_))) && !r.layers.is_empty();
+        let remote_digests: HashSet<&str> = r.layers.iter().map(|d| d.digest.as_str()).collect();
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        let (mut new_layers, mut new_bytes) = (0, 0);
+        for s in &plan {
+            match *s {
+                Src::Remote(i) => {
+                    layers.push(r.layers[i].clone());
+                    diff_ids.push(r.diff_ids[i].clone());
+                }
+                Src::Local(i) => {
+                    let info = &current.layers[i];
+                    let b = layer_blob(engine, &store, id, &info.id)?;
+                    let mut annotations = BTreeMap::new();
+                    annotations.insert(oci::ANN_LAYER_ID.to_string(), info.id.clone());
+                    if !info.covers.is_empty() {
+                        annotations.insert(oci::ANN_COVERS.to_string(), info.covers.join(","));
+                    }
+                    if !remote_digests.contains(b.digest.as_str()) {
+                        new_layers += 1;
+                        new_bytes += b.size;
+                    }
+                    layers.push(Descriptor {
+                        media_type: oci::LAYER_GZIP.into(),
+                        digest: b.digest.clone(),
+                        size: b.size,
+                        annotations,
+                    });
+                    diff_ids.push(b.diff_id);
+                }
+            }
+        }
+        let generation = r.generation + 1;
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Labels": {"io.jobcachefs.cache": id.to_string()}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = store.put(oci::CONFIG, &serde_json::to_vec(&config).unwrap())?;
+        let mut annotations = BTreeMap::new();
+        annotations.insert(oci::ANN_GENERATION.to_string(), generation.to_string());
+        annotations.insert(oci::ANN_CACHE.to_string(), id.to_string());
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: oci::MANIFEST.into(),
+            config,
+            layers,
+            annotations,
+        };
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let desc = store.put(oci::MANIFEST, &bytes)?;
+        store.tag("push", &desc)?;
+        fault::point("sync:before-push");
+        // The line moved while this push was prepared: another node pushed. Re-base on it.
+        let now = remote.manifest(LATEST)?.map(|b| oci::digest_of(&b));
+        if now != r.digest {
+            tracing::info!(cache = %id, attempt, "the registry's line moved during the push: re-basing");
+            continue;
+        }
+        remote.push(store.dir(), "push", &generation.to_string())?;
+        remote.push(store.dir(), "push", LATEST)?;
+        let n = plan.len();
+        tracing::info!(cache = %id, image = %remote.repo, generation, layers = n, new_layers, new_bytes, rebased, "exported");
+        tidy(engine, &store)?;
+        return Ok(report(
+            "pushed", generation, n, new_layers, new_bytes, rebased,
+        ));
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "{} kept moving: lost the push race {PUSH_ATTEMPTS} times; the next export (or the agent) tries again",
+            remote.repo
+        ),
+    ))
+}
+
+/// Pulls `remote`'s line into cache `id` (created with `cache_size` if new).
+pub fn import(
+    engine: &Engine,
+    id: &CacheId,
+    remote: &Remote,
+    cache_size: Option<u64>,
+    allow_devices: bool,
+) -> Result<ImportReport> {
+    let started = Instant::now();
+    let (_l, store) = open_store(engine)?;
+    let r = read_remote(remote, &store)?;
+    let Some(digest) = r.digest.clone() else {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no cache image at {}:{LATEST}: export one first",
+                remote.repo
+            ),
+        ));
+    };
+    let limit = match engine.cache_record(id)? {
+        Some(c) => c.cache_size,
+        None => cache_size.unwrap_or(engine.config().default_cache_size),
+    };
+    let current = engine.current(id)?;
+    let report = |outcome, generation, new_layers, new_bytes, kept_local| ImportReport {
+        outcome,
+        image: remote.repo.clone(),
+        generation,
+        new_layers,
+        new_bytes,
+        kept_local,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if line::plan_pull(&r.line, &local_line(&current)).is_none() {
+        return Ok(report("up-to-date", current.generation, 0, 0, 0));
+    }
+    // Layers of the line this node does not hold: download their blobs (only those) and rebuild.
+    let missing: Vec<usize> = (0..r.layers.len())
+        .filter(|&i| !engine.layout().layer_image(id, &r.line[i].id).exists())
+        .collect();
+    let policy = ImportPolicy {
+        allow_devices,
+        max_bytes: limit,
+    };
+    let mut built = Vec::new();
+    let mut new_bytes = 0;
+    if !missing.is_empty() {
+        if missing.iter().any(|&i| !store.has(&r.layers[i].digest)) {
+            remote.pull(&digest, store.dir(), "pull")?;
+        }
+        // Nothing is created before every new layer has been checked.
+        for &i in &missing {
+            scan(&store, &r.layers[i], &r.diff_ids[i], &policy)?;
+        }
+        for &i in &missing {
+            let (img, info) = build_layer(
+                engine,
+                &store,
+                &r.layers[i],
+                &r.line[i],
+                &policy,
+                &remote.repo,
+            )?;
+            new_bytes += r.layers[i].size;
+            built.push((img, info));
+        }
+    }
+    fault::point("sync:layers-built");
+    let _c = engine.lock_cache(id)?;
+    let record = engine.ensure_cache(id, Some(limit))?;
+    let now = engine.current(id)?;
+    let local = local_line(&now);
+    let Some(plan) = line::plan_pull(&r.line, &local) else {
+        return Ok(report("up-to-date", now.generation, 0, 0, 0));
+    };
+    let mut layers = Vec::new();
+    let mut kept = 0;
+    for s in plan {
+        match s {
+            Src::Remote(i) => {
+                let lid = &r.line[i].id;
+                let dst = engine.layout().layer_image(id, lid);
+                if let Some((img, info)) = built.iter().find(|(_, info)| &info.id == lid) {
+                    std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
+                    let blob = BlobRecord {
+                        digest: r.layers[i].digest.clone(),
+                        size: r.layers[i].size,
+                        diff_id: r.diff_ids[i].clone(),
+                    };
+                    store.set_record(lid, &blob)?;
+                    layers.push(info.clone());
+                } else if let Some(l) = now.layers.iter().find(|l| &l.id == lid) {
+                    layers.push(l.clone());
+                } else {
+                    // Held by an older generation (still on disk for its volumes).
+                    let size = std::fs::metadata(&dst).at("stat", &dst)?.len();
+                    layers.push(LayerInfo {
+                        id: lid.clone(),
+                        created: fsutil::now(),
+                        source: format!("import {}", remote.repo),
+                        size,
+                        allocated: fsutil::allocated_bytes(&dst)?,
+                        covers: r.line[i].covers.clone(),
+                    });
+                }
+            }
+            Src::Local(i) => {
+                kept += 1;
+                layers.push(now.layers[i].clone());
+            }
+        }
+    }
+    fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
+    let next = Generation {
+        generation: now.generation + 1,
+        layers,
+        published: fsutil::now(),
+    };
+    if next.allocated() > record.cache_size {
+        return Err(Error::new(
+            ErrorKind::Quota,
+            format!(
+                "importing {} into cache {id} would allocate {} bytes, over its cache-size of {}: raise it with `jobcachefs cache resize`",
+                remote.repo,
+                next.allocated(),
+                record.cache_size
+            ),
+        ));
+    }
+    write_json_atomic(&engine.layout().current(id), &next)?;
+    fault::point("sync:imported");
+    engine.collect_layers(id)?;
+    drop(_c);
+    tracing::info!(cache = %id, image = %remote.repo, generation = next.generation, new_layers = built.len(), new_bytes, kept, "imported");
+    engine.after_commit(id)?;
+    tidy(engine, &store)?;
+    Ok(report(
+        "imported",
+        next.generation,
+        built.len(),
+        new_bytes,
+        kept,
+    ))
+}
+
+/// Checks a downloaded layer: every entry, the total it claims, and its diff_id.
+fn scan(store: &Store, d: &Descriptor, diff_id: &str, policy: &ImportPolicy) -> Result<()> {
+    let p = store.blob_path(&d.digest)?;
+    let f = std::fs::File::open(&p).at("open", &p)?;
+    let mut hashed = HashingReader::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    tarlayer::scan_layer(&mut hashed, policy)?;
+    std::io::copy(&mut hashed, &mut std::io::sink()).at("read", &p)?;
+    let got = hashed.finish();
+    if got != diff_id {
+        return Err(refuse(format!(
+            "layer {} decompresses to {got}, but the image's config says {diff_id}",
+            d.digest
+        )));
+    }
+    Ok(())
+}
+
+/// Builds a local layer image from a checked blob, in `<state>/sync/tmp`.
+fn build_layer(
+    engine: &Engine,
+    store: &Store,
+    d: &Descriptor,
+    l: &LineLayer,
+    policy: &ImportPolicy,
+    repo: &str,
+) -> Result<(PathBuf, LayerInfo)> {
+    let p = store.blob_path(&d.digest)?;
+    let open = || -> Result<_> {
+        let f = std::fs::File::open(&p).at("open", &p)?;
+        Ok(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+    };
+    let stats = tarlayer::scan_layer(open()?, policy)?;
+    // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own
+    // metadata; the image is sparse, so what it does not use costs nothing.
+    let size = (stats.bytes + stats.bytes / 8 + stats.entries * 8192 + (64 << 20))
+        .div_ceil(1 << 20)
+        * (1 << 20);
+    let img = engine
+        .layout()
+        .root()
+        .join("sync/tmp")
+        .join(format!("{}.img", l.id));
+    image::create(&img, size.max(image::MIN_IMAGE_SIZE), 0, 0)?;
+    let m = PrivateMount::new(engine, &img, false)?;
+    let upper = m.target.join("upper");
+    std::fs::create_dir(&upper).at("create", &upper)?;
+    std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
+    tarlayer::extract_layer(open()?, &upper, policy)?;
+    m.unmount()?;
+    std::fs::File::open(&img)
+        .and_then(|f| f.sync_all())
+        .at("fsync", &img)?;
+    Ok((
+        img.clone(),
+        LayerInfo {
+            id: l.id.clone(),
+            created: fsutil::now(),
+            source: format!("import {repo}"),
+            size,
+            allocated: fsutil::allocated_bytes(&img)?,
+            covers: l.covers.clone(),
+        },
+    ))
+}
+
+/// Drops blobs no local layer needs any more.
+fn tidy(engine: &Engine, store: &Store) -> Result<()> {
+    let mut live = HashSet::new();
+    for id in engine.cache_ids()? {
+        if let Ok(entries) = std::fs::read_dir(engine.layout().layers_dir(&id)) {
+            for e in entries.flatten() {
+                if let Some(stem) = e.file_name().to_string_lossy().strip_suffix(".img") {
+                    live.insert(stem.to_string());
+                }
+            }
+        }
+    }
+    store.collect(&live)?;
+    Ok(())
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: std::io::Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: sha2::Digest::new(),
+        }
+    }
+    fn finish(self) -> String {
+        format!("sha256:{:x}", sha2::Digest::finalize(self.hash))
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+}

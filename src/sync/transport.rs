@@ -1,0 +1,184 @@
+//! The registry, through skopeo: the containers/image library buildah uses, so users'
+//! `auth.json`, `registries.conf` (mirrors, insecure registries) and certificates apply
+//! unchanged. skopeo rather than buildah because the images are assembled as OCI layouts here,
+//! not in containers storage: copying a layout pushes exactly these blobs (digests preserved),
+//! asks the registry for each blob before uploading it (a blob it has is never sent again, with
+//! no dependence on a blob-info cache), and keeps nothing in `/var/lib/containers`.
+
+use crate::cmd::{self, SKOPEO};
+use crate::error::{Error, ErrorKind, Result};
+use std::time::Duration;
+
+/// A repository in a registry (`host[:port]/path`, no tag) and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// `host[:port]/path`.
+    pub repo: String,
+    /// Verify TLS (false: plain HTTP or self-signed registries).
+    pub tls_verify: bool,
+    /// Longest one skopeo run may take.
+    pub timeout: Duration,
+}
+
+/// The moving tag: always the line's newest generation.
+pub const LATEST: &str = "latest";
+
+impl Remote {
+    /// Checks `repo`: a fully qualified repository without tag or digest.
+    pub fn new(repo: &str, tls_verify: bool, timeout: Duration) -> Result<Remote> {
+        let fix = "give a fully qualified repository without tag, e.g. registry.example.com/caches/ci/maven";
+        let repo = repo.trim_start_matches("docker://");
+        let (host, path) = repo
+            .split_once('/')
+            .ok_or_else(|| Error::invalid(format!("image {repo:?} has no registry host: {fix}")))?;
+        if !(host.contains('.') || host.contains(':') || host == "localhost") {
+            return Err(Error::invalid(format!(
+                "image {repo:?} does not start with a registry host: {fix}"
+            )));
+        }
+        let last = path.rsplit('/').next().unwrap_or("");
+        if path.is_empty() || repo.contains('@') || last.contains(':') {
+            return Err(Error::invalid(format!(
+                "image {repo:?} names a tag or digest: {fix} (jobcachefs tags each generation itself)"
+            )));
+        }
+        if !path
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
+        {
+            return Err(Error::invalid(format!(
+                "image {repo:?} has characters a repository cannot have: {fix}"
+            )));
+        }
+        Ok(Remote {
+            repo: repo.to_string(),
+            tls_verify,
+            timeout,
+        })
+    }
+
+    fn timeout_arg(&self) -> String {
+        format!("{}s", self.timeout.as_secs().max(1))
+    }
+
+    /// Classifies a skopeo failure: the registry's "not found" vs unreachable/auth/other.
+    fn failed(&self, what: &str, e: Error) -> Error {
+        let m = e.to_string();
+        let kind = if m.contains("manifest unknown")
+            || m.contains("name unknown")
+            || m.contains("not found")
+        {
+            ErrorKind::NotFound
+        } else if m.contains("unauthorized")
+            || m.contains("authentication required")
+            || m.contains("denied")
+        {
+            ErrorKind::InvalidInput
+        } else {
+            ErrorKind::Unavailable
+        };
+        let hint = match kind {
+            ErrorKind::InvalidInput => ": check the credentials in auth.json (`skopeo login`)",
+            ErrorKind::Unavailable => ": check that the registry is reachable (and --tls-verify for a plain-HTTP registry)",
+            _ => "",
+        };
+        Error::new(kind, format!("{what} {}: {m}{hint}", self.repo))
+    }
+
+    /// The raw manifest at `tag`, or `None` when the repository or tag does not exist.
+    pub fn manifest(&self, tag: &str) -> Result<Option<Vec<u8>>> {
+        let args = vec![
+            "--command-timeout".to_string(),
+            self.timeout_arg(),
+            "inspect".into(),
+            "--raw".into(),
+            format!("--tls-verify={}", self.tls_verify),
+            format!("docker://{}:{tag}", self.repo),
+        ];
+        match cmd::run(&SKOPEO, &args) {
+            Ok(out) => Ok(Some(out.into_bytes())),
+            Err(e) => match self.failed("read the manifest of", e) {
+                e if e.kind() == ErrorKind::NotFound => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// The image config at `tag`.
+    pub fn config(&self, tag: &str) -> Result<Vec<u8>> {
+        let args = vec![
+            "--command-timeout".to_string(),
+            self.timeout_arg(),
+            "inspect".into(),
+            "--config".into(),
+            "--raw".into(),
+            format!("--tls-verify={}", self.tls_verify),
+            format!("docker://{}:{tag}", self.repo),
+        ];
+        cmd::run(&SKOPEO, &args)
+            .map(String::into_bytes)
+            .map_err(|e| self.failed("read the image config of", e))
+    }
+
+    /// Pushes image `name` of the OCI layout `layout` as `tag`.
+    pub fn push(&self, layout: &std::path::Path, name: &str, tag: &str) -> Result<()> {
+        let args = vec![
+            "--command-timeout".to_string(),
+            self.timeout_arg(),
+            "copy".into(),
+            "--quiet".into(),
+            "--preserve-digests".into(),
+            format!("--dest-tls-verify={}", self.tls_verify),
+            format!("oci:{}:{name}", layout.display()),
+            format!("docker://{}:{tag}", self.repo),
+        ];
+        cmd::run(&SKOPEO, &args)
+            .map(|_| ())
+            .map_err(|e| self.failed("push to", e))
+    }
+
+    /// Pulls the manifest `digest` into the OCI layout as `name`; blobs the layout already has
+    /// are not downloaded.
+    pub fn pull(&self, digest: &str, layout: &std::path::Path, name: &str) -> Result<()> {
+        let args = vec![
+            "--command-timeout".to_string(),
+            self.timeout_arg(),
+            "copy".into(),
+            "--quiet".into(),
+            "--preserve-digests".into(),
+            format!("--src-tls-verify={}", self.tls_verify),
+            format!("docker://{}@{digest}", self.repo),
+            format!("oci:{}:{name}", layout.display()),
+        ];
+        cmd::run(&SKOPEO, &args)
+            .map(|_| ())
+            .map_err(|e| self.failed("pull from", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_are_checked() {
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            Remote::new("127.0.0.1:5000/caches/ci/maven", false, t)
+                .unwrap()
+                .repo,
+            "127.0.0.1:5000/caches/ci/maven"
+        );
+        Remote::new("docker://registry.example.com/x", true, t).unwrap();
+        for (bad, needle) in [
+            ("maven", "no registry host"),
+            ("library/maven", "does not start with a registry host"),
+            ("r.example.com/x:1", "tag or digest"),
+            ("r.example.com/x@sha256:00", "tag or digest"),
+            ("r.example.com/X", "characters"),
+        ] {
+            let e = Remote::new(bad, true, t).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+    }
+}
