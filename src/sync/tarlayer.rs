@@ -42,6 +42,10 @@ fn bad(msg: String) -> Error {
     Error::invalid(msg)
 }
 
+fn malformed(e: std::io::Error) -> Error {
+    bad(format!("refusing the image: a layer is not a well-formed tar ({e})"))
+}
+
 /// Writes the tree under `root` as an OCI layer tar to `out`.
 pub fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
     let mut b = tar::Builder::new(out);
@@ -404,13 +408,12 @@ pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats>
     let mut archive = tar::Archive::new(input);
     let mut stats = LayerStats::default();
     let mut seen = BTreeSet::new();
-    for entry in archive.entries().ctx(|| "read the layer tar".into())? {
-        let mut entry = entry.ctx(|| "read the layer tar".into())?;
+    for entry in archive.entries().map_err(malformed)? {
+        let mut entry = entry.map_err(malformed)?;
         check_entry(&mut entry, policy, &mut seen)?;
         stats.entries += 1;
-        stats.bytes = stats
-            .bytes
-            .saturating_add(entry.header().size().unwrap_or(0));
+        // The entry's size as the archive states it (a PAX `size` overrides the header's).
+        stats.bytes = stats.bytes.saturating_add(entry.size());
         if stats.bytes > policy.max_bytes {
             return Err(Error::new(
                 ErrorKind::Quota,
@@ -432,8 +435,8 @@ pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Re
     let mut seen = BTreeSet::new();
     // Directory times are set last: creating their children changes them.
     let mut dir_times: Vec<(PathBuf, TimeSpec)> = Vec::new();
-    for entry in archive.entries().ctx(|| "read the layer tar".into())? {
-        let mut entry = entry.ctx(|| "read the layer tar".into())?;
+    for entry in archive.entries().map_err(malformed)? {
+        let mut entry = entry.map_err(malformed)?;
         let checked = check_entry(&mut entry, policy, &mut seen)?;
         stats.entries += 1;
         let target = dest.join(&checked.rel);
