@@ -17,8 +17,15 @@
 //!   mnt/layers/<ns>/<name>/<layer>/   read-only layer mounts, shared by all volumes
 //!   mnt/uppers/<volume-id>/           the volume image mounts (upperdir/workdir live here)
 //!   mnt/squash/<ns>/<name>/{view,new} the squash's read-only overlay and the new base
+//!   mnt/sync/<token>/       a layer mounted by export (read-only) or import (being built);
+//!                           live while its process holds mnt/sync/<token>.lock
 //!   empty/                  an empty read-only lower dir for volumes of an empty cache
 //!   queue/<ns>_<name>       a squash is due for this cache (drained by gc / agent)
+//!   sync/lock               flock: one export/import at a time on this node
+//!   sync/oci/               OCI image layout: layer blobs (gzip tars), records/<layer>.json
+//!                           (which blob holds which local layer), the manifest being pushed
+//!   sync/tmp/               layer images being built by an import (cleared by the next one)
+//!   stats.json              counters for the agent's /metrics (commits, squashes, pushes, …)
 //! ```
 //!
 //! The volume id is a hash of the canonical DIR, so a retried create/delete of the same DIR finds

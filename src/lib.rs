@@ -23,6 +23,7 @@ pub mod mounts;
 pub mod names;
 pub mod quantity;
 pub mod records;
+pub mod stats;
 pub mod sync;
 pub mod tree;
 

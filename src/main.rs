@@ -86,6 +86,19 @@ enum Command {
     /// with VOL_DIR, VOL_SIZE_BYTES, VOL_MODE, VOL_USER, VOL_GROUP, VOL_PERM as the environment
     /// (arguments win over the environment; a disagreement is logged).
     Hook(HookArgs),
+    /// The node agent: pulls newer generations of this node's caches, pushes its commits, drains
+    /// the squash queue, and serves Prometheus metrics. Runs in the foreground.
+    Agent {
+        /// Time between sync rounds (default: [agent] interval, 30s).
+        #[arg(long)]
+        interval: Option<String>,
+        /// Address for /metrics (default: [agent] metrics_addr, 127.0.0.1:9477; "off": none).
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Run this many rounds, then exit (default: run until stopped).
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
     /// Print shell completions for SHELL to stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -326,6 +339,30 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Volume(cmd) => volume(&engine, cmd, json),
         Command::Cache(cmd) => cache(&engine, cmd, json),
         Command::Hook(args) => hook(&engine, args, json),
+        Command::Agent {
+            interval,
+            metrics_addr,
+            rounds,
+        } => {
+            let config = engine.config().clone();
+            let interval = match interval {
+                Some(i) => parse_duration("--interval", i)?,
+                None => config.agent.interval,
+            };
+            let addr = metrics_addr
+                .clone()
+                .unwrap_or_else(|| config.agent.metrics_addr.clone());
+            jobcachefs::sync::agent::run(
+                cli.state_dir.clone(),
+                config,
+                jobcachefs::sync::agent::AgentOptions {
+                    interval: std::time::Duration::from_secs(interval),
+                    metrics_addr: (addr != "off").then_some(addr),
+                    rounds: *rounds,
+                },
+            )?;
+            Ok(exit::OK)
+        }
         Command::Gc { drain } => {
             let report = engine.gc(*drain)?;
             if json {
@@ -474,6 +511,9 @@ fn volume(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
                 anyhow::bail!(jobcachefs::Error::invalid(
                     "--cache-size needs --cache NAME"
                 ));
+            }
+            if let Some(id) = &cache {
+                jobcachefs::sync::ops::pull_if_cold(engine, id);
             }
             let record = engine.volume_create(&CreateRequest {
                 dir: a.dir.clone(),

@@ -77,6 +77,7 @@ impl Engine {
         });
         write_json_atomic(&self.layout.current(id), &next)?;
         fault::point("commit:published");
+        crate::stats::add(&self.layout, &[(crate::stats::names::COMMITS, 1)]);
         tracing::info!(cache = %id, generation = next.generation, layer, allocated = %human_bytes(allocated),
             depth = next.layers.len(), "commit published");
         Ok(DeleteOutcome::Committed {
@@ -97,10 +98,13 @@ impl Engine {
     ) -> Result<DeleteOutcome> {
         let id = record.cache.as_ref().expect("only cache volumes commit");
         match self.squash_with(id, Some((image, layer)), None) {
-            Ok(outcome) => Ok(DeleteOutcome::Committed {
-                generation: outcome.generation().unwrap_or(0),
-                squashed: true,
-            }),
+            Ok(outcome) => {
+                crate::stats::add(&self.layout, &[(crate::stats::names::COMMITS, 1)]);
+                Ok(DeleteOutcome::Committed {
+                    generation: outcome.generation().unwrap_or(0),
+                    squashed: true,
+                })
+            }
             Err(e) if e.kind() == ErrorKind::Quota => {
                 let reason = format!(
                     "commit of {} into cache {id} rejected: the cache would hold {} (unsquashed {}) but its cache-size is {}; \

@@ -174,6 +174,7 @@ impl Engine {
     fn gc_stale_mounts(&self, report: &mut GcReport) -> Result<()> {
         let uppers = self.layout.mnt().join("uppers");
         let layers = self.layout.mnt().join("layers");
+        let sync = self.layout.mnt().join("sync");
         for m in mounts::mount_table()? {
             // An overlay at some volume DIR whose upper belongs to a volume with no record.
             if m.fstype == "overlay" {
@@ -195,6 +196,17 @@ impl Engine {
                     if !self.layout.volume_record(&vol).exists() {
                         mounts::unmount(&m.mount_point, true)?;
                         let _ = std::fs::remove_dir(&m.mount_point);
+                        report.mounts_removed.push(m.mount_point.clone());
+                    }
+                }
+            } else if let Ok(rest) = m.mount_point.strip_prefix(&sync) {
+                // A registry sync's private mount: live while its process holds `<token>.lock`.
+                let token = rest.iter().next().map(|t| t.to_string_lossy().into_owned());
+                if let Some(token) = token {
+                    if let Some(_l) = lock::try_lock(&sync.join(format!("{token}.lock")))? {
+                        mounts::unmount(&m.mount_point, true)?;
+                        let _ = std::fs::remove_dir(&m.mount_point);
+                        let _ = std::fs::remove_file(sync.join(format!("{token}.lock")));
                         report.mounts_removed.push(m.mount_point.clone());
                     }
                 }

@@ -245,6 +245,7 @@ impl Engine {
         };
         write_json_atomic(&self.layout.current(id), &next)?;
         fault::point("squash:published");
+        crate::stats::add(&self.layout, &[(crate::stats::names::SQUASHES, 1)]);
         let _ = std::fs::remove_file(self.layout.squash_due(id));
         self.collect_layers(id)?;
         tracing::info!(cache = %id, generation = next.generation, folded = base_ids.len(),

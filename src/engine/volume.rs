@@ -247,6 +247,12 @@ impl Engine {
             write_back = record.write_back,
             "volume created"
         );
+        let counter = match (&record.cache, record.layers.is_empty()) {
+            (None, _) => crate::stats::names::VOLUMES_PLAIN,
+            (Some(_), true) => crate::stats::names::VOLUMES_COLD,
+            (Some(_), false) => crate::stats::names::VOLUMES_WARM,
+        };
+        crate::stats::add(&self.layout, &[(counter, 1)]);
         Ok(record)
     }
 

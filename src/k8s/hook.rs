@@ -321,6 +321,9 @@ fn create(
         l.insert(labels::PVC_UID.to_string(), uid.clone());
     }
     l.insert(labels::STORAGE_CLASS.to_string(), class_name);
+    if let Some(id) = &decision.cache {
+        crate::sync::ops::pull_if_cold(engine, id);
+    }
     let volume = engine.volume_create(&CreateRequest {
         dir: req.path.clone(),
         cache: decision.cache,

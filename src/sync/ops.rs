@@ -261,6 +261,24 @@ fn layer_blob(engine: &Engine, store: &Store, id: &CacheId, layer: &str) -> Resu
 
 /// Pushes cache `id`'s generation to `remote`, re-basing on a newer line when needed.
 pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
+    use crate::stats::{self, names};
+    let result = export_inner(engine, id, remote);
+    match &result {
+        Ok(r) if r.outcome == "pushed" => stats::add(
+            engine.layout(),
+            &[
+                (names::PUSHES, 1),
+                (names::PUSH_BYTES, r.new_bytes),
+                (names::PUSH_MS, (r.seconds * 1000.0) as u64),
+            ],
+        ),
+        Ok(_) => {}
+        Err(_) => stats::add(engine.layout(), &[(names::PUSH_FAILURES, 1)]),
+    }
+    result
+}
+
+fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
     let started = Instant::now();
     let (_l, store) = open_store(engine)?;
     if engine.cache_record(id)?.is_none() {
@@ -375,6 +393,31 @@ pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportRe
 
 /// Pulls `remote`'s line into cache `id` (created with `cache_size` if new).
 pub fn import(
+    engine: &Engine,
+    id: &CacheId,
+    remote: &Remote,
+    cache_size: Option<u64>,
+    allow_devices: bool,
+) -> Result<ImportReport> {
+    use crate::stats::{self, names};
+    let result = import_inner(engine, id, remote, cache_size, allow_devices);
+    match &result {
+        Ok(r) if r.outcome == "imported" => stats::add(
+            engine.layout(),
+            &[
+                (names::PULLS, 1),
+                (names::PULL_BYTES, r.new_bytes),
+                (names::PULL_MS, (r.seconds * 1000.0) as u64),
+            ],
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(_) => stats::add(engine.layout(), &[(names::PULL_FAILURES, 1)]),
+    }
+    result
+}
+
+fn import_inner(
     engine: &Engine,
     id: &CacheId,
     remote: &Remote,
@@ -517,6 +560,36 @@ pub fn import(
         new_bytes,
         kept,
     ))
+}
+
+/// With `pull_on_create` set for its registry, pulls a cold cache (no layers on this node)
+/// before a volume is made on it. A failure is logged, never fatal: the volume starts cold.
+pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
+    let Some(rule) = engine.config().registry_for(id) else {
+        return;
+    };
+    if !rule.pull_on_create
+        || !engine
+            .current(id)
+            .map(|g| g.layers.is_empty())
+            .unwrap_or(false)
+    {
+        return;
+    }
+    match super::agent::remote_for(engine.config(), id) {
+        Some(Ok((remote, allow_devices))) => {
+            match import(engine, id, &remote, None, allow_devices) {
+                Ok(r) => {
+                    tracing::info!(cache = %id, outcome = r.outcome, generation = r.generation, "pulled a cold cache before creating the volume")
+                }
+                Err(e) => {
+                    tracing::warn!(cache = %id, error = %e, "could not pull the cold cache; the volume starts cold")
+                }
+            }
+        }
+        Some(Err(e)) => tracing::warn!(cache = %id, error = %e, "registry settings unusable"),
+        None => {}
+    }
 }
 
 /// Checks a downloaded layer: every entry, the total it claims, and its diff_id.

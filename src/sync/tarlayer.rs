@@ -43,7 +43,9 @@ fn bad(msg: String) -> Error {
 }
 
 fn malformed(e: std::io::Error) -> Error {
-    bad(format!("refusing the image: a layer is not a well-formed tar ({e})"))
+    bad(format!(
+        "refusing the image: a layer is not a well-formed tar ({e})"
+    ))
 }
 
 /// Writes the tree under `root` as an OCI layer tar to `out`.

@@ -1,0 +1,63 @@
+//! Node-wide counters for the agent's `/metrics`: volumes created on a warm or cold cache,
+//! commits, squashes, pushes and pulls with bytes and durations. Every process (hooks, CLI,
+//! agent) adds to `<state>/stats.json` under `<state>/stats.lock`; counting is best effort and
+//! never fails the operation it counts.
+
+use crate::fsutil::{read_json, write_json_atomic};
+use crate::layout::Layout;
+use crate::lock;
+use std::collections::BTreeMap;
+
+/// Counter names.
+pub mod names {
+    /// Volumes created on a cache that had a generation.
+    pub const VOLUMES_WARM: &str = "volumes_created_warm";
+    /// Volumes created on an empty or new cache.
+    pub const VOLUMES_COLD: &str = "volumes_created_cold";
+    /// Volumes created without a cache.
+    pub const VOLUMES_PLAIN: &str = "volumes_created_plain";
+    /// Commits published.
+    pub const COMMITS: &str = "commits";
+    /// Squashes published.
+    pub const SQUASHES: &str = "squashes";
+    /// Pushes that changed the registry.
+    pub const PUSHES: &str = "pushes";
+    /// Compressed bytes of layers new to the registry.
+    pub const PUSH_BYTES: &str = "push_bytes";
+    /// Milliseconds spent pushing.
+    pub const PUSH_MS: &str = "push_milliseconds";
+    /// Failed pushes.
+    pub const PUSH_FAILURES: &str = "push_failures";
+    /// Pulls that changed a cache.
+    pub const PULLS: &str = "pulls";
+    /// Compressed bytes downloaded.
+    pub const PULL_BYTES: &str = "pull_bytes";
+    /// Milliseconds spent pulling.
+    pub const PULL_MS: &str = "pull_milliseconds";
+    /// Failed pulls.
+    pub const PULL_FAILURES: &str = "pull_failures";
+}
+
+/// Adds `deltas` to the node's counters.
+pub fn add(layout: &Layout, deltas: &[(&str, u64)]) {
+    let result = (|| -> crate::Result<()> {
+        let _l = lock::lock(&layout.root().join("stats.lock"))?;
+        let path = layout.root().join("stats.json");
+        let mut c: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+        for (k, v) in deltas {
+            *c.entry(k.to_string()).or_default() += v;
+        }
+        write_json_atomic(&path, &c)
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not update the node's counters");
+    }
+}
+
+/// The node's counters.
+pub fn read(layout: &Layout) -> BTreeMap<String, u64> {
+    read_json(&layout.root().join("stats.json"))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}

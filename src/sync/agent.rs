@@ -1,0 +1,308 @@
+//! `jobcachefs agent`: the node's background worker. Every interval it pulls newer generations of
+//! the caches this node holds (and of the configured `prefetch` caches), pushes what was
+//! committed here, and drains the squash queue (the hook leaves squashes to it). It serves
+//! Prometheus metrics meanwhile. A failing registry is retried with a growing backoff per cache;
+//! volume create and delete never wait for any of this.
+
+use super::ops;
+use super::transport::Remote;
+use crate::config::Config;
+use crate::error::{ErrorKind, Result};
+use crate::names::CacheId;
+use crate::stats::{self, names};
+use crate::Engine;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest wait between attempts at a failing cache.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Time between rounds.
+    pub interval: Duration,
+    /// Where `/metrics` listens (`None`: no endpoint).
+    pub metrics_addr: Option<String>,
+    /// Rounds to run (`None`: forever).
+    pub rounds: Option<u64>,
+}
+
+/// The registry settings that apply to `id`, as a [`Remote`].
+pub fn remote_for(config: &Config, id: &CacheId) -> Option<Result<(Remote, bool)>> {
+    let r = config.registry_for(id)?;
+    Some(
+        Remote::new(
+            &format!("{}/{}/{}", r.image, id.namespace, id.name),
+            r.tls_verify,
+            Duration::from_secs(r.timeout),
+        )
+        .map(|remote| (remote, r.allow_devices)),
+    )
+}
+
+struct Backoff {
+    failures: u32,
+    next: Instant,
+}
+
+/// Runs the agent.
+pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()> {
+    let engine = Engine::open(&state_dir, config.clone())?;
+    let rounds = Arc::new(AtomicU64::new(0));
+    if let Some(addr) = &opts.metrics_addr {
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            crate::Error::io(
+                format!(
+                    "listen on {addr} for /metrics (set [agent] metrics_addr or --metrics-addr)"
+                ),
+                e,
+            )
+        })?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+        let (dir, cfg, rounds) = (state_dir.clone(), config.clone(), rounds.clone());
+        std::thread::spawn(move || serve(listener, dir, cfg, rounds));
+    }
+    let mut backoff: BTreeMap<CacheId, Backoff> = BTreeMap::new();
+    loop {
+        let started = Instant::now();
+        round(&engine, &mut backoff, opts.interval);
+        let n = rounds.fetch_add(1, Ordering::Relaxed) + 1;
+        if opts.rounds.is_some_and(|r| n >= r) {
+            return Ok(());
+        }
+        std::thread::sleep(opts.interval.saturating_sub(started.elapsed()));
+    }
+}
+
+fn round(engine: &Engine, backoff: &mut BTreeMap<CacheId, Backoff>, interval: Duration) {
+    let config = engine.config();
+    let mut caches: BTreeSet<CacheId> =
+        engine.cache_ids().unwrap_or_default().into_iter().collect();
+    for p in &config.agent.prefetch {
+        match p.split_once('/').map(|(ns, n)| CacheId::new(ns, n)) {
+            Some(Ok(id)) => {
+                caches.insert(id);
+            }
+            _ => tracing::warn!(prefetch = %p, "agent.prefetch entries are <namespace>/<name>"),
+        }
+    }
+    for id in caches {
+        let Some(remote) = remote_for(config, &id) else {
+            continue;
+        };
+        if backoff.get(&id).is_some_and(|b| Instant::now() < b.next) {
+            continue;
+        }
+        let result = remote.and_then(|(remote, allow_devices)| {
+            match ops::import(engine, &id, &remote, None, allow_devices) {
+                Ok(r) if r.outcome == "imported" => {
+                    tracing::info!(cache = %id, generation = r.generation, new_layers = r.new_layers, "agent: pulled")
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {} // nothing pushed yet
+                Err(e) => return Err(e),
+            }
+            if engine.current(&id)?.layers.is_empty() {
+                return Ok(());
+            }
+            let r = ops::export(engine, &id, &remote)?;
+            if r.outcome == "pushed" {
+                tracing::info!(cache = %id, generation = r.generation, new_layers = r.new_layers, rebased = r.rebased, "agent: pushed");
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                backoff.remove(&id);
+            }
+            Err(e) => {
+                let b = backoff.entry(id.clone()).or_insert(Backoff {
+                    failures: 0,
+                    next: Instant::now(),
+                });
+                b.failures += 1;
+                let wait = (interval * 2u32.saturating_pow(b.failures.min(10))).min(MAX_BACKOFF);
+                b.next = Instant::now() + wait;
+                tracing::warn!(cache = %id, error = %e, failures = b.failures, retry_in_s = wait.as_secs(), "agent: sync failed; backing off");
+            }
+        }
+    }
+    match engine.gc(true) {
+        Ok(r) if !r.errors.is_empty() => {
+            tracing::warn!(errors = ?r.errors, "agent: gc found problems")
+        }
+        Ok(r) if !r.squashed.is_empty() => {
+            tracing::info!(squashed = ?r.squashed, "agent: drained the squash queue")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "agent: gc failed"),
+    }
+}
+
+fn serve(listener: TcpListener, dir: PathBuf, config: Config, rounds: Arc<AtomicU64>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        let _ = BufReader::new(&conn).read_line(&mut line);
+        let (status, body) =
+            if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
+                match Engine::open(&dir, config.clone()) {
+                    Ok(e) => ("200 OK", metrics(&e, rounds.load(Ordering::Relaxed))),
+                    Err(e) => ("500 Internal Server Error", format!("{e}\n")),
+                }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of this node.
+pub fn metrics(engine: &Engine, rounds: u64) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let caches = engine.cache_list().unwrap_or_default();
+    let per_cache = |f: &dyn Fn(&crate::engine::CacheInfo) -> f64| -> Vec<(String, f64)> {
+        caches
+            .iter()
+            .map(|c| {
+                (
+                    format!(
+                        "{{namespace=\"{}\",name=\"{}\"}}",
+                        esc(&c.namespace),
+                        esc(&c.name)
+                    ),
+                    f(c),
+                )
+            })
+            .collect()
+    };
+    metric(
+        "jobcachefs_cache_allocated_bytes",
+        "gauge",
+        "Bytes the cache's current layers occupy on the host.",
+        per_cache(&|c| c.allocated as f64),
+    );
+    metric(
+        "jobcachefs_cache_limit_bytes",
+        "gauge",
+        "The cache's size limit.",
+        per_cache(&|c| c.cache_size as f64),
+    );
+    metric(
+        "jobcachefs_cache_generation",
+        "gauge",
+        "The cache's current generation on this node.",
+        per_cache(&|c| c.generation as f64),
+    );
+    metric(
+        "jobcachefs_cache_layers",
+        "gauge",
+        "Layers of the cache's current generation.",
+        per_cache(&|c| c.depth as f64),
+    );
+    let live = engine.volume_list().map(|v| v.len()).unwrap_or(0);
+    metric(
+        "jobcachefs_volumes_live",
+        "gauge",
+        "Volumes on this node.",
+        vec![(String::new(), live as f64)],
+    );
+    let s = stats::read(engine.layout());
+    let get = |k: &str| s.get(k).copied().unwrap_or(0) as f64;
+    metric(
+        "jobcachefs_volumes_created_total",
+        "counter",
+        "Volumes created, by the state of their cache: warm (a hit), cold (a miss) or none.",
+        vec![
+            ("{cache=\"warm\"}".into(), get(names::VOLUMES_WARM)),
+            ("{cache=\"cold\"}".into(), get(names::VOLUMES_COLD)),
+            ("{cache=\"none\"}".into(), get(names::VOLUMES_PLAIN)),
+        ],
+    );
+    for (name, key, help) in [
+        (
+            "jobcachefs_commits_total",
+            names::COMMITS,
+            "Commits published.",
+        ),
+        (
+            "jobcachefs_squashes_total",
+            names::SQUASHES,
+            "Squashes published.",
+        ),
+        (
+            "jobcachefs_pushes_total",
+            names::PUSHES,
+            "Pushes that changed the registry.",
+        ),
+        (
+            "jobcachefs_push_bytes_total",
+            names::PUSH_BYTES,
+            "Compressed bytes of layers new to the registry.",
+        ),
+        (
+            "jobcachefs_push_failures_total",
+            names::PUSH_FAILURES,
+            "Failed pushes.",
+        ),
+        (
+            "jobcachefs_pulls_total",
+            names::PULLS,
+            "Pulls that changed a cache.",
+        ),
+        (
+            "jobcachefs_pull_bytes_total",
+            names::PULL_BYTES,
+            "Compressed bytes of layers downloaded.",
+        ),
+        (
+            "jobcachefs_pull_failures_total",
+            names::PULL_FAILURES,
+            "Failed pulls.",
+        ),
+    ] {
+        metric(name, "counter", help, vec![(String::new(), get(key))]);
+    }
+    metric(
+        "jobcachefs_push_seconds_total",
+        "counter",
+        "Time spent pushing.",
+        vec![(String::new(), get(names::PUSH_MS) / 1000.0)],
+    );
+    metric(
+        "jobcachefs_pull_seconds_total",
+        "counter",
+        "Time spent pulling.",
+        vec![(String::new(), get(names::PULL_MS) / 1000.0)],
+    );
+    metric(
+        "jobcachefs_agent_rounds_total",
+        "counter",
+        "Sync rounds this agent process finished.",
+        vec![(String::new(), rounds as f64)],
+    );
+    out
+}
