@@ -4,22 +4,7 @@
 
 mod common;
 
-use common::{root_or_skip, sh, Node};
-use jobcachefs::tree::{diff, snapshot};
-use std::path::Path;
-
-fn snap(dir: &Path) -> jobcachefs::tree::Snapshot {
-    snapshot(dir).unwrap()
-}
-
-fn assert_same_tree(expected: &jobcachefs::tree::Snapshot, dir: &Path, what: &str) {
-    let d = diff(expected, &snap(dir));
-    assert!(
-        d.is_empty(),
-        "{what}: tree differs from the merged view at delete time:\n{}",
-        d.join("\n")
-    );
-}
+use common::{assert_same_tree, rich_tree, root_or_skip, sh, snap, Node};
 
 #[test]
 fn real_round_trip_and_discard() {
@@ -88,23 +73,6 @@ fn real_round_trip_and_discard() {
     n.assert_clean();
 }
 
-/// Builds a tree with every kind of metadata a build cache can hold.
-fn rich_tree(dir: &Path) {
-    sh(&format!(
-        "cd {d}; mkdir -p a/b/c empty; echo hello > a/file; ln a/file a/hardlink; ln -s ../file a/b/rel; \
-         ln -s /etc/passwd abs; mkfifo fifo; mknod null c 1 3; \
-         truncate -s 50M sparse; printf x | dd of=sparse bs=1 seek=30000000 conv=notrunc status=none; \
-         head -c 300000 /dev/urandom > a/b/c/random; \
-         chown 1234:5678 a/b; chmod 2750 a/b; chmod 4755 a/file; chmod 700 empty; \
-         touch -h -d '2021-02-03 04:05:06.123456789' a/b/rel; \
-         touch -d '2020-01-01 00:00:00.987654321' a/b/c/random a/b/c",
-        d = dir.display()
-    ));
-    xattr::set(dir.join("a/file"), "user.origin", b"maven-central").unwrap();
-    xattr::set(dir.join("a/b"), "trusted.cache", b"yes").unwrap();
-    xattr::set(dir.join("empty"), "security.test", b"1").unwrap_or(());
-}
-
 #[test]
 fn real_fidelity_after_commit_and_squash() {
     if !root_or_skip("real_fidelity_after_commit_and_squash") {
@@ -112,7 +80,7 @@ fn real_fidelity_after_commit_and_squash() {
     }
     let n = Node::new();
     let v1 = n.create("v1", "rich", &["--size", "256Mi", "--write-back"]);
-    rich_tree(&v1);
+    rich_tree(&v1, true);
     n.delete(&v1, &[]).ok();
 
     // Changes on top of a lower layer: copy-ups, whiteouts, opaque dirs, metadata-only changes.

@@ -240,3 +240,40 @@ pub fn sh(script: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+pub fn snap(dir: &Path) -> jobcachefs::tree::Snapshot {
+    jobcachefs::tree::snapshot(dir).unwrap()
+}
+
+pub fn assert_same_tree(expected: &jobcachefs::tree::Snapshot, dir: &Path, what: &str) {
+    let d = jobcachefs::tree::diff(expected, &snap(dir));
+    assert!(
+        d.is_empty(),
+        "{what}: tree differs from the merged view at delete time:\n{}",
+        d.join("\n")
+    );
+}
+
+/// Builds a tree with every kind of metadata a build cache can hold. `host_refs` adds an absolute
+/// symlink and a device node, which registry import refuses by default.
+pub fn rich_tree(dir: &Path, host_refs: bool) {
+    sh(&format!(
+        "cd {d}; mkdir -p a/b/c empty; echo hello > a/file; ln a/file a/hardlink; ln -s ../file a/b/rel; \
+         mkfifo fifo; \
+         truncate -s 50M sparse; printf x | dd of=sparse bs=1 seek=30000000 conv=notrunc status=none; \
+         head -c 300000 /dev/urandom > a/b/c/random; \
+         chown 1234:5678 a/b; chmod 2750 a/b; chmod 4755 a/file; chmod 700 empty; \
+         touch -h -d '2021-02-03 04:05:06.123456789' a/b/rel; \
+         touch -d '2020-01-01 00:00:00.987654321' a/b/c/random a/b/c",
+        d = dir.display()
+    ));
+    if host_refs {
+        sh(&format!(
+            "cd {}; ln -s /etc/passwd abs; mknod null c 1 3",
+            dir.display()
+        ));
+    }
+    xattr::set(dir.join("a/file"), "user.origin", b"maven-central").unwrap();
+    xattr::set(dir.join("a/b"), "trusted.cache", b"yes").unwrap();
+    xattr::set(dir.join("empty"), "security.test", b"1").unwrap_or(());
+}

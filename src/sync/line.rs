@@ -75,6 +75,11 @@ pub fn plan_push(remote: &[LineLayer], local: &[LineLayer], max_depth: usize) ->
     }
 }
 
+/// Whether the remote line has layers the local generation does not know (a push then re-bases).
+pub fn remote_has_news(remote: &[LineLayer], local: &[LineLayer]) -> bool {
+    !news(remote, local).is_empty()
+}
+
 /// What the local generation becomes after a pull: `None` when the remote line has nothing new.
 pub fn plan_pull(remote: &[LineLayer], local: &[LineLayer]) -> Option<Vec<Src>> {
     if news(remote, local).is_empty() {

@@ -312,7 +312,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                 false,
             ));
         };
-        let rebased = plan.iter().any(|s| matches!(s, Src::Remote(_))) && !r.layers.is_empty();
+        let rebased = line::remote_has_news(&r.line, &local);
         let remote_digests: HashSet<&str> = r.layers.iter().map(|d| d.digest.as_str()).collect();
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();

@@ -1,0 +1,607 @@
+//! Registry sync between two nodes (two state dirs) through a real registry: Debian's
+//! docker-registry, started on 127.0.0.1 on a free port with its own storage, stopped after; real
+//! skopeo; real loop devices, ext4 and overlayfs. The registry's access log is the witness of
+//! what was uploaded and downloaded.
+
+mod common;
+
+use common::{assert_same_tree, rich_tree, root_or_skip, sh, snap, Node, Run};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+struct Registry {
+    dir: tempfile::TempDir,
+    child: Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("jcfs-registry-")
+            .tempdir()
+            .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: jobcachefs-test-secret\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        // The combined-format access log goes to stdout, the application log to stderr.
+        let log = std::fs::File::create(dir.path().join("access.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry (scripts/setup installs it)");
+        let r = Registry { dir, child, port };
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap()
+    }
+
+    /// Access log lines added since `mark` (a previous `log().len()`).
+    fn log_since(&self, mark: usize) -> String {
+        self.log()[mark..].to_string()
+    }
+
+    /// The node config for this registry.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "[[registry]]\nimage = \"127.0.0.1:{}/caches\"\ntls_verify = false\ntimeout = \"60s\"\n{extra}",
+            self.port
+        )
+    }
+
+    fn image(&self, ns: &str, name: &str) -> String {
+        format!("127.0.0.1:{}/caches/{ns}/{name}", self.port)
+    }
+
+    /// The layer digests of `image:latest`.
+    fn layers(&self, image: &str) -> Vec<String> {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{image}:latest"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn uploads(log: &str, digest: &str) -> usize {
+    let hex = digest.trim_start_matches("sha256:");
+    log.lines()
+        .filter(|l| l.contains("\"PUT ") && l.contains("/blobs/uploads/") && l.contains(hex))
+        .count()
+}
+
+fn downloads(log: &str, digest: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(&format!("/blobs/{digest}")))
+        .count()
+}
+
+fn export(n: &Node, cache: &str) -> serde_json::Value {
+    n.run(&["cache", "export", cache, "-o", "json"]).ok().json()
+}
+
+fn import(n: &Node, cache: &str) -> serde_json::Value {
+    n.run(&["cache", "import", cache, "-o", "json"]).ok().json()
+}
+
+/// Writes `files` into a new write-back volume of `cache` and commits it.
+fn commit(n: &Node, vol: &str, cache: &str, script: &str) {
+    let v = n.create(vol, cache, &["--size", "64Mi", "--write-back"]);
+    sh(&format!("cd {}; {script}", v.display()));
+    let r = n.delete(&v, &[]).ok();
+    assert!(r.stdout.contains("committed"), "{}", r.stdout);
+}
+
+/// The files of a fresh read-only volume of `cache`, as sorted relative paths.
+fn files(n: &Node, vol: &str, cache: &str) -> Vec<String> {
+    let v = n.create(vol, cache, &[]);
+    let mut out: Vec<String> = snap(&v)
+        .into_iter()
+        .filter(|(_, e)| e.kind == 'f')
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    out.sort();
+    n.delete(&v, &[]).ok();
+    out
+}
+
+#[test]
+fn real_sync_round_trip_keeps_every_kind_of_metadata() {
+    if !root_or_skip("real_sync_round_trip_keeps_every_kind_of_metadata") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    // Two layers: a rich tree, then deletions (whiteouts), a replaced dir (opaque), metadata changes.
+    let v1 = a.create("v1", "rich", &["--size", "256Mi", "--write-back"]);
+    rich_tree(&v1, false);
+    sh(&format!(
+        "cd {}; mkdir -p old/sub; echo o > old/sub/o; echo g > gone",
+        v1.display()
+    ));
+    a.delete(&v1, &[]).ok();
+    let v2 = a.create("v2", "rich", &["--size", "256Mi", "--write-back"]);
+    sh(&format!(
+        "cd {d}; rm gone; rm -r old; mkdir old; echo new > old/new; chmod 640 a/file; \
+         chown 42:43 a/b/c/random; echo more >> a/b/c/random; mkdir -p n/deep; ln a/file n/deep/link2",
+        d = v2.display()
+    ));
+    let expected = snap(&v2);
+    a.delete(&v2, &[]).ok();
+
+    let r = export(&a, "rich");
+    assert_eq!(r["outcome"], "pushed");
+    assert_eq!(r["layers"], 2);
+    let r = import(&b, "rich");
+    assert_eq!(r["outcome"], "imported");
+    assert_eq!(r["new_layers"], 2);
+    let vb = b.create("vb", "rich", &[]);
+    // The same tree, to the nanosecond (PAX mtimes), with hardlinks, xattrs and sparse extents.
+    assert_same_tree(&expected, &vb, "after import on another node");
+    assert!(!vb.join("gone").exists() && !vb.join("old/sub").exists());
+    b.delete(&vb, &[]).ok();
+    // Nothing to do the second time, in either direction.
+    assert_eq!(export(&a, "rich")["outcome"], "up-to-date");
+    assert_eq!(import(&b, "rich")["outcome"], "up-to-date");
+    a.assert_clean();
+    b.assert_clean();
+}
+
+#[test]
+fn real_sync_delta_moves_only_the_new_layer() {
+    if !root_or_skip("real_sync_delta_moves_only_the_new_layer") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    commit(&a, "v1", "npm", "head -c 2000000 /dev/urandom > base.bin");
+    export(&a, "npm");
+    import(&b, "npm");
+    let image = reg.image("default", "npm");
+    let base = reg.layers(&image)[0].clone();
+
+    commit(&a, "v2", "npm", "head -c 100000 /dev/urandom > delta.bin");
+    let mark = reg.log().len();
+    let r = export(&a, "npm");
+    assert_eq!(
+        (r["layers"].as_u64(), r["new_layers"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let layers = reg.layers(&image);
+    assert_eq!(layers[0], base);
+    let log = reg.log_since(mark);
+    assert_eq!(
+        uploads(&log, &base),
+        0,
+        "the base layer was uploaded again:\n{log}"
+    );
+    assert_eq!(
+        uploads(&log, &layers[1]),
+        1,
+        "the new layer was not uploaded:\n{log}"
+    );
+
+    let mark = reg.log().len();
+    let r = import(&b, "npm");
+    assert_eq!(r["new_layers"], 1);
+    let log = reg.log_since(mark);
+    assert_eq!(
+        downloads(&log, &base),
+        0,
+        "the base layer was downloaded again:\n{log}"
+    );
+    assert_eq!(downloads(&log, &layers[1]), 1, "{log}");
+    assert_eq!(files(&b, "check", "npm"), ["base.bin", "delta.bin"]);
+    a.assert_clean();
+    b.assert_clean();
+}
+
+#[test]
+fn real_sync_converges_in_both_orders_and_after_a_race() {
+    if !root_or_skip("real_sync_converges_in_both_orders_and_after_a_race") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    commit(&a, "s", "gradle", "echo seed > seed");
+    export(&a, "gradle");
+    import(&b, "gradle");
+
+    // A first, then B: B's push is stacked on A's line.
+    commit(&a, "a1", "gradle", "echo a > from-a1");
+    commit(&b, "b1", "gradle", "echo b > from-b1");
+    assert_eq!(export(&a, "gradle")["rebased"], false);
+    assert_eq!(export(&b, "gradle")["rebased"], true);
+    import(&a, "gradle");
+    import(&b, "gradle");
+    let want = ["from-a1", "from-b1", "seed"];
+    assert_eq!(files(&a, "c1", "gradle"), want);
+    assert_eq!(files(&b, "c2", "gradle"), want);
+
+    // B first, then A; the same file written on both: the later push wins, as on one node.
+    commit(&b, "b2", "gradle", "echo b > from-b2; echo b > both");
+    commit(&a, "a2", "gradle", "echo a > from-a2; echo a > both");
+    export(&b, "gradle");
+    export(&a, "gradle");
+    import(&a, "gradle");
+    import(&b, "gradle");
+    let want = ["both", "from-a1", "from-a2", "from-b1", "from-b2", "seed"];
+    assert_eq!(files(&a, "c3", "gradle"), want);
+    assert_eq!(files(&b, "c4", "gradle"), want);
+    let v = b.create("c5", "gradle", &[]);
+    assert_eq!(std::fs::read_to_string(v.join("both")).unwrap(), "a\n");
+    b.delete(&v, &[]).ok();
+
+    // A race: B's push is held after it read the line; A pushes meanwhile; B must notice,
+    // re-base on A's line and push again — neither commit is lost.
+    commit(&a, "a3", "gradle", "echo a > from-a3");
+    commit(&b, "b3", "gradle", "echo b > from-b3");
+    let gate = b.tmp.path().join("gate");
+    std::fs::write(&gate, "").unwrap();
+    let mut held = b.command();
+    held.args(["cache", "export", "gradle", "-o", "json"])
+        .env("JOBCACHEFS_PAUSE_AT", "sync:before-push")
+        .env("JOBCACHEFS_PAUSE_FILE", &gate)
+        .stdout(Stdio::piped());
+    let child = held.spawn().unwrap();
+    let reached = b.tmp.path().join("gate.reached");
+    let t = Instant::now();
+    while !reached.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "B never reached the push"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(export(&a, "gradle")["outcome"], "pushed");
+    std::fs::remove_file(&gate).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["attempts"], 2, "B did not notice it lost the race: {r}");
+    assert_eq!(r["rebased"], true);
+    import(&a, "gradle");
+    import(&b, "gradle");
+    let want = [
+        "both", "from-a1", "from-a2", "from-a3", "from-b1", "from-b2", "from-b3", "seed",
+    ];
+    assert_eq!(files(&a, "c6", "gradle"), want);
+    assert_eq!(files(&b, "c7", "gradle"), want);
+    a.assert_clean();
+    b.assert_clean();
+}
+
+#[test]
+fn real_sync_squashed_line_is_pushed_as_a_new_base() {
+    if !root_or_skip("real_sync_squashed_line_is_pushed_as_a_new_base") {
+        return;
+    }
+    let reg = Registry::start();
+    let config = format!("max_depth = 3\nsquash_inline = false\n{}", reg.config(""));
+    let a = Node::with_config(&config);
+    let b = Node::with_config(&config);
+    for i in 0..4 {
+        commit(&a, &format!("v{i}"), "cargo", &format!("echo {i} > f{i}"));
+        export(&a, "cargo");
+    }
+    let image = reg.image("default", "cargo");
+    assert_eq!(reg.layers(&image).len(), 4);
+    a.run(&["cache", "squash", "cargo"]).ok();
+    let r = export(&a, "cargo");
+    assert_eq!(
+        (r["outcome"].as_str(), r["layers"].as_u64()),
+        (Some("pushed"), Some(1))
+    );
+    assert_eq!(
+        reg.layers(&image).len(),
+        1,
+        "the remote line must be squashed too"
+    );
+    // B, which never saw the deltas, gets the base; A, which has the same base, gets nothing.
+    assert_eq!(import(&b, "cargo")["new_layers"], 1);
+    assert_eq!(import(&a, "cargo")["outcome"], "up-to-date");
+    assert_eq!(files(&b, "c", "cargo"), ["f0", "f1", "f2", "f3"]);
+    a.assert_clean();
+    b.assert_clean();
+}
+
+/// Every file under `dir` (lock files aside) with the SHA-256 of its content.
+fn fingerprint(dir: &Path) -> Vec<(String, String)> {
+    use sha2::Digest;
+    let mut out = Vec::new();
+    for (rel, e) in snap(dir) {
+        if e.kind == 'f' && rel.file_name().is_some_and(|n| n != "lock") {
+            let bytes = std::fs::read(dir.join(&rel)).unwrap();
+            out.push((
+                rel.display().to_string(),
+                format!("{:x}", sha2::Sha256::digest(&bytes)),
+            ));
+        } else if e.kind != 'f' {
+            out.push((rel.display().to_string(), e.kind.to_string()));
+        }
+    }
+    out
+}
+
+fn craft_and_push(reg: &Registry, kind: &str) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let st = Command::new("python3")
+        .arg(Path::new(REPO).join("integration-tests/sync/craft_image.py"))
+        .arg(kind)
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let image = reg.image("default", &format!("evil-{kind}"));
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:latest", out.path().display()))
+        .arg(format!("docker://{image}:latest"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    image
+}
+
+#[test]
+fn real_sync_refuses_hostile_images_and_changes_nothing() {
+    if !root_or_skip("real_sync_refuses_hostile_images_and_changes_nothing") {
+        return;
+    }
+    let reg = Registry::start();
+    let b = Node::with_config(&reg.config(""));
+    commit(&b, "v", "victim", "echo mine > mine");
+    for (kind, needle) in [
+        ("dotdot", "escapes the layer's root"),
+        ("abs-symlink", "points outside the cache"),
+        ("rel-symlink-escape", "points outside the cache"),
+        ("hardlink-escape", "escapes the layer's root"),
+        ("device", "is a device node"),
+        ("huge-claim", "claim more than the cache-size"),
+    ] {
+        let image = craft_and_push(&reg, kind);
+        let state_before = fingerprint(&b.state().join("caches"));
+        let r: Run = b.run(&[
+            "cache",
+            "import",
+            "victim",
+            "--image",
+            &image,
+            "--tls-verify=false",
+        ]);
+        assert_ne!(r.code, 0, "{kind} was accepted");
+        assert!(
+            r.stderr.contains("refusing the image"),
+            "{kind}: {}",
+            r.stderr
+        );
+        assert!(r.stderr.contains(needle), "{kind}: {}", r.stderr);
+        // Nothing changed: same generation, same files, no half-built layer, nothing mounted.
+        assert_eq!(
+            state_before,
+            fingerprint(&b.state().join("caches")),
+            "{kind} changed the caches"
+        );
+        let tmp = b.state().join("sync/tmp");
+        assert_eq!(
+            std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0),
+            0,
+            "half-built layers left"
+        );
+        assert_eq!(b.generation("victim"), 1);
+        b.assert_clean();
+    }
+    // A new cache is not even created by a refused import.
+    let image = craft_and_push(&reg, "dotdot");
+    let r = b.run(&[
+        "cache",
+        "import",
+        "fresh",
+        "--image",
+        &image,
+        "--tls-verify=false",
+    ]);
+    assert_eq!(r.code, 2);
+    assert_eq!(b.run(&["cache", "show", "fresh"]).code, 4);
+    assert_eq!(files(&b, "check", "victim"), ["mine"]);
+}
+
+#[test]
+fn real_sync_registry_down_fails_fast_and_volumes_do_not_care() {
+    if !root_or_skip("real_sync_registry_down_fails_fast_and_volumes_do_not_care") {
+        return;
+    }
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let n = Node::with_config(&format!(
+        "[[registry]]\nimage = \"127.0.0.1:{closed}/caches\"\ntls_verify = false\ntimeout = \"20s\"\npull_on_create = true\n"
+    ));
+    // volume create with pull_on_create on a cold cache: the pull fails, the volume is made.
+    let t = Instant::now();
+    commit(&n, "v", "m2", "echo x > x");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    for args in [["cache", "export", "m2"], ["cache", "import", "m2"]] {
+        let t = Instant::now();
+        let r = n.run(&args);
+        assert_eq!(r.code, 7, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("check that the registry is reachable"),
+            "{}",
+            r.stderr
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(25),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(n.generation("m2"), 1);
+    n.assert_clean();
+}
+
+/// Prometheus text parsed by the reference parser (prometheus_client, in .venv).
+fn parse_metrics(text: &str) -> serde_json::Value {
+    let py = Path::new(REPO).join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "run scripts/setup (it installs prometheus-client in .venv)"
+    );
+    let mut c = Command::new(py)
+        .arg("-c")
+        .arg(
+            "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+             out = {}\nfor f in p(sys.stdin.read()):\n    for s in f.samples:\n        \
+             key = s.name + ('{' + ','.join(f'{k}={v}' for k, v in sorted(s.labels.items())) + '}' if s.labels else '')\n        \
+             out[key] = s.value\nprint(json.dumps(out))",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success(), "the metrics do not parse:\n{text}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn real_sync_agents_carry_a_commit_to_the_other_node() {
+    if !root_or_skip("real_sync_agents_carry_a_commit_to_the_other_node") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    let (pa, pb) = (free_port(), free_port());
+    for (n, port) in [(&a, pa), (&b, pb)] {
+        let cfg = std::fs::read_to_string(n.config.as_ref().unwrap()).unwrap();
+        std::fs::write(
+            n.config.as_ref().unwrap(),
+            format!("{cfg}\n[agent]\ninterval = \"1s\"\nmetrics_addr = \"127.0.0.1:{port}\"\nprefetch = [\"default/shared\"]\n"),
+        )
+        .unwrap();
+    }
+    let spawn = |n: &Node| {
+        Agent(
+            n.command()
+                .arg("agent")
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _aa = spawn(&a);
+    let _ab = spawn(&b);
+    // A commit on A, and nothing else by hand: B's next volume must have it.
+    commit(&a, "v", "shared", "echo from-a > from-a");
+    let t = Instant::now();
+    loop {
+        if b.generation("shared") >= 1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the commit did not reach B"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(files(&b, "vb", "shared"), ["from-a"]);
+
+    let ma = parse_metrics(&http_get(pa, "/metrics"));
+    let mb = parse_metrics(&http_get(pb, "/metrics"));
+    assert_eq!(ma["jobcachefs_commits_total"], 1.0);
+    assert_eq!(ma["jobcachefs_pushes_total"], 1.0);
+    assert!(ma["jobcachefs_push_bytes_total"].as_f64().unwrap() > 0.0);
+    assert_eq!(ma["jobcachefs_volumes_created_total{cache=cold}"], 1.0);
+    assert_eq!(mb["jobcachefs_pulls_total"], 1.0);
+    assert!(mb["jobcachefs_pull_bytes_total"].as_f64().unwrap() > 0.0);
+    assert_eq!(mb["jobcachefs_volumes_created_total{cache=warm}"], 1.0);
+    assert_eq!(
+        mb["jobcachefs_cache_generation{name=shared,namespace=default}"],
+        1.0
+    );
+    assert!(mb["jobcachefs_agent_rounds_total"].as_f64().unwrap() >= 1.0);
+    assert_eq!(http_get(pa, "/nope").trim(), "try /metrics");
+    drop(_aa);
+    drop(_ab);
+    a.assert_clean();
+    b.assert_clean();
+}
