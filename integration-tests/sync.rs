@@ -372,6 +372,41 @@ fn fingerprint(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
+#[test]
+fn real_sync_crashed_import_is_repaired_by_gc() {
+    if !root_or_skip("real_sync_crashed_import_is_repaired_by_gc") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    commit(&a, "v", "pip", "echo wheel > wheel");
+    export(&a, "pip");
+    // Killed with a half-built layer mounted, then with layers built but not published: gc
+    // leaves nothing mounted or attached, and the cache is at its old generation.
+    for step in ["sync:layer-mounted", "sync:layers-built"] {
+        let r = b.run_env(
+            &["cache", "import", "pip"],
+            &[("JOBCACHEFS_CRASH_AT", step)],
+        );
+        assert_eq!(r.code, 137, "{step}: {}", r.stderr);
+        b.run(&["gc"]).ok();
+        b.assert_clean();
+        assert_eq!(b.generation("pip"), 0, "{step}");
+    }
+    // Killed right after the publish: the new generation is whole.
+    let r = b.run_env(
+        &["cache", "import", "pip"],
+        &[("JOBCACHEFS_CRASH_AT", "sync:imported")],
+    );
+    assert_eq!(r.code, 137);
+    b.run(&["gc"]).ok();
+    assert_eq!(b.generation("pip"), 1);
+    assert_eq!(files(&b, "c", "pip"), ["wheel"]);
+    assert_eq!(import(&b, "pip")["outcome"], "up-to-date");
+    b.assert_clean();
+}
+
 fn craft_and_push(reg: &Registry, kind: &str) -> String {
     let out = tempfile::tempdir().unwrap();
     let st = Command::new("python3")

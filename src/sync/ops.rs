@@ -640,6 +640,7 @@ fn build_layer(
     std::fs::create_dir(&upper).at("create", &upper)?;
     std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
     tarlayer::extract_layer(open()?, &upper, policy)?;
+    fault::point("sync:layer-mounted");
     m.unmount()?;
     std::fs::File::open(&img)
         .and_then(|f| f.sync_all())
