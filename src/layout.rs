@@ -22,7 +22,7 @@
 //!   empty/                  an empty read-only lower dir for volumes of an empty cache
 //!   queue/<ns>_<name>       a squash is due for this cache (drained by gc / agent)
 //!   sync/lock               flock: one export/import at a time on this node
-//!   sync/oci/               OCI image layout: layer blobs (gzip tars), records/<layer>.json
+//!   sync/oci/               OCI image layout: layer blobs (zstd tars), records/<layer>.json
 //!                           (which blob holds which local layer), the manifest being pushed
 //!   sync/tmp/               layer images being built by an import (cleared by the next one)
 //!   stats.json              counters for the agent's /metrics (commits, squashes, pushes, …)

@@ -6,11 +6,11 @@ Usage: craft_image.py KIND OUT_DIR
 KIND: dotdot | abs-symlink | rel-symlink-escape | device | huge-claim | hardlink-escape
 """
 
-import gzip
 import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 
@@ -70,7 +70,7 @@ def main():
         return d
 
     raw = layer(kind)
-    gz = gzip.compress(raw, mtime=0)
+    gz = subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "config": {},
         "rootfs": {"type": "layers", "diff_ids": [sha(raw)]},
@@ -80,7 +80,7 @@ def main():
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": put(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
                     "digest": put(gz), "size": len(gz),
                     "annotations": {"io.jobcachefs.layer.id": "evil-" + kind}}],
         "annotations": {"io.jobcachefs.generation": "1"},

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Media type of an OCI image config.
 pub const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Media type of a gzip-compressed layer.
-pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Media type of a zstd-compressed layer.
+pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// Layer annotation: the jobcachefs layer id.
 pub const ANN_LAYER_ID: &str = "io.jobcachefs.layer.id";
 /// Layer annotation: the ids a squashed base folds, comma-separated.
@@ -142,7 +142,7 @@ impl Store {
         })
     }
 
-    /// Writes a layer blob produced by `fill` (which gets a gzip writer): returns its record.
+    /// Writes a layer blob produced by `fill` (which writes the plain tar): returns its record.
     pub fn put_layer(&self, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<BlobRecord> {
         let tmp = self
             .dir
@@ -151,12 +151,14 @@ impl Store {
         let file = std::fs::File::create(&tmp).at("create", &tmp)?;
         let mut compressed = HashingWriter::new(std::io::BufWriter::new(file));
         let result = (|| {
-            let mut gz =
-                flate2::write::GzEncoder::new(&mut compressed, flate2::Compression::fast());
-            let mut plain = HashingWriter::new(&mut gz);
+            let mut z = zstd::stream::write::Encoder::new(&mut compressed, 1)
+                .ctx(|| "start compressing the layer".into())?;
+            // Two workers: compression overlaps with reading the tree.
+            let _ = z.multithread(2);
+            let mut plain = HashingWriter::new(&mut z);
             fill(&mut plain)?;
             let diff_id = plain.finish();
-            gz.finish().ctx(|| "compress the layer".into())?;
+            z.finish().ctx(|| "compress the layer".into())?;
             Ok(diff_id)
         })();
         let diff_id = match result {

@@ -118,7 +118,7 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
     }
     let mut line = Vec::new();
     for l in &m.layers {
-        if l.media_type != oci::LAYER_GZIP {
+        if l.media_type != oci::LAYER_ZSTD {
             return Err(refuse(format!(
                 "layer {} has media type {}",
                 l.digest, l.media_type
@@ -336,7 +336,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                         new_bytes += b.size;
                     }
                     layers.push(Descriptor {
-                        media_type: oci::LAYER_GZIP.into(),
+                        media_type: oci::LAYER_ZSTD.into(),
                         digest: b.digest.clone(),
                         size: b.size,
                         annotations,
@@ -596,7 +596,7 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
 fn scan(store: &Store, d: &Descriptor, diff_id: &str, policy: &ImportPolicy) -> Result<()> {
     let p = store.blob_path(&d.digest)?;
     let f = std::fs::File::open(&p).at("open", &p)?;
-    let mut hashed = HashingReader::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    let mut hashed = HashingReader::new(zstd::stream::read::Decoder::new(f).at("decompress", &p)?);
     tarlayer::scan_layer(&mut hashed, policy)?;
     std::io::copy(&mut hashed, &mut std::io::sink()).at("read", &p)?;
     let got = hashed.finish();
@@ -621,7 +621,7 @@ fn build_layer(
     let p = store.blob_path(&d.digest)?;
     let open = || -> Result<_> {
         let f = std::fs::File::open(&p).at("open", &p)?;
-        Ok(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+        zstd::stream::read::Decoder::new(f).at("decompress", &p)
     };
     let stats = tarlayer::scan_layer(open()?, policy)?;
     // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own

@@ -5,7 +5,7 @@
 //! nanosecond mtimes (PAX `mtime`), xattrs (PAX `SCHILY.xattr.*`, minus `trusted.overlay.*`),
 //! hardlinks, symlinks, FIFOs and device nodes; overlay whiteouts (char 0/0) become `.wh.<name>`
 //! and opaque directories (`trusted.overlay.opaque=y`) get a `.wh..wh..opq` entry, as the OCI
-//! image spec says. Sparse files are written in full (holes as zeros, which gzip shrinks to
+//! image spec says. Sparse files are written in full (holes as zeros, which zstd shrinks to
 //! almost nothing) and made sparse again on import.
 //!
 //! Import is two passes over the same blob: [`scan_layer`] validates every entry and sums what it
