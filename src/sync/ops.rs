@@ -468,15 +468,17 @@ fn import_inner(
             remote.pull(&digest, store.dir(), "pull")?;
         }
         // Nothing is created before every new layer has been checked.
+        let mut checked = Vec::new();
         for &i in &missing {
-            scan(&store, &r.layers[i], &r.diff_ids[i], &policy)?;
+            checked.push(scan(&store, &r.layers[i], &r.diff_ids[i], &policy)?);
         }
-        for &i in &missing {
+        for (&i, stats) in missing.iter().zip(checked) {
             let (img, info) = build_layer(
                 engine,
                 &store,
                 &r.layers[i],
                 &r.line[i],
+                &stats,
                 &policy,
                 &remote.repo,
             )?;
@@ -593,11 +595,16 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
 }
 
 /// Checks a downloaded layer: every entry, the total it claims, and its diff_id.
-fn scan(store: &Store, d: &Descriptor, diff_id: &str, policy: &ImportPolicy) -> Result<()> {
+fn scan(
+    store: &Store,
+    d: &Descriptor,
+    diff_id: &str,
+    policy: &ImportPolicy,
+) -> Result<tarlayer::LayerStats> {
     let p = store.blob_path(&d.digest)?;
     let f = std::fs::File::open(&p).at("open", &p)?;
     let mut hashed = HashingReader::new(zstd::stream::read::Decoder::new(f).at("decompress", &p)?);
-    tarlayer::scan_layer(&mut hashed, policy)?;
+    let stats = tarlayer::scan_layer(&mut hashed, policy)?;
     std::io::copy(&mut hashed, &mut std::io::sink()).at("read", &p)?;
     let got = hashed.finish();
     if got != diff_id {
@@ -606,7 +613,7 @@ fn scan(store: &Store, d: &Descriptor, diff_id: &str, policy: &ImportPolicy) -> 
             d.digest
         )));
     }
-    Ok(())
+    Ok(stats)
 }
 
 /// Builds a local layer image from a checked blob, in `<state>/sync/tmp`.
@@ -615,6 +622,7 @@ fn build_layer(
     store: &Store,
     d: &Descriptor,
     l: &LineLayer,
+    stats: &tarlayer::LayerStats,
     policy: &ImportPolicy,
     repo: &str,
 ) -> Result<(PathBuf, LayerInfo)> {
@@ -623,7 +631,6 @@ fn build_layer(
         let f = std::fs::File::open(&p).at("open", &p)?;
         zstd::stream::read::Decoder::new(f).at("decompress", &p)
     };
-    let stats = tarlayer::scan_layer(open()?, policy)?;
     // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own
     // metadata; the image is sparse, so what it does not use costs nothing.
     let size = (stats.bytes + stats.bytes / 8 + stats.entries * 8192 + (64 << 20))
