@@ -147,6 +147,9 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
                     .collect()
             })
             .unwrap_or_default();
+        if line.iter().any(|x: &LineLayer| x.id == id) {
+            return Err(refuse(format!("layer id {id} appears twice in the line")));
+        }
         if covers.iter().any(|c| !valid_layer_id(c)) {
             return Err(refuse(format!(
                 "layer {} has an invalid covers annotation",
