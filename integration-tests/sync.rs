@@ -522,6 +522,74 @@ fn real_sync_registry_down_fails_fast_and_volumes_do_not_care() {
         );
     }
     assert_eq!(n.generation("m2"), 1);
+    // The agent keeps going and backs off instead of hammering the registry.
+    let r = n.run(&[
+        "agent",
+        "--rounds",
+        "2",
+        "--interval",
+        "1s",
+        "--metrics-addr",
+        "off",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("sync failed; backing off").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("retry_in_s"), "{}", r.stderr);
+    n.assert_clean();
+}
+
+#[test]
+fn real_sync_auth_failure_is_clear() {
+    if !root_or_skip("real_sync_auth_failure_is_clear") {
+        return;
+    }
+    // A registry that demands a token from a realm that gives none.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: 127.0.0.1:{port}, secret: s}}\nauth:\n  silly:\n    realm: http://127.0.0.1:{port}/token\n    service: test\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let n = Node::with_config(&format!(
+        "[[registry]]\nimage = \"127.0.0.1:{port}/caches\"\ntls_verify = false\ntimeout = \"20s\"\n"
+    ));
+    commit(&n, "v", "auth", "echo x > x");
+    for args in [["cache", "export", "auth"], ["cache", "import", "auth"]] {
+        let t = Instant::now();
+        let r = n.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("check auth.json"), "{}", r.stderr);
+        assert!(t.elapsed() < Duration::from_secs(25));
+    }
+    assert_eq!(n.generation("auth"), 1);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
     n.assert_clean();
 }
 

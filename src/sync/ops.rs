@@ -284,6 +284,9 @@ pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportRe
 fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
     let started = Instant::now();
     let (_l, store) = open_store(engine)?;
+    let remote = &remote
+        .clone()
+        .with_tmpdir(engine.layout().root().join("sync/tmp"));
     if engine.cache_record(id)?.is_none() {
         return Err(Error::new(
             ErrorKind::NotFound,
@@ -429,6 +432,9 @@ fn import_inner(
 ) -> Result<ImportReport> {
     let started = Instant::now();
     let (_l, store) = open_store(engine)?;
+    let remote = &remote
+        .clone()
+        .with_tmpdir(engine.layout().root().join("sync/tmp"));
     let r = read_remote(remote, &store)?;
     let Some(digest) = r.digest.clone() else {
         return Err(Error::new(

@@ -3,7 +3,9 @@
 //! unchanged. skopeo rather than buildah because the images are assembled as OCI layouts here,
 //! not in containers storage: copying a layout pushes exactly these blobs (digests preserved),
 //! asks the registry for each blob before uploading it (a blob it has is never sent again, with
-//! no dependence on a blob-info cache), and keeps nothing in `/var/lib/containers`.
+//! no dependence on a blob-info cache), and keeps no image storage in `/var/lib/containers`.
+//! (skopeo 1.9 still writes its small blob-info cache to `/var/lib/containers/cache`; it has no
+//! flag to move it. Temporary files go under the state dir with `--tmpdir`.)
 
 use crate::cmd::{self, SKOPEO};
 use crate::error::{Error, ErrorKind, Result};
@@ -18,6 +20,8 @@ pub struct Remote {
     pub tls_verify: bool,
     /// Longest one skopeo run may take.
     pub timeout: Duration,
+    /// Where skopeo keeps temporary files.
+    pub tmpdir: Option<std::path::PathBuf>,
 }
 
 /// The moving tag: always the line's newest generation.
@@ -54,31 +58,51 @@ impl Remote {
             repo: repo.to_string(),
             tls_verify,
             timeout,
+            tmpdir: None,
         })
     }
 
-    fn timeout_arg(&self) -> String {
-        format!("{}s", self.timeout.as_secs().max(1))
+    /// skopeo's global flags: the time limit, and temporary files under the state dir.
+    fn global_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--command-timeout".to_string(),
+            format!("{}s", self.timeout.as_secs().max(1)),
+        ];
+        if let Some(t) = &self.tmpdir {
+            a.push("--tmpdir".into());
+            a.push(t.display().to_string());
+        }
+        a
+    }
+
+    /// Puts skopeo's temporary files (a blob being downloaded) under `dir`, not `/var/tmp`.
+    pub fn with_tmpdir(mut self, dir: std::path::PathBuf) -> Self {
+        self.tmpdir = Some(dir);
+        self
     }
 
     /// Classifies a skopeo failure: the registry's "not found" vs unreachable/auth/other.
     fn failed(&self, what: &str, e: Error) -> Error {
         let m = e.to_string();
-        let kind = if m.contains("manifest unknown")
+        // Authentication first: a failed token request mentions the realm's "Not Found" too.
+        let kind = if m.contains("unauthorized")
+            || m.contains("authentication required")
+            || m.contains("denied")
+            || m.contains("bearer token")
+        {
+            ErrorKind::InvalidInput
+        } else if m.contains("manifest unknown")
             || m.contains("name unknown")
             || m.contains("not found")
         {
             ErrorKind::NotFound
-        } else if m.contains("unauthorized")
-            || m.contains("authentication required")
-            || m.contains("denied")
-        {
-            ErrorKind::InvalidInput
         } else {
             ErrorKind::Unavailable
         };
         let hint = match kind {
-            ErrorKind::InvalidInput => ": check the credentials in auth.json (`skopeo login`)",
+            ErrorKind::InvalidInput => {
+                ": the registry refused the credentials or demanded some: check auth.json (`skopeo login`, REGISTRY_AUTH_FILE)"
+            }
             ErrorKind::Unavailable => ": check that the registry is reachable (and --tls-verify for a plain-HTTP registry)",
             _ => "",
         };
@@ -87,14 +111,13 @@ impl Remote {
 
     /// The raw manifest at `tag`, or `None` when the repository or tag does not exist.
     pub fn manifest(&self, tag: &str) -> Result<Option<Vec<u8>>> {
-        let args = vec![
-            "--command-timeout".to_string(),
-            self.timeout_arg(),
+        let mut args = self.global_args();
+        args.extend([
             "inspect".into(),
             "--raw".into(),
             format!("--tls-verify={}", self.tls_verify),
             format!("docker://{}:{tag}", self.repo),
-        ];
+        ]);
         match cmd::run(&SKOPEO, &args) {
             Ok(out) => Ok(Some(out.into_bytes())),
             Err(e) => match self.failed("read the manifest of", e) {
@@ -106,15 +129,14 @@ impl Remote {
 
     /// The image config at `tag`.
     pub fn config(&self, tag: &str) -> Result<Vec<u8>> {
-        let args = vec![
-            "--command-timeout".to_string(),
-            self.timeout_arg(),
+        let mut args = self.global_args();
+        args.extend([
             "inspect".into(),
             "--config".into(),
             "--raw".into(),
             format!("--tls-verify={}", self.tls_verify),
             format!("docker://{}:{tag}", self.repo),
-        ];
+        ]);
         cmd::run(&SKOPEO, &args)
             .map(String::into_bytes)
             .map_err(|e| self.failed("read the image config of", e))
@@ -122,16 +144,15 @@ impl Remote {
 
     /// Pushes image `name` of the OCI layout `layout` as `tag`.
     pub fn push(&self, layout: &std::path::Path, name: &str, tag: &str) -> Result<()> {
-        let args = vec![
-            "--command-timeout".to_string(),
-            self.timeout_arg(),
+        let mut args = self.global_args();
+        args.extend([
             "copy".into(),
             "--quiet".into(),
             "--preserve-digests".into(),
             format!("--dest-tls-verify={}", self.tls_verify),
             format!("oci:{}:{name}", layout.display()),
             format!("docker://{}:{tag}", self.repo),
-        ];
+        ]);
         cmd::run(&SKOPEO, &args)
             .map(|_| ())
             .map_err(|e| self.failed("push to", e))
@@ -140,16 +161,15 @@ impl Remote {
     /// Pulls the manifest `digest` into the OCI layout as `name`; blobs the layout already has
     /// are not downloaded.
     pub fn pull(&self, digest: &str, layout: &std::path::Path, name: &str) -> Result<()> {
-        let args = vec![
-            "--command-timeout".to_string(),
-            self.timeout_arg(),
+        let mut args = self.global_args();
+        args.extend([
             "copy".into(),
             "--quiet".into(),
             "--preserve-digests".into(),
             format!("--src-tls-verify={}", self.tls_verify),
             format!("docker://{}@{digest}", self.repo),
             format!("oci:{}:{name}", layout.display()),
-        ];
+        ]);
         cmd::run(&SKOPEO, &args)
             .map(|_| ())
             .map_err(|e| self.failed("pull from", e))
