@@ -373,6 +373,23 @@ fn fingerprint(dir: &Path) -> Vec<(String, String)> {
 }
 
 #[test]
+fn real_sync_pull_on_create_warms_a_cold_cache() {
+    if !root_or_skip("real_sync_pull_on_create_warms_a_cold_cache") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let c = Node::with_config(&reg.config("pull_on_create = true\n"));
+    commit(&a, "v", "go", "echo mod > go.mod");
+    export(&a, "go");
+    // No import on C: its first volume of the cache pulls it before mounting.
+    let v = c.create("v", "go", &[]);
+    assert_eq!(std::fs::read_to_string(v.join("go.mod")).unwrap(), "mod\n");
+    c.delete(&v, &[]).ok();
+    c.assert_clean();
+}
+
+#[test]
 fn real_sync_crashed_import_is_repaired_by_gc() {
     if !root_or_skip("real_sync_crashed_import_is_repaired_by_gc") {
         return;

@@ -238,9 +238,23 @@ impl Drop for PrivateMount {
 
 /// The node-wide sync lock and the OCI layout.
 fn open_store(engine: &Engine) -> Result<(lock::Lock, Store)> {
+    open_store_with(engine, true)
+}
+
+/// Like [`open_store`]; with `wait` false, a busy lock is a Conflict error instead of a wait.
+fn open_store_with(engine: &Engine, wait: bool) -> Result<(lock::Lock, Store)> {
     let dir = engine.layout().root().join("sync");
     ensure_dir(&dir)?;
-    let l = lock::lock(&dir.join("lock"))?;
+    let l = if wait {
+        lock::lock(&dir.join("lock"))?
+    } else {
+        lock::try_lock(&dir.join("lock"))?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Conflict,
+                "another export or import runs on this node (the agent?)",
+            )
+        })?
+    };
     let tmp = dir.join("tmp");
     // Half-built images of a crashed import: ours to remove, we hold the lock.
     let _ = std::fs::remove_dir_all(&tmp);
@@ -405,8 +419,20 @@ pub fn import(
     cache_size: Option<u64>,
     allow_devices: bool,
 ) -> Result<ImportReport> {
+    import_with(engine, id, remote, cache_size, allow_devices, true)
+}
+
+/// [`import`], counted in the node's stats; `wait` false skips when another sync runs.
+fn import_with(
+    engine: &Engine,
+    id: &CacheId,
+    remote: &Remote,
+    cache_size: Option<u64>,
+    allow_devices: bool,
+    wait: bool,
+) -> Result<ImportReport> {
     use crate::stats::{self, names};
-    let result = import_inner(engine, id, remote, cache_size, allow_devices);
+    let result = import_inner(engine, id, remote, cache_size, allow_devices, wait);
     match &result {
         Ok(r) if r.outcome == "imported" => stats::add(
             engine.layout(),
@@ -417,7 +443,7 @@ pub fn import(
             ],
         ),
         Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict) => {}
         Err(_) => stats::add(engine.layout(), &[(names::PULL_FAILURES, 1)]),
     }
     result
@@ -429,9 +455,10 @@ fn import_inner(
     remote: &Remote,
     cache_size: Option<u64>,
     allow_devices: bool,
+    wait: bool,
 ) -> Result<ImportReport> {
     let started = Instant::now();
-    let (_l, store) = open_store(engine)?;
+    let (_l, store) = open_store_with(engine, wait)?;
     let remote = &remote
         .clone()
         .with_tmpdir(engine.layout().root().join("sync/tmp"));
@@ -574,7 +601,8 @@ fn import_inner(
 }
 
 /// With `pull_on_create` set for its registry, pulls a cold cache (no layers on this node)
-/// before a volume is made on it. A failure is logged, never fatal: the volume starts cold.
+/// before a volume is made on it. A failure is logged, never fatal: the volume starts cold. It
+/// does not queue behind another export or import (which may take minutes): then it skips.
 pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
     let Some(rule) = engine.config().registry_for(id) else {
         return;
@@ -589,7 +617,7 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
     }
     match super::agent::remote_for(engine.config(), id) {
         Some(Ok((remote, allow_devices))) => {
-            match import(engine, id, &remote, None, allow_devices) {
+            match import_with(engine, id, &remote, None, allow_devices, false) {
                 Ok(r) => {
                     tracing::info!(cache = %id, outcome = r.outcome, generation = r.generation, "pulled a cold cache before creating the volume")
                 }
