@@ -585,21 +585,18 @@ fn remote_for(
     id: &CacheId,
     args: &SyncArgs,
 ) -> Result<(jobcachefs::sync::transport::Remote, bool)> {
-    let rule = engine.config().registry_for(id);
-    let repo = match (&args.image, rule) {
-        (Some(i), _) => i.clone(),
-        (None, Some(r)) => format!("{}/{}/{}", r.image, id.namespace, id.name),
-        (None, None) => anyhow::bail!(jobcachefs::Error::invalid(format!(
+    jobcachefs::sync::transport::remote_for(
+        engine.config(),
+        id,
+        args.image.as_deref(),
+        args.tls_verify,
+    )?
+    .ok_or_else(|| {
+        jobcachefs::Error::invalid(format!(
             "no registry for cache {id}: pass --image REPOSITORY or add a [[registry]] to the config"
-        ))),
-    };
-    let tls = args
-        .tls_verify
-        .or(rule.map(|r| r.tls_verify))
-        .unwrap_or(true);
-    let timeout = std::time::Duration::from_secs(rule.map(|r| r.timeout).unwrap_or(300));
-    let remote = jobcachefs::sync::transport::Remote::new(&repo, tls, timeout)?;
-    Ok((remote, rule.map(|r| r.allow_devices).unwrap_or(false)))
+        ))
+        .into()
+    })
 }
 
 fn cache(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {

@@ -5,7 +5,7 @@
 //! volume create and delete never wait for any of this.
 
 use super::ops;
-use super::transport::Remote;
+use super::transport::remote_for;
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::names::CacheId;
@@ -31,19 +31,6 @@ pub struct AgentOptions {
     pub metrics_addr: Option<String>,
     /// Rounds to run (`None`: forever).
     pub rounds: Option<u64>,
-}
-
-/// The registry settings that apply to `id`, as a [`Remote`].
-pub fn remote_for(config: &Config, id: &CacheId) -> Option<Result<(Remote, bool)>> {
-    let r = config.registry_for(id)?;
-    Some(
-        Remote::new(
-            &format!("{}/{}/{}", r.image, id.namespace, id.name),
-            r.tls_verify,
-            Duration::from_secs(r.timeout),
-        )
-        .map(|remote| (remote, r.allow_devices)),
-    )
 }
 
 struct Backoff {
@@ -93,8 +80,10 @@ fn round(engine: &Engine, backoff: &mut BTreeMap<CacheId, Backoff>, interval: Du
         }
     }
     for id in caches {
-        let Some(remote) = remote_for(config, &id) else {
-            continue;
+        let remote = match remote_for(config, &id, None, None) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => continue,
+            Err(e) => Err(e),
         };
         if backoff.get(&id).is_some_and(|b| Instant::now() < b.next) {
             continue;

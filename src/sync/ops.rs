@@ -615,8 +615,8 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
     {
         return;
     }
-    match super::agent::remote_for(engine.config(), id) {
-        Some(Ok((remote, allow_devices))) => {
+    match super::transport::remote_for(engine.config(), id, None, None) {
+        Ok(Some((remote, allow_devices))) => {
             match import_with(engine, id, &remote, None, allow_devices, false) {
                 Ok(r) => {
                     tracing::info!(cache = %id, outcome = r.outcome, generation = r.generation, "pulled a cold cache before creating the volume")
@@ -626,8 +626,8 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
                 }
             }
         }
-        Some(Err(e)) => tracing::warn!(cache = %id, error = %e, "registry settings unusable"),
-        None => {}
+        Ok(None) => {}
+        Err(e) => tracing::warn!(cache = %id, error = %e, "registry settings unusable"),
     }
 }
 

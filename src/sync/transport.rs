@@ -24,6 +24,27 @@ pub struct Remote {
     pub tmpdir: Option<std::path::PathBuf>,
 }
 
+/// The registry of cache `id` and whether its imports accept device nodes: the repository
+/// `image` if given, else `<image>/<namespace>/<name>` of the config's `[[registry]]` for the
+/// cache; `tls_verify` overrides the config's. `Ok(None)`: no registry applies.
+pub fn remote_for(
+    config: &crate::config::Config,
+    id: &crate::names::CacheId,
+    image: Option<&str>,
+    tls_verify: Option<bool>,
+) -> Result<Option<(Remote, bool)>> {
+    let rule = config.registry_for(id);
+    let repo = match (image, rule) {
+        (Some(i), _) => i.to_string(),
+        (None, Some(r)) => format!("{}/{}/{}", r.image, id.namespace, id.name),
+        (None, None) => return Ok(None),
+    };
+    let tls = tls_verify.or(rule.map(|r| r.tls_verify)).unwrap_or(true);
+    let timeout = Duration::from_secs(rule.map(|r| r.timeout).unwrap_or(300));
+    let remote = Remote::new(&repo, tls, timeout)?;
+    Ok(Some((remote, rule.is_some_and(|r| r.allow_devices))))
+}
+
 /// The moving tag: always the line's newest generation.
 pub const LATEST: &str = "latest";
 
