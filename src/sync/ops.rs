@@ -21,7 +21,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fsutil::{self, ensure_dir, write_json_atomic};
 use crate::names::CacheId;
 use crate::records::{Generation, LayerInfo};
-use crate::{fault, image, lock, mounts, Engine};
+use crate::{fault, image, lock, mounts, stats, Engine};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -278,21 +278,50 @@ fn layer_blob(engine: &Engine, store: &Store, id: &CacheId, layer: &str) -> Resu
 
 /// Pushes cache `id`'s generation to `remote`, re-basing on a newer line when needed.
 pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
-    use crate::stats::{self, names};
     let result = export_inner(engine, id, remote);
-    match &result {
-        Ok(r) if r.outcome == "pushed" => stats::add(
-            engine.layout(),
-            &[
-                (names::PUSHES, 1),
-                (names::PUSH_BYTES, r.new_bytes),
-                (names::PUSH_MS, (r.seconds * 1000.0) as u64),
-            ],
-        ),
-        Ok(_) => {}
-        Err(_) => stats::add(engine.layout(), &[(names::PUSH_FAILURES, 1)]),
-    }
+    let moved = result.as_ref().ok().filter(|r| r.outcome == "pushed");
+    count(
+        engine,
+        &PUSH_COUNTERS,
+        moved.map(|r| (r.new_bytes, r.seconds)),
+        result.is_err(),
+    );
     result
+}
+
+/// The node counters of one direction (see [`crate::stats`]).
+struct Counters {
+    done: &'static str,
+    bytes: &'static str,
+    ms: &'static str,
+    failures: &'static str,
+}
+
+const PUSH_COUNTERS: Counters = Counters {
+    done: stats::names::PUSHES,
+    bytes: stats::names::PUSH_BYTES,
+    ms: stats::names::PUSH_MS,
+    failures: stats::names::PUSH_FAILURES,
+};
+
+const PULL_COUNTERS: Counters = Counters {
+    done: stats::names::PULLS,
+    bytes: stats::names::PULL_BYTES,
+    ms: stats::names::PULL_MS,
+    failures: stats::names::PULL_FAILURES,
+};
+
+/// Counts a transfer that moved `(bytes, seconds)`, or one that failed.
+fn count(engine: &Engine, c: &Counters, moved: Option<(u64, f64)>, failed: bool) {
+    if let Some((bytes, seconds)) = moved {
+        let ms = (seconds * 1000.0) as u64;
+        stats::add(
+            engine.layout(),
+            &[(c.done, 1), (c.bytes, bytes), (c.ms, ms)],
+        );
+    } else if failed {
+        stats::add(engine.layout(), &[(c.failures, 1)]);
+    }
 }
 
 fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
@@ -431,21 +460,17 @@ fn import_with(
     allow_devices: bool,
     wait: bool,
 ) -> Result<ImportReport> {
-    use crate::stats::{self, names};
     let result = import_inner(engine, id, remote, cache_size, allow_devices, wait);
-    match &result {
-        Ok(r) if r.outcome == "imported" => stats::add(
-            engine.layout(),
-            &[
-                (names::PULLS, 1),
-                (names::PULL_BYTES, r.new_bytes),
-                (names::PULL_MS, (r.seconds * 1000.0) as u64),
-            ],
-        ),
-        Ok(_) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict) => {}
-        Err(_) => stats::add(engine.layout(), &[(names::PULL_FAILURES, 1)]),
-    }
+    let moved = result.as_ref().ok().filter(|r| r.outcome == "imported");
+    // No image yet, or skipped because another sync ran: not failures.
+    let failed =
+        matches!(&result, Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict));
+    count(
+        engine,
+        &PULL_COUNTERS,
+        moved.map(|r| (r.new_bytes, r.seconds)),
+        failed,
+    );
     result
 }
 
