@@ -130,70 +130,69 @@ impl Remote {
         Error::new(kind, format!("{what} {}: {m}{hint}", self.repo))
     }
 
+    /// Runs skopeo with the global flags, then `args`; a failure says what was being done.
+    fn skopeo(&self, what: &str, args: &[String]) -> Result<String> {
+        let mut all = self.global_args();
+        all.extend_from_slice(args);
+        cmd::run(&SKOPEO, &all).map_err(|e| self.failed(what, e))
+    }
+
+    /// `inspect --raw` of `tag`, plus `extra` flags.
+    fn inspect(&self, what: &str, extra: &[&str], tag: &str) -> Result<Vec<u8>> {
+        let mut args = vec!["inspect".to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push("--raw".into());
+        args.push(format!("--tls-verify={}", self.tls_verify));
+        args.push(format!("docker://{}:{tag}", self.repo));
+        self.skopeo(what, &args).map(String::into_bytes)
+    }
+
+    /// `copy --preserve-digests` from `src` to `dst`; `tls_flag` names the remote side's flag.
+    fn copy(&self, what: &str, tls_flag: &str, src: String, dst: String) -> Result<()> {
+        let args = [
+            "copy".to_string(),
+            "--quiet".into(),
+            "--preserve-digests".into(),
+            format!("--{tls_flag}={}", self.tls_verify),
+            src,
+            dst,
+        ];
+        self.skopeo(what, &args).map(|_| ())
+    }
+
     /// The raw manifest at `tag`, or `None` when the repository or tag does not exist.
     pub fn manifest(&self, tag: &str) -> Result<Option<Vec<u8>>> {
-        let mut args = self.global_args();
-        args.extend([
-            "inspect".into(),
-            "--raw".into(),
-            format!("--tls-verify={}", self.tls_verify),
-            format!("docker://{}:{tag}", self.repo),
-        ]);
-        match cmd::run(&SKOPEO, &args) {
-            Ok(out) => Ok(Some(out.into_bytes())),
-            Err(e) => match self.failed("read the manifest of", e) {
-                e if e.kind() == ErrorKind::NotFound => Ok(None),
-                e => Err(e),
-            },
+        match self.inspect("read the manifest of", &[], tag) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     /// The image config at `tag`.
     pub fn config(&self, tag: &str) -> Result<Vec<u8>> {
-        let mut args = self.global_args();
-        args.extend([
-            "inspect".into(),
-            "--config".into(),
-            "--raw".into(),
-            format!("--tls-verify={}", self.tls_verify),
-            format!("docker://{}:{tag}", self.repo),
-        ]);
-        cmd::run(&SKOPEO, &args)
-            .map(String::into_bytes)
-            .map_err(|e| self.failed("read the image config of", e))
+        self.inspect("read the image config of", &["--config"], tag)
     }
 
     /// Pushes image `name` of the OCI layout `layout` as `tag`.
     pub fn push(&self, layout: &std::path::Path, name: &str, tag: &str) -> Result<()> {
-        let mut args = self.global_args();
-        args.extend([
-            "copy".into(),
-            "--quiet".into(),
-            "--preserve-digests".into(),
-            format!("--dest-tls-verify={}", self.tls_verify),
+        self.copy(
+            "push to",
+            "dest-tls-verify",
             format!("oci:{}:{name}", layout.display()),
             format!("docker://{}:{tag}", self.repo),
-        ]);
-        cmd::run(&SKOPEO, &args)
-            .map(|_| ())
-            .map_err(|e| self.failed("push to", e))
+        )
     }
 
     /// Pulls the manifest `digest` into the OCI layout as `name`; blobs the layout already has
     /// are not downloaded.
     pub fn pull(&self, digest: &str, layout: &std::path::Path, name: &str) -> Result<()> {
-        let mut args = self.global_args();
-        args.extend([
-            "copy".into(),
-            "--quiet".into(),
-            "--preserve-digests".into(),
-            format!("--src-tls-verify={}", self.tls_verify),
+        self.copy(
+            "pull from",
+            "src-tls-verify",
             format!("docker://{}@{digest}", self.repo),
             format!("oci:{}:{name}", layout.display()),
-        ]);
-        cmd::run(&SKOPEO, &args)
-            .map(|_| ())
-            .map_err(|e| self.failed("pull from", e))
+        )
     }
 }
 
