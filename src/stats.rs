@@ -1,9 +1,11 @@
 //! Node-wide counters for the agent's `/metrics`: volumes created on a warm or cold cache,
 //! commits, squashes, pushes and pulls with bytes and durations. Every process (hooks, CLI,
 //! agent) adds to `<state>/stats.json` under `<state>/stats.lock`; counting is best effort and
-//! never fails the operation it counts.
+//! never fails the operation it counts. It is on the path of every volume create and commit, so
+//! it is written without fsync (temp → rename): a crash may lose the last counts, and a file it
+//! cannot parse counts as empty.
 
-use crate::fsutil::{read_json, write_json_atomic};
+use crate::error::IoContext;
 use crate::layout::Layout;
 use crate::lock;
 use std::collections::BTreeMap;
@@ -43,21 +45,25 @@ pub fn add(layout: &Layout, deltas: &[(&str, u64)]) {
     let result = (|| -> crate::Result<()> {
         let _l = lock::lock(&layout.root().join("stats.lock"))?;
         let path = layout.root().join("stats.json");
-        let mut c: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+        let mut c = read(layout);
         for (k, v) in deltas {
             *c.entry(k.to_string()).or_default() += v;
         }
-        write_json_atomic(&path, &c)
+        let tmp = layout.root().join(".stats.json.tmp");
+        let body = serde_json::to_vec_pretty(&c).expect("counters serialise");
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .at("write", &path)
     })();
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not update the node's counters");
     }
 }
 
-/// The node's counters.
+/// The node's counters (empty when the file is missing or unreadable).
 pub fn read(layout: &Layout) -> BTreeMap<String, u64> {
-    read_json(&layout.root().join("stats.json"))
+    std::fs::read(layout.root().join("stats.json"))
         .ok()
-        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
