@@ -549,13 +549,14 @@ fn import_inner(
     }
     fault::point("sync:layers-built");
     let _c = engine.lock_cache(id)?;
-    let record = engine.ensure_cache(id, Some(limit))?;
     let now = engine.current(id)?;
     let local = local_line(&now);
     let Some(plan) = line::plan_pull(&r.line, &local) else {
         return Ok(report("up-to-date", now.generation, 0, 0, 0));
     };
+    // First the new generation and its size; nothing on disk changes until it fits.
     let mut layers = Vec::new();
+    let mut renames = Vec::new();
     let mut kept = 0;
     for s in plan {
         match s {
@@ -563,13 +564,7 @@ fn import_inner(
                 let lid = &r.line[i].id;
                 let dst = engine.layout().layer_image(id, lid);
                 if let Some((img, info)) = built.iter().find(|(_, info)| &info.id == lid) {
-                    std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
-                    let blob = BlobRecord {
-                        digest: r.layers[i].digest.clone(),
-                        size: r.layers[i].size,
-                        diff_id: r.diff_ids[i].clone(),
-                    };
-                    store.set_record(lid, &blob)?;
+                    renames.push((img, dst, i));
                     layers.push(info.clone());
                 } else if let Some(l) = now.layers.iter().find(|l| &l.id == lid) {
                     layers.push(l.clone());
@@ -592,23 +587,37 @@ fn import_inner(
             }
         }
     }
-    fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
     let next = Generation {
         generation: now.generation + 1,
         layers,
         published: fsutil::now(),
     };
-    if next.allocated() > record.cache_size {
+    let cache_size = engine
+        .cache_record(id)?
+        .map(|c| c.cache_size)
+        .unwrap_or(limit);
+    if next.allocated() > cache_size {
         return Err(Error::new(
             ErrorKind::Quota,
             format!(
-                "importing {} into cache {id} would allocate {} bytes, over its cache-size of {}: raise it with `jobcachefs cache resize`",
+                "importing {} into cache {id} would allocate {} bytes, over its cache-size of {cache_size}: raise it with `jobcachefs cache resize`",
                 remote.repo,
                 next.allocated(),
-                record.cache_size
             ),
         ));
     }
+    // A crash from here on leaves at most unreferenced layer images, which gc removes.
+    engine.ensure_cache(id, Some(limit))?;
+    for (img, dst, i) in renames {
+        std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
+        let blob = BlobRecord {
+            digest: r.layers[i].digest.clone(),
+            size: r.layers[i].size,
+            diff_id: r.diff_ids[i].clone(),
+        };
+        store.set_record(&r.line[i].id, &blob)?;
+    }
+    fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
     write_json_atomic(&engine.layout().current(id), &next)?;
     fault::point("sync:imported");
     engine.collect_layers(id)?;
