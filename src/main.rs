@@ -383,7 +383,7 @@ fn run(cli: Cli) -> Result<u8> {
 }
 
 fn hook(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
-    use jobcachefs::k8s::hook::{self, HookOutcome, HookSettings, RawInputs};
+    use jobcachefs::k8s::hook::{self, HookOutcome, RawInputs};
     use jobcachefs::k8s::{client::Client, kubeconfig};
     let env = [
         "VOL_DIR",
@@ -409,12 +409,8 @@ fn hook(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
         action: args.action.first().cloned(),
         env,
     })?;
-    let k8s = &engine.config().kubernetes;
-    let settings = HookSettings {
-        node_paths: k8s.node_paths.clone(),
-    };
-    let budget = std::time::Duration::from_secs(k8s.api_timeout);
-    let outcome = hook::run(engine, &req, &settings, || {
+    let budget = std::time::Duration::from_secs(engine.config().kubernetes.api_timeout);
+    let outcome = hook::run(engine, &req, || {
         Client::new(kubeconfig::discover()?, budget)
     })?;
     if json {

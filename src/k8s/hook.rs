@@ -188,13 +188,6 @@ pub fn resolve(raw: &RawInputs) -> Result<HookRequest> {
     })
 }
 
-/// Settings of the hook from the node's config.
-#[derive(Debug, Clone, Default)]
-pub struct HookSettings {
-    /// The provisioner's node paths (needed for `pathPattern` folders).
-    pub node_paths: Vec<PathBuf>,
-}
-
 /// What a hook run did.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
@@ -221,13 +214,12 @@ pub enum HookOutcome {
 pub fn run(
     engine: &Engine,
     req: &HookRequest,
-    settings: &HookSettings,
     api: impl FnOnce() -> Result<Client>,
 ) -> Result<HookOutcome> {
     for w in &req.warnings {
         tracing::warn!("{w}");
     }
-    let id = parse_volume_path(&req.path, &settings.node_paths)?;
+    let id = parse_volume_path(&req.path, &engine.config().kubernetes.node_paths)?;
     match req.action {
         Action::Create => create(engine, req, &id, api),
         Action::Delete => delete(engine, req),
