@@ -15,7 +15,7 @@
 
 use super::line::{self, LineLayer, Src};
 use super::oci::{self, BlobRecord, Descriptor, Manifest, Store};
-use super::tarlayer::{self, ImportPolicy};
+use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fsutil::{self, ensure_dir, write_json_atomic};
@@ -87,10 +87,6 @@ fn valid_layer_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn refuse(msg: String) -> Error {
-    Error::invalid(format!("refusing the image: {msg}"))
 }
 
 /// Reads `:latest` (and its config); an empty line when there is none.

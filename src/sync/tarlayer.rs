@@ -42,10 +42,27 @@ fn bad(msg: String) -> Error {
     Error::invalid(msg)
 }
 
+/// An image refused for what it contains: the message names the entry or field and the reason.
+pub(crate) fn refuse(msg: String) -> Error {
+    Error::invalid(format!("refusing the image: {msg}"))
+}
+
 fn malformed(e: std::io::Error) -> Error {
-    bad(format!(
-        "refusing the image: a layer is not a well-formed tar ({e})"
-    ))
+    refuse(format!("a layer is not a well-formed tar ({e})"))
+}
+
+/// The target of a link entry, or a refusal naming the entry.
+fn link_target(entry: &tar::Entry<impl Read>, raw: &Path, what: &str) -> Result<PathBuf> {
+    Ok(entry
+        .link_name()
+        .map_err(malformed)?
+        .ok_or_else(|| {
+            refuse(format!(
+                "{what} {:?} has no target",
+                raw.display().to_string()
+            ))
+        })?
+        .into_owned())
 }
 
 /// Writes the tree under `root` as an OCI layer tar to `out`.
@@ -256,8 +273,8 @@ fn clean(raw: &Path, what: &str) -> Result<PathBuf> {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
-                return Err(bad(format!(
-                    "refusing the image: {what} {:?} escapes the layer's root",
+                return Err(refuse(format!(
+                    "{what} {:?} escapes the layer's root",
                     raw.display().to_string()
                 )))
             }
@@ -316,8 +333,8 @@ fn check_entry(
             || hidden == "."
             || hidden == ".."
         {
-            return Err(bad(format!(
-                "refusing the image: unknown whiteout entry {:?}",
+            return Err(refuse(format!(
+                "unknown whiteout entry {:?}",
                 raw.display().to_string()
             )));
         }
@@ -331,8 +348,8 @@ fn check_entry(
             let e = e.ctx(|| "read PAX headers".into())?;
             if let Some(x) = e.key().ok().and_then(|k| k.strip_prefix(XATTR_PAX)) {
                 if x.starts_with("trusted.overlay.") {
-                    return Err(bad(format!(
-                        "refusing the image: entry {:?} carries the overlayfs xattr {x}",
+                    return Err(refuse(format!(
+                        "entry {:?} carries the overlayfs xattr {x}",
                         raw.display().to_string()
                     )));
                 }
@@ -345,38 +362,21 @@ fn check_entry(
         | tar::EntryType::Directory
         | tar::EntryType::Fifo => {}
         tar::EntryType::Symlink => {
-            let target = entry
-                .link_name()
-                .ctx(|| "read a link target".into())?
-                .ok_or_else(|| {
-                    bad(format!(
-                        "refusing the image: symlink {:?} has no target",
-                        raw.display().to_string()
-                    ))
-                })?
-                .into_owned();
+            let target = link_target(entry, &raw, "symlink")?;
             if !stays_inside(&parent, &target) {
-                return Err(bad(format!(
-                    "refusing the image: symlink {:?} points outside the cache ({:?})",
+                return Err(refuse(format!(
+                    "symlink {:?} points outside the cache ({:?})",
                     raw.display().to_string(),
                     target.display().to_string()
                 )));
             }
         }
         tar::EntryType::Link => {
-            let target = entry
-                .link_name()
-                .ctx(|| "read a link target".into())?
-                .ok_or_else(|| {
-                    bad(format!(
-                        "refusing the image: hardlink {:?} has no target",
-                        raw.display().to_string()
-                    ))
-                })?;
+            let target = link_target(entry, &raw, "hardlink")?;
             let target = clean(&target, "hardlink target")?;
             if !seen.contains(&target) {
-                return Err(bad(format!(
-                    "refusing the image: hardlink {:?} points at {:?}, which is not an earlier file of the layer",
+                return Err(refuse(format!(
+                    "hardlink {:?} points at {:?}, which is not an earlier file of the layer",
                     raw.display().to_string(),
                     target.display().to_string()
                 )));
@@ -384,16 +384,16 @@ fn check_entry(
         }
         tar::EntryType::Char | tar::EntryType::Block => {
             if !policy.allow_devices {
-                return Err(bad(format!(
-                    "refusing the image: {:?} is a device node; set `allow_devices = true` in the registry's config to accept them",
+                return Err(refuse(format!(
+                    "{:?} is a device node; set `allow_devices = true` in the registry's config to accept them",
                     raw.display().to_string()
                 )));
             }
         }
         tar::EntryType::XGlobalHeader => {}
         other => {
-            return Err(bad(format!(
-                "refusing the image: entry {:?} has the unsupported type {other:?}",
+            return Err(refuse(format!(
+                "entry {:?} has the unsupported type {other:?}",
                 raw.display().to_string()
             )))
         }
@@ -538,8 +538,8 @@ fn real_parent_dirs(dest: &Path, rel: &Path) -> Result<()> {
         match fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
-                return Err(bad(format!(
-                    "refusing the image: {:?} is used as a directory but is not one",
+                return Err(refuse(format!(
+                    "{:?} is used as a directory but is not one",
                     p.strip_prefix(dest).unwrap_or(&p).display().to_string()
                 )))
             }
