@@ -188,30 +188,36 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
             })
             .collect()
     };
-    metric(
-        "jobcachefs_cache_allocated_bytes",
-        "gauge",
-        "Bytes the cache's current layers occupy on the host.",
-        per_cache(&|c| c.allocated as f64),
+    type Gauge = (
+        &'static str,
+        &'static str,
+        fn(&crate::engine::CacheInfo) -> f64,
     );
-    metric(
-        "jobcachefs_cache_limit_bytes",
-        "gauge",
-        "The cache's size limit.",
-        per_cache(&|c| c.cache_size as f64),
-    );
-    metric(
-        "jobcachefs_cache_generation",
-        "gauge",
-        "The cache's current generation on this node.",
-        per_cache(&|c| c.generation as f64),
-    );
-    metric(
-        "jobcachefs_cache_layers",
-        "gauge",
-        "Layers of the cache's current generation.",
-        per_cache(&|c| c.depth as f64),
-    );
+    let gauges: [Gauge; 4] = [
+        (
+            "jobcachefs_cache_allocated_bytes",
+            "Bytes the cache's current layers occupy on the host.",
+            |c| c.allocated as f64,
+        ),
+        (
+            "jobcachefs_cache_limit_bytes",
+            "The cache's size limit.",
+            |c| c.cache_size as f64,
+        ),
+        (
+            "jobcachefs_cache_generation",
+            "The cache's current generation on this node.",
+            |c| c.generation as f64,
+        ),
+        (
+            "jobcachefs_cache_layers",
+            "Layers of the cache's current generation.",
+            |c| c.depth as f64,
+        ),
+    ];
+    for (name, help, f) in gauges {
+        metric(name, "gauge", help, per_cache(&f));
+    }
     let live = engine.volume_list().map(|v| v.len()).unwrap_or(0);
     metric(
         "jobcachefs_volumes_live",
