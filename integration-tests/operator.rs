@@ -131,7 +131,7 @@ fn real_resize_up_while_writing_and_down() {
 
     // Shrink that fits: rebuilt into one smaller base, data intact.
     let before = n.create("before", "grow", &[]);
-    let expected = jobcachefs::tree::snapshot(&before).unwrap();
+    let expected = jobcachefs::files::tree::snapshot(&before).unwrap();
     n.delete(&before, &[]).ok();
     n.run(&["cache", "resize", "grow", "120Mi"]).ok();
     let s = n.show("grow");
@@ -139,9 +139,11 @@ fn real_resize_up_while_writing_and_down() {
     assert_eq!(s["depth"], 1);
     assert!(s["allocated"].as_u64().unwrap() <= 120 << 20);
     let after = n.create("after", "grow", &[]);
-    assert!(
-        jobcachefs::tree::diff(&expected, &jobcachefs::tree::snapshot(&after).unwrap()).is_empty()
-    );
+    assert!(jobcachefs::files::tree::diff(
+        &expected,
+        &jobcachefs::files::tree::snapshot(&after).unwrap()
+    )
+    .is_empty());
     n.delete(&after, &[]).ok();
 
     // Shrink that does not fit: a clear error, nothing changed.

@@ -3,13 +3,13 @@
 //! the state dir's filesystem and free space, and leftovers of crashes — and says what to do
 //! about each finding.
 
-use crate::cmd::{self, Tool, BUILDAH, E2FSCK, MKFS_EXT4, RESIZE2FS, SKOPEO};
 use crate::engine::Engine;
-use crate::fsutil;
-use crate::loopback;
-use crate::mounts;
-use crate::quantity::human_bytes;
-use crate::records::VolumeState;
+use crate::host::cmd::{self, Tool, BUILDAH, E2FSCK, MKFS_EXT4, RESIZE2FS, SKOPEO};
+use crate::host::loopback;
+use crate::host::mounts;
+use crate::input::quantity::human_bytes;
+use crate::state::fsutil;
+use crate::state::records::VolumeState;
 use serde::Serialize;
 use std::path::Path;
 
@@ -203,7 +203,7 @@ fn trial_mount(engine: &Engine) -> crate::Result<()> {
         std::fs::write(lower.join("probe"), b"lower")
             .map_err(|e| crate::Error::io("write probe", e))?;
         let img = img_dir.join("probe.img");
-        crate::image::create(&img, crate::image::MIN_IMAGE_SIZE, 0, 0)?;
+        crate::host::image::create(&img, crate::host::image::MIN_IMAGE_SIZE, 0, 0)?;
         mounts::mount_image(&img, &m, false)?;
         let r = (|| {
             std::fs::create_dir(m.join("upper")).map_err(|e| crate::Error::io("mkdir", e))?;

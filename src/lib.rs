@@ -6,26 +6,16 @@
 
 #![warn(missing_docs)]
 
-pub mod cmd;
-pub mod config;
-pub mod copy;
 pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod fault;
-pub mod fsutil;
-pub mod image;
+pub mod files;
+pub mod host;
+pub mod input;
 pub mod k8s;
-pub mod layout;
-pub mod lock;
-pub mod loopback;
-pub mod mounts;
-pub mod names;
-pub mod quantity;
-pub mod records;
-pub mod stats;
+pub mod state;
 pub mod sync;
-pub mod tree;
 
 pub use engine::{Engine, ProgressHook};
 pub use error::{Error, ErrorKind, Result};

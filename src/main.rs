@@ -5,11 +5,11 @@ mod output;
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use jobcachefs::config::{Config, DEFAULT_CONFIG_PATH};
 use jobcachefs::engine::{CreateRequest, DeleteOutcome, SquashOutcome};
-use jobcachefs::layout::DEFAULT_STATE_DIR;
-use jobcachefs::names::{CacheId, DEFAULT_NAMESPACE};
-use jobcachefs::quantity::{human_bytes, parse_duration, parse_size};
+use jobcachefs::input::config::{Config, DEFAULT_CONFIG_PATH};
+use jobcachefs::input::names::{CacheId, DEFAULT_NAMESPACE};
+use jobcachefs::input::quantity::{human_bytes, parse_duration, parse_size};
+use jobcachefs::state::layout::DEFAULT_STATE_DIR;
 use jobcachefs::{Engine, ErrorKind};
 use output::print_json;
 use std::io::IsTerminal;
@@ -334,7 +334,7 @@ fn run(cli: Cli) -> Result<u8> {
             .any(|f| f.status == jobcachefs::doctor::Status::Fail);
         return Ok(if failed { exit::FAILURE } else { exit::OK });
     }
-    jobcachefs::cmd::require(jobcachefs::cmd::ENGINE_TOOLS)?;
+    jobcachefs::host::cmd::require(jobcachefs::host::cmd::ENGINE_TOOLS)?;
     match &cli.command {
         Command::Volume(cmd) => volume(&engine, cmd, json),
         Command::Cache(cmd) => cache(&engine, cmd, json),
@@ -489,7 +489,7 @@ fn volume(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
             let cache = match &a.cache {
                 Some(name) => Some(CacheId::new(&a.namespace, name)?),
                 None => {
-                    jobcachefs::names::validate_label("namespace", &a.namespace)?;
+                    jobcachefs::input::names::validate_label("namespace", &a.namespace)?;
                     None
                 }
             };
@@ -600,7 +600,7 @@ fn cache(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
         CacheCmd::Export(a) => {
             let id = a.cache.id()?;
             let (remote, _) = remote_for(engine, &id, a)?;
-            jobcachefs::cmd::require(&[jobcachefs::cmd::SKOPEO])?;
+            jobcachefs::host::cmd::require(&[jobcachefs::host::cmd::SKOPEO])?;
             let r = jobcachefs::sync::ops::export(engine, &id, &remote)?;
             if json {
                 print_json(&r);
@@ -633,7 +633,7 @@ fn cache(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
                 .map(|s| parse_size("--cache-size", s))
                 .transpose()?;
             let (remote, allow_devices) = remote_for(engine, &id, sync)?;
-            jobcachefs::cmd::require(&[jobcachefs::cmd::SKOPEO])?;
+            jobcachefs::host::cmd::require(&[jobcachefs::host::cmd::SKOPEO])?;
             let r = jobcachefs::sync::ops::import(engine, &id, &remote, cache_size, allow_devices)?;
             if json {
                 print_json(&r);

@@ -1,7 +1,7 @@
 //! Human output: aligned tables with human-readable sizes, and JSON for scripts.
 
 use jobcachefs::engine::{CacheInfo, GcReport, PruneCandidate, VolumeInfo};
-use jobcachefs::quantity::human_bytes;
+use jobcachefs::input::quantity::human_bytes;
 use serde::Serialize;
 
 /// Prints any serialisable value as pretty JSON on stdout.
@@ -52,7 +52,7 @@ impl Table {
 
 /// Age of a Unix timestamp, e.g. `3h ago`.
 pub fn ago(ts: u64) -> String {
-    let now = jobcachefs::fsutil::now();
+    let now = jobcachefs::state::fsutil::now();
     let d = now.saturating_sub(ts);
     match d {
         0..=59 => format!("{d}s ago"),
@@ -272,7 +272,7 @@ pub fn progress_hook() -> Option<jobcachefs::engine::ProgressHook> {
         indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}] {prefix}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    let hook = move |name: &str, s: &jobcachefs::copy::CopyStats| {
+    let hook = move |name: &str, s: &jobcachefs::files::copy::CopyStats| {
         if s.entries.is_multiple_of(64) {
             bar.set_message(name.to_string());
             bar.set_prefix(format!("{} entries, {}", s.entries, human_bytes(s.bytes)));

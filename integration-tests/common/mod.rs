@@ -170,7 +170,7 @@ impl Node {
 
 pub fn leaked_mounts(under: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    jobcachefs::mounts::parse_mountinfo(&text)
+    jobcachefs::host::mounts::parse_mountinfo(&text)
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p.starts_with(under))
@@ -180,7 +180,7 @@ pub fn leaked_mounts(under: &Path) -> Vec<PathBuf> {
 pub fn leaked_loops(under: &Path) -> Vec<String> {
     // Give autoclear a moment: the kernel releases a device right after its last unmount.
     for _ in 0..50 {
-        let l: Vec<String> = jobcachefs::loopback::list()
+        let l: Vec<String> = jobcachefs::host::loopback::list()
             .into_iter()
             .filter(|b| b.file.starts_with(under))
             .map(|b| format!("{} {}", b.device.display(), b.file.display()))
@@ -190,7 +190,7 @@ pub fn leaked_loops(under: &Path) -> Vec<String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    jobcachefs::loopback::list()
+    jobcachefs::host::loopback::list()
         .into_iter()
         .filter(|b| b.file.starts_with(under))
         .map(|b| format!("{} {}", b.device.display(), b.file.display()))
@@ -219,9 +219,9 @@ impl Drop for Node {
         for m in &mounts {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
-        for b in jobcachefs::loopback::list() {
+        for b in jobcachefs::host::loopback::list() {
             if b.file.starts_with(self.tmp.path()) {
-                let _ = jobcachefs::loopback::detach(&b.device);
+                let _ = jobcachefs::host::loopback::detach(&b.device);
             }
         }
         if std::env::var_os("JOBCACHEFS_KEEP_TEST_STATE").is_some() {
@@ -241,12 +241,12 @@ pub fn sh(script: &str) {
     );
 }
 
-pub fn snap(dir: &Path) -> jobcachefs::tree::Snapshot {
-    jobcachefs::tree::snapshot(dir).unwrap()
+pub fn snap(dir: &Path) -> jobcachefs::files::tree::Snapshot {
+    jobcachefs::files::tree::snapshot(dir).unwrap()
 }
 
-pub fn assert_same_tree(expected: &jobcachefs::tree::Snapshot, dir: &Path, what: &str) {
-    let d = jobcachefs::tree::diff(expected, &snap(dir));
+pub fn assert_same_tree(expected: &jobcachefs::files::tree::Snapshot, dir: &Path, what: &str) {
+    let d = jobcachefs::files::tree::diff(expected, &snap(dir));
     assert!(
         d.is_empty(),
         "{what}: tree differs from the merged view at delete time:\n{}",

@@ -2,11 +2,11 @@
 
 use super::Engine;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fsutil::{self, write_json_atomic};
-use crate::lock;
-use crate::names::CacheId;
-use crate::quantity::human_bytes;
-use crate::records::LayerInfo;
+use crate::input::names::CacheId;
+use crate::input::quantity::human_bytes;
+use crate::state::fsutil::{self, write_json_atomic};
+use crate::state::lock;
+use crate::state::records::LayerInfo;
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -152,13 +152,17 @@ impl Engine {
     /// Changes a cache's size limit. Growing only rewrites the limit (nothing in use is touched).
     /// Shrinking below the current base's size rebuilds the generation into a smaller base, and
     /// fails, changing nothing, when the data does not fit.
-    pub fn cache_resize(&self, id: &CacheId, size: u64) -> Result<crate::records::CacheRecord> {
+    pub fn cache_resize(
+        &self,
+        id: &CacheId,
+        size: u64,
+    ) -> Result<crate::state::records::CacheRecord> {
         let mut record = self.require_cache(id)?;
-        if size < crate::image::MIN_IMAGE_SIZE {
+        if size < crate::host::image::MIN_IMAGE_SIZE {
             return Err(Error::invalid(format!(
                 "cache size {} is below the minimum: use at least {}",
                 human_bytes(size),
-                human_bytes(crate::image::MIN_IMAGE_SIZE)
+                human_bytes(crate::host::image::MIN_IMAGE_SIZE)
             )));
         }
         let current = self.current(id)?;

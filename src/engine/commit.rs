@@ -9,13 +9,13 @@
 
 use super::volume::DeleteOutcome;
 use super::Engine;
-use crate::config::Config;
 use crate::error::{ErrorKind, IoContext, Result};
 use crate::fault;
-use crate::fsutil::{self, write_json_atomic};
-use crate::names::CacheId;
-use crate::quantity::human_bytes;
-use crate::records::{Generation, LayerInfo, VolumeRecord};
+use crate::input::config::Config;
+use crate::input::names::CacheId;
+use crate::input::quantity::human_bytes;
+use crate::state::fsutil::{self, write_json_atomic};
+use crate::state::records::{Generation, LayerInfo, VolumeRecord};
 
 impl Engine {
     /// Publishes the volume's image as layer `layer` on top of the cache's current generation.
@@ -77,7 +77,7 @@ impl Engine {
         });
         write_json_atomic(&self.layout.current(id), &next)?;
         fault::point("commit:published");
-        crate::stats::add(&self.layout, &[(crate::stats::names::COMMITS, 1)]);
+        crate::state::stats::add(&self.layout, &[(crate::state::stats::names::COMMITS, 1)]);
         tracing::info!(cache = %id, generation = next.generation, layer, allocated = %human_bytes(allocated),
             depth = next.layers.len(), "commit published");
         Ok(DeleteOutcome::Committed {
@@ -99,7 +99,7 @@ impl Engine {
         let id = record.cache.as_ref().expect("only cache volumes commit");
         match self.squash_with(id, Some((image, layer)), None) {
             Ok(outcome) => {
-                crate::stats::add(&self.layout, &[(crate::stats::names::COMMITS, 1)]);
+                crate::state::stats::add(&self.layout, &[(crate::state::stats::names::COMMITS, 1)]);
                 Ok(DeleteOutcome::Committed {
                     generation: outcome.generation().unwrap_or(0),
                     squashed: true,

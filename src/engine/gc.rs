@@ -8,12 +8,12 @@
 
 use super::Engine;
 use crate::error::Result;
-use crate::fsutil::read_json;
-use crate::lock;
-use crate::loopback;
-use crate::mounts;
-use crate::names::CacheId;
-use crate::records::{VolumeRecord, VolumeState};
+use crate::host::loopback;
+use crate::host::mounts;
+use crate::input::names::CacheId;
+use crate::state::fsutil::read_json;
+use crate::state::lock;
+use crate::state::records::{VolumeRecord, VolumeState};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! The engine: caches of immutable ext4 layers, per-volume overlay volumes, O(1) commit, squash,
-//! quotas and crash repair, on top of the on-disk layout in [`crate::layout`].
+//! quotas and crash repair, on top of the on-disk layout in [`crate::state::layout`].
 //!
 //! Lock order (never taken the other way round): volume lock → squash lock → cache lock. Nothing
 //! holds a cache lock for longer than a few mounts or a rename: squash copies without it.
@@ -15,14 +15,14 @@ pub use gc::GcReport;
 pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
 
-use crate::config::Config;
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::fsutil::{ensure_dir, read_json};
-use crate::layout::Layout;
-use crate::lock::{self, Lock};
-use crate::mounts;
-use crate::names::CacheId;
-use crate::records::{CacheRecord, Generation, VolumeRecord};
+use crate::host::mounts;
+use crate::input::config::Config;
+use crate::input::names::CacheId;
+use crate::state::fsutil::{ensure_dir, read_json};
+use crate::state::layout::Layout;
+use crate::state::lock::{self, Lock};
+use crate::state::records::{CacheRecord, Generation, VolumeRecord};
 use std::path::{Path, PathBuf};
 
 /// Receives progress of long operations (squash, resize): the operation's name and its copy
@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 pub struct ProgressHook(pub std::sync::Arc<ProgressFn>);
 
 /// The callback inside a [`ProgressHook`].
-pub type ProgressFn = dyn Fn(&str, &crate::copy::CopyStats) + Send + Sync;
+pub type ProgressFn = dyn Fn(&str, &crate::files::copy::CopyStats) + Send + Sync;
 
 impl std::fmt::Debug for ProgressHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,16 +10,16 @@
 //! that `gc` removes; after it, the old layers are unreferenced and `gc` removes them.
 
 use super::Engine;
-use crate::copy::{copy_tree, CopyOptions};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
-use crate::fsutil::{self, ensure_dir, write_json_atomic};
-use crate::image;
-use crate::lock;
-use crate::mounts;
-use crate::names::CacheId;
-use crate::quantity::human_bytes;
-use crate::records::{Generation, LayerInfo};
+use crate::files::copy::{copy_tree, CopyOptions};
+use crate::host::image;
+use crate::host::mounts;
+use crate::input::names::CacheId;
+use crate::input::quantity::human_bytes;
+use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::state::lock;
+use crate::state::records::{Generation, LayerInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -165,7 +165,8 @@ impl Engine {
         let started = std::time::Instant::now();
         let progress = self.progress.clone().map(|h| {
             let name = format!("squash {id}");
-            Box::new(move |s: &crate::copy::CopyStats| (h.0)(&name, s)) as crate::copy::Progress
+            Box::new(move |s: &crate::files::copy::CopyStats| (h.0)(&name, s))
+                as crate::files::copy::Progress
         });
         let stats = copy_tree(&view, &target, CopyOptions::default(), progress).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -245,7 +246,7 @@ impl Engine {
         };
         write_json_atomic(&self.layout.current(id), &next)?;
         fault::point("squash:published");
-        crate::stats::add(&self.layout, &[(crate::stats::names::SQUASHES, 1)]);
+        crate::state::stats::add(&self.layout, &[(crate::state::stats::names::SQUASHES, 1)]);
         let _ = std::fs::remove_file(self.layout.squash_due(id));
         self.collect_layers(id)?;
         tracing::info!(cache = %id, generation = next.generation, folded = base_ids.len(),

@@ -4,13 +4,13 @@
 use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
-use crate::fsutil::{self, ensure_dir, read_json, write_json_atomic};
-use crate::image;
-use crate::layout::volume_id;
-use crate::mounts;
-use crate::names::CacheId;
-use crate::quantity::human_bytes;
-use crate::records::{CacheRecord, RootOwner, VolumeRecord, VolumeState};
+use crate::host::image;
+use crate::host::mounts;
+use crate::input::names::CacheId;
+use crate::input::quantity::human_bytes;
+use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
+use crate::state::layout::volume_id;
+use crate::state::records::{CacheRecord, RootOwner, VolumeRecord, VolumeState};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -248,11 +248,11 @@ impl Engine {
             "volume created"
         );
         let counter = match (&record.cache, record.layers.is_empty()) {
-            (None, _) => crate::stats::names::VOLUMES_PLAIN,
-            (Some(_), true) => crate::stats::names::VOLUMES_COLD,
-            (Some(_), false) => crate::stats::names::VOLUMES_WARM,
+            (None, _) => crate::state::stats::names::VOLUMES_PLAIN,
+            (Some(_), true) => crate::state::stats::names::VOLUMES_COLD,
+            (Some(_), false) => crate::state::stats::names::VOLUMES_WARM,
         };
-        crate::stats::add(&self.layout, &[(counter, 1)]);
+        crate::state::stats::add(&self.layout, &[(counter, 1)]);
         Ok(record)
     }
 
@@ -629,7 +629,10 @@ fn new_layer_id(record: &VolumeRecord) -> String {
 /// device goes as soon as the last user does.
 fn wait_released(image: &Path) -> Result<()> {
     for _ in 0..100 {
-        if !crate::loopback::list().iter().any(|b| b.file == image) {
+        if !crate::host::loopback::list()
+            .iter()
+            .any(|b| b.file == image)
+        {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

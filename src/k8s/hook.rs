@@ -13,9 +13,9 @@ use super::path::{parse_volume_path, VolumeIdentity};
 use super::policy::{decide, ClaimFacts, ClassFacts};
 use crate::engine::{CreateRequest, DeleteOutcome};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::mounts;
-use crate::quantity::parse_size;
-use crate::records::{RootOwner, VolumeRecord};
+use crate::host::mounts;
+use crate::input::quantity::parse_size;
+use crate::state::records::{RootOwner, VolumeRecord};
 use crate::Engine;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -236,7 +236,9 @@ fn create(
     // have changed since). The engine remounts it if the node rebooted in between.
     if let Ok(info) = engine.volume_show(&req.path) {
         let r = &info.record;
-        if r.state == crate::records::VolumeState::Ready && r.labels.contains_key(labels::PVC) {
+        if r.state == crate::state::records::VolumeState::Ready
+            && r.labels.contains_key(labels::PVC)
+        {
             let volume = engine.volume_create(&CreateRequest {
                 dir: req.path.clone(),
                 cache: r.cache.clone(),

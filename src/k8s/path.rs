@@ -9,7 +9,7 @@
 //!   provisioner's `config.json` in the `[kubernetes] node_paths` config key.
 
 use crate::error::{Error, Result};
-use crate::names::validate_label;
+use crate::input::names::validate_label;
 use std::path::{Component, Path, PathBuf};
 
 /// The Kubernetes identity of a volume, as far as its path tells.

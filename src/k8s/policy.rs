@@ -3,8 +3,8 @@
 //! of writing back, never opt in beyond its class.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::names::CacheId;
-use crate::quantity::{human_bytes, parse_size};
+use crate::input::names::CacheId;
+use crate::input::quantity::{human_bytes, parse_size};
 use std::collections::BTreeMap;
 
 /// PVC annotation: the cache's name in the PVC's namespace.

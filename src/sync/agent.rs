@@ -6,10 +6,10 @@
 
 use super::ops;
 use super::transport::remote_for;
-use crate::config::Config;
 use crate::error::{ErrorKind, Result};
-use crate::names::CacheId;
-use crate::stats::{self, names};
+use crate::input::config::Config;
+use crate::input::names::CacheId;
+use crate::state::stats::{self, names};
 use crate::Engine;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};

@@ -3,7 +3,7 @@
 //! never tarred again, and a blob already here is not downloaded again.
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_json_atomic;
+use crate::state::fsutil::write_json_atomic;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -147,7 +147,7 @@ impl Store {
         let tmp = self
             .dir
             .join("blobs/sha256")
-            .join(format!("layer-{}.tmp", crate::fsutil::random_hex()));
+            .join(format!("layer-{}.tmp", crate::state::fsutil::random_hex()));
         let file = std::fs::File::create(&tmp).at("create", &tmp)?;
         let mut compressed = HashingWriter::new(std::io::BufWriter::new(file));
         let result = (|| {
@@ -187,8 +187,9 @@ impl Store {
 
     /// The blob record of local layer `layer`, if it was tarred or imported before.
     pub fn record(&self, layer: &str) -> Result<Option<BlobRecord>> {
-        let r: Option<BlobRecord> =
-            crate::fsutil::read_json(&self.dir.join("records").join(format!("{layer}.json")))?;
+        let r: Option<BlobRecord> = crate::state::fsutil::read_json(
+            &self.dir.join("records").join(format!("{layer}.json")),
+        )?;
         Ok(r.filter(|r| self.has(&r.digest)))
     }
 
@@ -227,7 +228,7 @@ impl Store {
                 let _ = std::fs::remove_file(e.path());
                 continue;
             }
-            if let Some(r) = crate::fsutil::read_json::<BlobRecord>(&e.path())? {
+            if let Some(r) = crate::state::fsutil::read_json::<BlobRecord>(&e.path())? {
                 keep.insert(r.digest.trim_start_matches("sha256:").to_string());
             }
         }

@@ -18,10 +18,12 @@ use super::oci::{self, BlobRecord, Descriptor, Manifest, Store};
 use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::fsutil::{self, ensure_dir, write_json_atomic};
-use crate::names::CacheId;
-use crate::records::{Generation, LayerInfo};
-use crate::{fault, image, lock, mounts, stats, Engine};
+use crate::host::{image, mounts};
+use crate::input::names::CacheId;
+use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::state::records::{Generation, LayerInfo};
+use crate::state::{lock, stats};
+use crate::{fault, Engine};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -285,7 +287,7 @@ pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportRe
     result
 }
 
-/// The node counters of one direction (see [`crate::stats`]).
+/// The node counters of one direction (see [`crate::state::stats`]).
 struct Counters {
     done: &'static str,
     bytes: &'static str,

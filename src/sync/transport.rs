@@ -7,8 +7,8 @@
 //! (skopeo 1.9 still writes its small blob-info cache to `/var/lib/containers/cache`; it has no
 //! flag to move it. Temporary files go under the state dir with `--tmpdir`.)
 
-use crate::cmd::{self, SKOPEO};
 use crate::error::{Error, ErrorKind, Result};
+use crate::host::cmd::{self, SKOPEO};
 use std::time::Duration;
 
 /// A repository in a registry (`host[:port]/path`, no tag) and how to reach it.
@@ -28,8 +28,8 @@ pub struct Remote {
 /// `image` if given, else `<image>/<namespace>/<name>` of the config's `[[registry]]` for the
 /// cache; `tls_verify` overrides the config's. `Ok(None)`: no registry applies.
 pub fn remote_for(
-    config: &crate::config::Config,
-    id: &crate::names::CacheId,
+    config: &crate::input::config::Config,
+    id: &crate::input::names::CacheId,
     image: Option<&str>,
     tls_verify: Option<bool>,
 ) -> Result<Option<(Remote, bool)>> {

@@ -6,8 +6,8 @@
 //! cannot parse counts as empty.
 
 use crate::error::IoContext;
-use crate::layout::Layout;
-use crate::lock;
+use crate::state::layout::Layout;
+use crate::state::lock;
 use std::collections::BTreeMap;
 
 /// Counter names.

@@ -1,8 +1,8 @@
 //! Sparse ext4 image files: creation sized exactly, with lazy init and no reserved blocks, check
 //! and resize. An image's root holds `upper/` (the tree, in overlayfs upper format) and `work/`.
 
-use crate::cmd::{self, E2FSCK, MKFS_EXT4, RESIZE2FS};
 use crate::error::{Error, IoContext, Result};
+use crate::host::cmd::{self, E2FSCK, MKFS_EXT4, RESIZE2FS};
 use std::fs::OpenOptions;
 use std::path::Path;
 
@@ -17,7 +17,7 @@ pub fn create(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
     if size < MIN_IMAGE_SIZE {
         return Err(Error::invalid(format!(
             "size {size} bytes is too small: use at least {}",
-            crate::quantity::human_bytes(MIN_IMAGE_SIZE)
+            crate::input::quantity::human_bytes(MIN_IMAGE_SIZE)
         )));
     }
     let size = size / 4096 * 4096;

@@ -2,7 +2,7 @@
 //! the mount table.
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::loopback;
+use crate::host::loopback;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! References between them (which layers are in use) are derived by reading these records, never
 //! kept as counters a crash could corrupt.
 
-use crate::names::CacheId;
+use crate::input::names::CacheId;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 

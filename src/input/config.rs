@@ -3,7 +3,7 @@
 //! documents each one.
 
 use crate::error::{Error, Result};
-use crate::quantity::parse_size;
+use crate::input::quantity::parse_size;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -229,7 +229,7 @@ impl Config {
 
 impl Config {
     /// The registry settings for cache `id` (the longest matching prefix), if any.
-    pub fn registry_for(&self, id: &crate::names::CacheId) -> Option<&RegistryConfig> {
+    pub fn registry_for(&self, id: &crate::input::names::CacheId) -> Option<&RegistryConfig> {
         let key = format!("{}/{}", id.namespace, id.name);
         self.registries
             .iter()
@@ -240,7 +240,9 @@ impl Config {
 
 fn registry(raw: RawRegistry, origin: &str) -> Result<RegistryConfig> {
     let timeout = match raw.timeout {
-        Some(s) => crate::quantity::parse_duration(&format!("registry.timeout in {origin}"), &s)?,
+        Some(s) => {
+            crate::input::quantity::parse_duration(&format!("registry.timeout in {origin}"), &s)?
+        }
         None => 300,
     };
     if raw.image.trim().is_empty() {
@@ -262,7 +264,9 @@ fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
     let d = AgentConfig::default();
     Ok(AgentConfig {
         interval: match raw.interval {
-            Some(s) => crate::quantity::parse_duration(&format!("agent.interval in {origin}"), &s)?,
+            Some(s) => {
+                crate::input::quantity::parse_duration(&format!("agent.interval in {origin}"), &s)?
+            }
             None => d.interval,
         },
         metrics_addr: raw.metrics_addr.unwrap_or(d.metrics_addr),
@@ -283,9 +287,10 @@ fn kubernetes(raw: RawKubernetes, origin: &str) -> Result<KubernetesConfig> {
         )));
     }
     let api_timeout = match raw.api_timeout {
-        Some(s) => {
-            crate::quantity::parse_duration(&format!("kubernetes.api_timeout in {origin}"), &s)?
-        }
+        Some(s) => crate::input::quantity::parse_duration(
+            &format!("kubernetes.api_timeout in {origin}"),
+            &s,
+        )?,
         None => d.api_timeout,
     };
     if !(1..=110).contains(&api_timeout) {
@@ -310,7 +315,7 @@ mod tests {
 
     #[test]
     fn example_config_parses() {
-        let text = include_str!("../config/jobcachefs.example.toml");
+        let text = include_str!("../../config/jobcachefs.example.toml");
         let c = Config::from_toml(text, "example").unwrap();
         assert_eq!(c.max_depth, 8);
     }

@@ -31,7 +31,7 @@
 //! The volume id is a hash of the canonical DIR, so a retried create/delete of the same DIR finds
 //! the same record.
 
-use crate::names::CacheId;
+use crate::input::names::CacheId;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 

@@ -14,7 +14,7 @@ pub struct Lock {
 
 fn open(path: &Path) -> Result<File> {
     if let Some(parent) = path.parent() {
-        crate::fsutil::ensure_dir(parent)?;
+        crate::state::fsutil::ensure_dir(parent)?;
     }
     OpenOptions::new()
         .create(true)
