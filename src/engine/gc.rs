@@ -8,7 +8,7 @@
 
 use super::Engine;
 use crate::error::Result;
-use crate::host::loopback;
+
 use crate::host::mounts;
 use crate::input::names::CacheId;
 use crate::state::fsutil::read_json;
@@ -88,7 +88,7 @@ impl Engine {
     }
 
     fn gc_volumes(&self, report: &mut GcReport) -> Result<()> {
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         for record in self.volume_records()? {
             let Some(_vlock) = lock::try_lock(&self.layout.volume_lock(&record.id))? else {
                 continue; // a hook is working on it right now
@@ -124,8 +124,8 @@ impl Engine {
             let work = self.layout.squash_mnt(id);
             for m in ["new", "extra", "view"] {
                 let p = work.join(m);
-                if mounts::is_mounted(&mounts::mount_table()?, &p) {
-                    mounts::unmount(&p, true)?;
+                if mounts::is_mounted(&self.host.mount_table()?, &p) {
+                    self.host.unmount(&p, true)?;
                     report.mounts_removed.push(p);
                 }
             }
@@ -175,14 +175,14 @@ impl Engine {
         let uppers = self.layout.mnt().join("uppers");
         let layers = self.layout.mnt().join("layers");
         let sync = self.layout.mnt().join("sync");
-        for m in mounts::mount_table()? {
+        for m in self.host.mount_table()? {
             // An overlay at some volume DIR whose upper belongs to a volume with no record.
             if m.fstype == "overlay" {
                 if let Some(vol) = upper_volume_of(&m.super_options, &uppers) {
                     if !self.layout.volume_record(&vol).exists() {
                         if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
                             if !self.layout.volume_record(&vol).exists() {
-                                mounts::unmount(&m.mount_point, true)?;
+                                self.host.unmount(&m.mount_point, true)?;
                                 report.mounts_removed.push(m.mount_point.clone());
                             }
                         }
@@ -194,7 +194,7 @@ impl Engine {
                 let vol = rest.to_string_lossy().into_owned();
                 if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
                     if !self.layout.volume_record(&vol).exists() {
-                        mounts::unmount(&m.mount_point, true)?;
+                        self.host.unmount(&m.mount_point, true)?;
                         let _ = std::fs::remove_dir(&m.mount_point);
                         report.mounts_removed.push(m.mount_point.clone());
                     }
@@ -204,7 +204,7 @@ impl Engine {
                 let token = rest.iter().next().map(|t| t.to_string_lossy().into_owned());
                 if let Some(token) = token {
                     if let Some(_l) = lock::try_lock(&sync.join(format!("{token}.lock")))? {
-                        mounts::unmount(&m.mount_point, true)?;
+                        self.host.unmount(&m.mount_point, true)?;
                         let _ = std::fs::remove_dir(&m.mount_point);
                         let _ = std::fs::remove_file(sync.join(format!("{token}.lock")));
                         report.mounts_removed.push(m.mount_point.clone());
@@ -221,7 +221,7 @@ impl Engine {
                         if self.cache_record(&id)?.is_none()
                             && !self.layers_in_use(&id)?.contains(&parts[2])
                         {
-                            mounts::unmount(&m.mount_point, true)?;
+                            self.host.unmount(&m.mount_point, true)?;
                             let _ = std::fs::remove_dir(&m.mount_point);
                             report.mounts_removed.push(m.mount_point.clone());
                         }
@@ -236,7 +236,7 @@ impl Engine {
     /// attach and mount, or a file deleted under an attached device).
     fn gc_loops(&self, report: &mut GcReport) -> Result<()> {
         let root = self.layout.root().to_path_buf();
-        for b in loopback::list() {
+        for b in self.host.loop_devices() {
             let file = PathBuf::from(b.file.to_string_lossy().trim_end_matches(" (deleted)"));
             if !file.starts_with(&root) {
                 continue;
@@ -246,12 +246,12 @@ impl Engine {
                 Some(g) => g,
                 None => continue,
             };
-            let table = mounts::mount_table()?;
+            let table = self.host.mount_table()?;
             let dev = b.device.display().to_string();
             if table.iter().any(|m| m.source == dev) {
                 continue;
             }
-            match loopback::detach(&b.device) {
+            match self.host.detach(&b.device) {
                 Ok(()) => report.loops_detached.push(b.device.clone()),
                 Err(e) => report.errors.push(e.to_string()),
             }

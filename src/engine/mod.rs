@@ -16,7 +16,7 @@ pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::host::mounts;
+use crate::host::{mounts, Host, ImageMount, RealHost};
 use crate::input::config::Config;
 use crate::input::names::CacheId;
 use crate::state::fsutil::{ensure_dir, read_json};
@@ -43,6 +43,7 @@ impl std::fmt::Debug for ProgressHook {
 #[derive(Debug, Clone)]
 pub struct Engine {
     layout: Layout,
+    host: std::sync::Arc<dyn Host>,
     config: Config,
     progress: Option<ProgressHook>,
 }
@@ -51,6 +52,15 @@ impl Engine {
     /// Opens (and creates, if needed) the state dir. It must be an absolute path that overlayfs
     /// options can carry.
     pub fn open(state_dir: &Path, config: Config) -> Result<Self> {
+        Self::open_on(state_dir, config, std::sync::Arc::new(RealHost))
+    }
+
+    /// Opens the state dir with `host` doing every privileged step (the unit tests pass a fake).
+    pub fn open_on(
+        state_dir: &Path,
+        config: Config,
+        host: std::sync::Arc<dyn Host>,
+    ) -> Result<Self> {
         if !state_dir.is_absolute() {
             return Err(Error::invalid(format!(
                 "state dir {:?} is relative: use an absolute path (--state-dir or JOBCACHEFS_STATE_DIR)",
@@ -79,6 +89,7 @@ impl Engine {
         }
         Ok(Engine {
             layout,
+            host,
             config,
             progress: None,
         })
@@ -93,6 +104,11 @@ impl Engine {
     /// The paths of this state dir.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The host the engine runs on.
+    pub fn host(&self) -> &dyn Host {
+        self.host.as_ref()
     }
 
     /// The configuration in force.
@@ -187,14 +203,15 @@ impl Engine {
     /// Makes sure each layer of `layers` is mounted read-only at its shared mount point. Called
     /// with the cache lock held.
     fn ensure_layers_mounted(&self, id: &CacheId, layers: &[String]) -> Result<Vec<PathBuf>> {
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         let mut lowers = Vec::with_capacity(layers.len());
         for layer in layers {
             let target = self.layout.layer_mount(id, layer);
             if !mounts::is_mounted(&table, &target) {
                 ensure_dir(&target)?;
                 let image = self.layout.layer_image(id, layer);
-                mounts::mount_image(&image, &target, true)?;
+                self.host
+                    .mount_image(&image, &target, ImageMount { read_only: true })?;
             }
             lowers.push(self.layout.layer_lowerdir(id, layer));
         }
@@ -220,7 +237,7 @@ impl Engine {
             if used.contains(&layer) {
                 continue;
             }
-            mounts::unmount(&e.path(), true)?;
+            self.host.unmount(&e.path(), true)?;
             let _ = std::fs::remove_dir(e.path());
         }
         Ok(())

@@ -13,8 +13,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
 use crate::files::copy::{copy_tree, CopyOptions};
-use crate::host::image;
-use crate::host::mounts;
+use crate::host::ImageMount;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
@@ -55,6 +54,7 @@ impl SquashOutcome {
 /// Unmounts the squash's mounts and removes its half-built image on every exit path, panics
 /// included.
 struct Scratch {
+    host: std::sync::Arc<dyn crate::host::Host>,
     mounts: Vec<PathBuf>,
     image: Option<PathBuf>,
 }
@@ -62,7 +62,7 @@ struct Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
-            if let Err(e) = mounts::unmount(m, true) {
+            if let Err(e) = self.host.unmount(m, true) {
                 tracing::warn!(mount = %m.display(), error = %e, "could not unmount squash scratch");
             }
         }
@@ -114,12 +114,13 @@ impl Engine {
         let (view, extra_mnt, new_mnt) = (work.join("view"), work.join("extra"), work.join("new"));
         // Leftovers of a squash that crashed are ours to clear: we hold the squash lock.
         for m in [&new_mnt, &extra_mnt, &view] {
-            mounts::unmount(m, true)?;
+            self.host.unmount(m, true)?;
         }
         let tmp = self.layout.cache_tmp(id);
         let _ = std::fs::remove_dir_all(&tmp);
         ensure_dir(&tmp)?;
         let mut scratch = Scratch {
+            host: self.host.clone(),
             mounts: Vec::new(),
             image: None,
         };
@@ -137,7 +138,8 @@ impl Engine {
             let mut lowers = self.ensure_layers_mounted(id, &current.layer_ids())?;
             if let Some((img, _)) = extra {
                 ensure_dir(&extra_mnt)?;
-                mounts::mount_image(img, &extra_mnt, true)?;
+                self.host
+                    .mount_image(img, &extra_mnt, ImageMount { read_only: true })?;
                 scratch.mounts.push(extra_mnt.clone());
                 lowers.push(extra_mnt.join("upper"));
             }
@@ -146,17 +148,18 @@ impl Engine {
                 lowers.insert(0, self.layout.empty());
             }
             ensure_dir(&view)?;
-            mounts::mount_overlay(&lowers, None, &view)?;
+            self.host.mount_overlay(&lowers, None, &view)?;
             scratch.mounts.push(view.clone());
             current
         };
         fault::point("squash:view-mounted");
 
         let image_path = tmp.join(format!("base-{}.img", fsutil::random_hex()));
-        image::create(&image_path, limit, 0, 0)?;
+        self.host.make_image(&image_path, limit, 0, 0)?;
         scratch.image = Some(image_path.clone());
         ensure_dir(&new_mnt)?;
-        mounts::mount_image(&image_path, &new_mnt, false)?;
+        self.host
+            .mount_image(&image_path, &new_mnt, ImageMount { read_only: false })?;
         scratch.mounts.push(new_mnt.clone());
         let target = new_mnt.join("upper");
         std::fs::create_dir(&target).at("create", &target)?;
@@ -181,7 +184,7 @@ impl Engine {
         fault::point("squash:copied");
         // Unmount in order (new base first so its blocks are flushed) before the size check.
         for m in scratch.mounts.drain(..).rev() {
-            mounts::unmount(&m, false)?;
+            self.host.unmount(&m, false)?;
         }
         std::fs::File::open(&image_path)
             .and_then(|f| f.sync_all())

@@ -5,7 +5,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
 use crate::host::image;
-use crate::host::mounts;
+use crate::host::{mounts, ImageMount};
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
@@ -165,7 +165,7 @@ impl Engine {
                     dir.display().to_string()
                 )));
             }
-            let table = mounts::mount_table()?;
+            let table = self.host.mount_table()?;
             if mounts::is_mounted(&table, &dir) {
                 return Err(Error::new(
                     ErrorKind::Conflict,
@@ -274,7 +274,7 @@ impl Engine {
                 ),
             ));
         }
-        let free = fsutil::free_bytes(self.layout.root())?;
+        let free = self.host.free_bytes(self.layout.root())?;
         if size > free {
             return Err(Error::new(
                 ErrorKind::Quota,
@@ -346,7 +346,7 @@ impl Engine {
                 ),
             ));
         }
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         if !mounts::is_mounted(&table, &existing.dir) {
             // The node rebooted: mounts are gone but the record and image survived.
             self.remount(&existing)?;
@@ -369,13 +369,18 @@ impl Engine {
             }
             None => vec![self.layout.empty()],
         };
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         let upper = self.layout.upper_mount(&record.id);
         if !mounts::is_mounted(&table, &upper) {
-            image::check(&self.layout.volume_image(&record.id))?;
-            mounts::mount_image(&self.layout.volume_image(&record.id), &upper, false)?;
+            self.host
+                .check_image(&self.layout.volume_image(&record.id))?;
+            self.host.mount_image(
+                &self.layout.volume_image(&record.id),
+                &upper,
+                ImageMount { read_only: false },
+            )?;
         }
-        mounts::mount_overlay(
+        self.host.mount_overlay(
             &lowers,
             Some((&upper.join("upper"), &upper.join("work"))),
             &record.dir,
@@ -388,11 +393,12 @@ impl Engine {
     fn mount_volume(&self, record: &VolumeRecord, lowers: &[std::path::PathBuf]) -> Result<()> {
         let vol = &record.id;
         let image_path = self.layout.volume_image(vol);
-        image::create(&image_path, record.size, 0, 0)?;
+        self.host.make_image(&image_path, record.size, 0, 0)?;
         fault::point("create:image-made");
         let upper = self.layout.upper_mount(vol);
         ensure_dir(&upper)?;
-        mounts::mount_image(&image_path, &upper, false)?;
+        self.host
+            .mount_image(&image_path, &upper, ImageMount { read_only: false })?;
         let (uid, gid, mode) = match record.root {
             Some(r) => (r.uid, r.gid, r.mode),
             None => (0, 0, 0o755),
@@ -402,32 +408,28 @@ impl Engine {
         for d in [&up, &work] {
             std::fs::create_dir(d).at("create", d)?;
         }
-        nix::unistd::chown(
-            &up,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .at("chown", &up)?;
+        self.host.chown(&up, uid, gid)?;
         std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(mode))
             .at("chmod", &up)?;
         fault::point("create:upper-mounted");
         if !record.dir.exists() {
             std::fs::create_dir_all(&record.dir).at("create volume DIR", &record.dir)?;
         }
-        mounts::mount_overlay(lowers, Some((&up, &work)), &record.dir)
+        self.host
+            .mount_overlay(lowers, Some((&up, &work)), &record.dir)
     }
 
     /// Undoes a volume that never became ready: unmount, remove image and record.
     pub(crate) fn rollback(&self, record: &VolumeRecord) -> Result<()> {
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &record.dir)
-            && overlay_of(&table, &record.dir, self, &record.id)
+            && self.overlay_of(&table, &record.dir, &record.id)
         {
-            mounts::unmount(&record.dir, true)?;
+            self.host.unmount(&record.dir, true)?;
         }
         let upper = self.layout.upper_mount(&record.id);
         if mounts::is_mounted(&table, &upper) {
-            mounts::unmount(&upper, true)?;
+            self.host.unmount(&upper, true)?;
         }
         let _ = std::fs::remove_dir(&upper);
         self.forget(record)?;
@@ -440,7 +442,9 @@ impl Engine {
         if !record.made_dir {
             return;
         }
-        let mounted = mounts::mount_table()
+        let mounted = self
+            .host
+            .mount_table()
             .map(|t| mounts::is_mounted(&t, &record.dir))
             .unwrap_or(true);
         if !mounted {
@@ -509,11 +513,11 @@ impl Engine {
     /// Finishes a delete from whatever point a previous run reached. Called with the volume lock.
     pub(crate) fn finish_delete(&self, mut record: VolumeRecord) -> Result<DeleteOutcome> {
         let vol = record.id.clone();
-        let table = mounts::mount_table()?;
-        if mounts::is_mounted(&table, &record.dir) && overlay_of(&table, &record.dir, self, &vol) {
+        let table = self.host.mount_table()?;
+        if mounts::is_mounted(&table, &record.dir) && self.overlay_of(&table, &record.dir, &vol) {
             // A commit needs a clean unmount: a busy volume is an error (the caller retries); a
             // discarded one may be detached lazily.
-            mounts::unmount(&record.dir, record.discard)?;
+            self.host.unmount(&record.dir, record.discard)?;
         }
         fault::point("delete:overlay-unmounted");
         let upper = self.layout.upper_mount(&vol);
@@ -534,9 +538,9 @@ impl Engine {
             }
             // The overlay's work dir is not part of the tree; empty it so the layer is tidy.
             let _ = std::fs::remove_dir_all(upper.join("work").join("work"));
-            mounts::unmount(&upper, record.discard)?;
+            self.host.unmount(&upper, record.discard)?;
             if record.commit_layer.is_some() {
-                wait_released(&self.layout.volume_image(&vol))?;
+                self.wait_released(&self.layout.volume_image(&vol))?;
                 record.clean = true;
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
             }
@@ -546,9 +550,9 @@ impl Engine {
         let outcome = match (&record.commit_layer, record.discard) {
             (Some(layer), false) => {
                 if !record.clean {
-                    wait_released(&self.layout.volume_image(&vol))?;
+                    self.wait_released(&self.layout.volume_image(&vol))?;
                 }
-                if !record.clean && !image_is_clean(&self.layout.volume_image(&vol))? {
+                if !record.clean && !self.host.image_is_clean(&self.layout.volume_image(&vol))? {
                     tracing::warn!(dir = %record.dir.display(),
                         "volume image was not cleanly unmounted (node crash?): discarding instead of committing");
                     DeleteOutcome::Discarded
@@ -573,7 +577,7 @@ impl Engine {
 
     /// Live volumes with their use.
     pub fn volume_list(&self) -> Result<Vec<VolumeInfo>> {
-        let table = mounts::mount_table()?;
+        let table = self.host.mount_table()?;
         let mut out = Vec::new();
         for record in self.volume_records()? {
             let upper = self.layout.upper_mount(&record.id);
@@ -607,15 +611,17 @@ impl Engine {
     }
 }
 
-/// Whether the mount at `dir` is this volume's overlay (not something else mounted there).
-fn overlay_of(table: &[mounts::MountEntry], dir: &Path, engine: &Engine, vol: &str) -> bool {
-    let upper = engine.layout.upper_mount(vol).join("upper");
-    table.iter().any(|m| {
-        m.mount_point == dir
-            && m.fstype == "overlay"
-            && m.super_options
-                .contains(&format!("upperdir={}", upper.display()))
-    })
+impl Engine {
+    /// Whether the mount at `dir` is this volume's overlay (not something else mounted there).
+    fn overlay_of(&self, table: &[mounts::MountEntry], dir: &Path, vol: &str) -> bool {
+        let upper = self.layout.upper_mount(vol).join("upper");
+        table.iter().any(|m| {
+            m.mount_point == dir
+                && m.fstype == "overlay"
+                && m.super_options
+                    .contains(&format!("upperdir={}", upper.display()))
+        })
+    }
 }
 
 /// A layer id: the volume's id and a random suffix, unique across retries and nodes.
@@ -627,17 +633,15 @@ fn new_layer_id(record: &VolumeRecord) -> String {
 /// end the filesystem if another mount namespace still holds the volume (a pod that was not torn
 /// down): committing then would publish an image that is still being written. With autoclear the
 /// device goes as soon as the last user does.
-fn wait_released(image: &Path) -> Result<()> {
-    for _ in 0..100 {
-        if !crate::host::loopback::list()
-            .iter()
-            .any(|b| b.file == image)
-        {
-            return Ok(());
+impl Engine {
+    fn wait_released(&self, image: &Path) -> Result<()> {
+        for _ in 0..100 {
+            if !self.host.loop_devices().iter().any(|b| b.file == image) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Err(Error::new(
+        Err(Error::new(
         ErrorKind::Conflict,
         format!(
             "volume image {} is still in use after unmounting (mounted in another mount namespace, e.g. a pod that still runs?): \
@@ -645,20 +649,7 @@ fn wait_released(image: &Path) -> Result<()> {
             image.display()
         ),
     ))
-}
-
-/// Whether an unmounted ext4 image's superblock says it was cleanly unmounted.
-fn image_is_clean(path: &Path) -> Result<bool> {
-    if !path.exists() {
-        return Ok(true); // already renamed into the cache by the commit
     }
-    // ext4 superblock at 1024; s_state (u16 LE) at offset 0x3A; bit 0 = cleanly unmounted.
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).at("open", path)?;
-    let mut b = [0u8; 2];
-    f.read_exact_at(&mut b, 1024 + 0x3A)
-        .at("read superblock of", path)?;
-    Ok(u16::from_le_bytes(b) & 1 == 1)
 }
 
 fn touch(path: &Path) {

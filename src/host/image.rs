@@ -93,3 +93,18 @@ pub fn resize(path: &Path, size: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether an unmounted ext4 image's superblock says it was cleanly unmounted. A missing image
+/// counts as clean (a commit already renamed it into the cache).
+pub fn is_clean(path: &Path) -> Result<bool> {
+    if !path.exists() {
+        return Ok(true);
+    }
+    // ext4 superblock at 1024; s_state (u16 LE) at offset 0x3A; bit 0 = cleanly unmounted.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).at("open", path)?;
+    let mut b = [0u8; 2];
+    f.read_exact_at(&mut b, 1024 + 0x3A)
+        .at("read superblock of", path)?;
+    Ok(u16::from_le_bytes(b) & 1 == 1)
+}

@@ -1,8 +1,114 @@
 //! The privileged shell: everything that touches the kernel or runs an external tool — loop
 //! devices, mounts and the mount table, ext4 images and the tools that make and check them.
-//! The engine reaches the host only through here.
+//!
+//! The engine reaches the host only through the [`Host`] trait: [`RealHost`] does it for real,
+//! and the unit tests use a fake (`fake.rs`) that simulates mounts with directories and symlinks,
+//! fails at any named step on request, and runs as an unprivileged user. Everything the engine
+//! decides (outcomes of a delete, rollback of a half-made create, what `gc` repairs, admission)
+//! is therefore tested without root; the real syscalls are tested by the integration tests.
 
 pub mod cmd;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod image;
 pub mod loopback;
 pub mod mounts;
+
+use crate::error::{IoContext, Result};
+use mounts::MountEntry;
+use std::path::{Path, PathBuf};
+
+/// How an ext4 image is mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageMount {
+    /// Read-only (layers, export).
+    pub read_only: bool,
+}
+
+/// What the engine asks of the host. Every method is one privileged step; each is idempotent
+/// where the engine's crash repair relies on it (unmounting what is not mounted succeeds).
+pub trait Host: Send + Sync + std::fmt::Debug {
+    /// The mount table of this mount namespace.
+    fn mount_table(&self) -> Result<Vec<MountEntry>>;
+    /// Attaches `image` to a loop device (autoclear, direct I/O) and mounts it at `target`
+    /// (`nosuid,nodev`). On failure nothing stays attached.
+    fn mount_image(&self, image: &Path, target: &Path, how: ImageMount) -> Result<()>;
+    /// Mounts an overlay of `lowers` (bottom first) at `target`, read-only without `upper`.
+    fn mount_overlay(
+        &self,
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> Result<()>;
+    /// Unmounts `target` (nothing mounted there is success); `lazy` detaches a busy mount.
+    fn unmount(&self, target: &Path, lazy: bool) -> Result<()>;
+    /// Loop devices and their backing files.
+    fn loop_devices(&self) -> Vec<loopback::Backing>;
+    /// Detaches a loop device no mount holds.
+    fn detach(&self, device: &Path) -> Result<()>;
+    /// Makes a sparse ext4 image of `size` bytes whose root is owned by `uid:gid`.
+    fn make_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()>;
+    /// Checks and repairs an unmounted image (e2fsck -p); the exit code (0 clean, 1 repaired).
+    fn check_image(&self, path: &Path) -> Result<i32>;
+    /// Whether an unmounted image's superblock says it was cleanly unmounted.
+    fn image_is_clean(&self, path: &Path) -> Result<bool>;
+    /// Grows or shrinks an unmounted image.
+    fn resize_image(&self, path: &Path, size: u64) -> Result<()>;
+    /// Sets the owner of `path`.
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<()>;
+    /// Free bytes (for unprivileged users too) of the filesystem holding `path`.
+    fn free_bytes(&self, path: &Path) -> Result<u64>;
+}
+
+/// The real host: syscalls and the tools of [`cmd`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn mount_table(&self) -> Result<Vec<MountEntry>> {
+        mounts::mount_table()
+    }
+    fn mount_image(&self, image: &Path, target: &Path, how: ImageMount) -> Result<()> {
+        mounts::mount_image(image, target, how.read_only)
+    }
+    fn mount_overlay(
+        &self,
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> Result<()> {
+        mounts::mount_overlay(lowers, upper, target)
+    }
+    fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
+        mounts::unmount(target, lazy)
+    }
+    fn loop_devices(&self) -> Vec<loopback::Backing> {
+        loopback::list()
+    }
+    fn detach(&self, device: &Path) -> Result<()> {
+        loopback::detach(device)
+    }
+    fn make_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+        image::create(path, size, uid, gid)
+    }
+    fn check_image(&self, path: &Path) -> Result<i32> {
+        image::check(path)
+    }
+    fn image_is_clean(&self, path: &Path) -> Result<bool> {
+        image::is_clean(path)
+    }
+    fn resize_image(&self, path: &Path, size: u64) -> Result<()> {
+        image::resize(path, size)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<()> {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .at("chown", path)
+    }
+    fn free_bytes(&self, path: &Path) -> Result<u64> {
+        crate::state::fsutil::free_bytes(path)
+    }
+}

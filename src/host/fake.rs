@@ -1,0 +1,311 @@
+//! A fake [`Host`] for the engine's unit tests: no root, no kernel mounts.
+//!
+//! - An "image" is a sparse file; its filesystem is a directory under the fake's own root, keyed
+//!   by the file's inode so that it follows the image through renames (a commit renames).
+//! - Mounting an image replaces the (empty) target directory by a symlink to that tree, so the
+//!   engine's `upper/` and `work/` land in the image's tree, as on a real host.
+//! - A writable overlay replaces the target by a symlink to its upperdir: what a test writes
+//!   into a volume's DIR lands in the upper, as a job's writes do. A read-only overlay (squash's
+//!   merged view) is materialised as a copy of its lowers, bottom first (no whiteouts).
+//! - Unmounting puts an empty directory back. The mount table and loop devices live in memory.
+//! - `fail_on(op, needle)` makes the next calls of `op` whose path contains `needle` fail, and
+//!   `set_free` sets what `free_bytes` answers (disk admission).
+
+use super::loopback::Backing;
+use super::mounts::MountEntry;
+use super::{Host, ImageMount};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+struct State {
+    mounts: Vec<MountEntry>,
+    /// mount point → the image file a loop device serves there.
+    loops: HashMap<PathBuf, PathBuf>,
+    failures: Vec<(String, String)>,
+    dirty: Vec<PathBuf>,
+    free: Option<u64>,
+    calls: Vec<String>,
+}
+
+/// The fake host. See the module docs.
+#[derive(Debug)]
+pub struct FakeHost {
+    trees: PathBuf,
+    state: Mutex<State>,
+}
+
+impl FakeHost {
+    /// A fake whose image trees live under `root`.
+    pub fn new(root: &Path) -> Self {
+        let trees = root.join("fake-trees");
+        std::fs::create_dir_all(&trees).unwrap();
+        FakeHost {
+            trees,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Makes calls of `op` (a method name, e.g. `mount_overlay`) on a path containing `needle`
+    /// fail with EIO until [`FakeHost::heal`].
+    pub fn fail_on(&self, op: &str, needle: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .failures
+            .push((op.into(), needle.into()));
+    }
+
+    /// Stops every injected failure.
+    pub fn heal(&self) {
+        self.state.lock().unwrap().failures.clear();
+    }
+
+    /// Makes `image_is_clean` answer false for `image` (a node crash with the image mounted).
+    pub fn mark_dirty(&self, image: &Path) {
+        self.state.lock().unwrap().dirty.push(image.to_path_buf());
+    }
+
+    /// Sets the free bytes every filesystem reports.
+    pub fn set_free(&self, bytes: u64) {
+        self.state.lock().unwrap().free = Some(bytes);
+    }
+
+    /// Forgets every mount, as a reboot does (the symlinks become empty dirs again).
+    pub fn reboot(&self) {
+        let mut st = self.state.lock().unwrap();
+        for m in st.mounts.drain(..) {
+            restore_dir(&m.mount_point);
+        }
+        st.loops.clear();
+    }
+
+    /// The calls made so far, as `op path` strings.
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Whether something is mounted at `path`.
+    pub fn is_mounted(&self, path: &Path) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .mounts
+            .iter()
+            .any(|m| m.mount_point == path)
+    }
+
+    /// Mount points, in mount order.
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        self.state
+            .lock()
+            .unwrap()
+            .mounts
+            .iter()
+            .map(|m| m.mount_point.clone())
+            .collect()
+    }
+
+    /// The directory standing for the filesystem inside `image`.
+    pub fn tree_of(&self, image: &Path) -> Result<PathBuf> {
+        let md = std::fs::metadata(image).at("stat", image)?;
+        Ok(self.trees.join(format!("{}-{}", md.dev(), md.ino())))
+    }
+
+    fn step(&self, op: &str, path: &Path) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.calls.push(format!("{op} {}", path.display()));
+        let p = path.to_string_lossy();
+        if st
+            .failures
+            .iter()
+            .any(|(o, n)| o == op && p.contains(n.as_str()))
+        {
+            return Err(Error::io(
+                format!("{op} {} (injected)", path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+
+    fn mount_at(&self, target: &Path, points_to: &Path, entry: MountEntry) -> Result<()> {
+        if self.is_mounted(target) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("fake: {} is already mounted", target.display()),
+            ));
+        }
+        match std::fs::symlink_metadata(target) {
+            Ok(md) if md.is_dir() => std::fs::remove_dir(target).at("fake: mount on", target)?,
+            Ok(_) => {
+                return Err(Error::invalid(format!(
+                    "fake: {} is no dir",
+                    target.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("fake: mount on {}", target.display()), e)),
+        }
+        std::os::unix::fs::symlink(points_to, target).at("fake: symlink", target)?;
+        self.state.lock().unwrap().mounts.push(entry);
+        Ok(())
+    }
+}
+
+fn restore_dir(target: &Path) {
+    if std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink()) {
+        let _ = std::fs::remove_file(target);
+        let _ = std::fs::create_dir(target);
+    } else if target.is_dir() {
+        // A materialised read-only view: empty it again.
+        let _ = std::fs::remove_dir_all(target);
+        let _ = std::fs::create_dir(target);
+    }
+}
+
+fn copy_into(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            let _ = std::fs::create_dir_all(&dst);
+            copy_into(&e.path(), &dst);
+        } else {
+            let _ = std::fs::copy(e.path(), &dst);
+        }
+    }
+}
+
+impl Host for FakeHost {
+    fn mount_table(&self) -> Result<Vec<MountEntry>> {
+        Ok(self.state.lock().unwrap().mounts.clone())
+    }
+
+    fn mount_image(&self, image: &Path, target: &Path, how: ImageMount) -> Result<()> {
+        self.step("mount_image", image)?;
+        self.step("mount_image", target)?;
+        let tree = self.tree_of(image)?;
+        if !tree.exists() {
+            return Err(Error::invalid(format!(
+                "fake: {} has no filesystem",
+                image.display()
+            )));
+        }
+        let dev = format!("/dev/loop{}", 100 + self.state.lock().unwrap().loops.len());
+        self.mount_at(
+            target,
+            &tree,
+            MountEntry {
+                mount_point: target.to_path_buf(),
+                fstype: "ext4".into(),
+                source: dev,
+                super_options: if how.read_only { "ro" } else { "rw" }.into(),
+            },
+        )?;
+        self.state
+            .lock()
+            .unwrap()
+            .loops
+            .insert(target.to_path_buf(), image.to_path_buf());
+        Ok(())
+    }
+
+    fn mount_overlay(
+        &self,
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> Result<()> {
+        self.step("mount_overlay", target)?;
+        let opts = super::mounts::overlay_options(lowers, upper);
+        let entry = MountEntry {
+            mount_point: target.to_path_buf(),
+            fstype: "overlay".into(),
+            source: "jobcachefs".into(),
+            super_options: format!("rw,{opts}"),
+        };
+        match upper {
+            Some((u, _)) => self.mount_at(target, u, entry),
+            None => {
+                for l in lowers {
+                    copy_into(l, target);
+                }
+                self.state.lock().unwrap().mounts.push(entry);
+                Ok(())
+            }
+        }
+    }
+
+    fn unmount(&self, target: &Path, _lazy: bool) -> Result<()> {
+        self.step("unmount", target)?;
+        let mut st = self.state.lock().unwrap();
+        if let Some(i) = st.mounts.iter().rposition(|m| m.mount_point == target) {
+            st.mounts.remove(i);
+            st.loops.remove(target);
+            restore_dir(target);
+        }
+        Ok(())
+    }
+
+    fn loop_devices(&self) -> Vec<Backing> {
+        let st = self.state.lock().unwrap();
+        st.mounts
+            .iter()
+            .filter_map(|m| {
+                st.loops.get(&m.mount_point).map(|f| Backing {
+                    device: PathBuf::from(&m.source),
+                    file: f.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn detach(&self, device: &Path) -> Result<()> {
+        self.step("detach", device)
+    }
+
+    fn make_image(&self, path: &Path, size: u64, _uid: u32, _gid: u32) -> Result<()> {
+        self.step("make_image", path)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .at("fake: create image", path)?;
+        f.set_len(size).at("fake: size image", path)?;
+        let tree = self.tree_of(path)?;
+        let _ = std::fs::remove_dir_all(&tree); // a reused inode number
+        std::fs::create_dir_all(&tree).at("fake: create tree", &tree)
+    }
+
+    fn check_image(&self, path: &Path) -> Result<i32> {
+        self.step("check_image", path)?;
+        Ok(0)
+    }
+
+    fn image_is_clean(&self, path: &Path) -> Result<bool> {
+        self.step("image_is_clean", path)?;
+        Ok(!self.state.lock().unwrap().dirty.iter().any(|d| d == path))
+    }
+
+    fn resize_image(&self, path: &Path, size: u64) -> Result<()> {
+        self.step("resize_image", path)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(size))
+            .at("fake: resize", path)
+    }
+
+    fn chown(&self, path: &Path, _uid: u32, _gid: u32) -> Result<()> {
+        self.step("chown", path)
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64> {
+        match self.state.lock().unwrap().free {
+            Some(f) => Ok(f),
+            None => crate::state::fsutil::free_bytes(path),
+        }
+    }
+}
