@@ -466,6 +466,7 @@ fn describe_delete(outcome: &DeleteOutcome) -> String {
         DeleteOutcome::NotFound => "no volume there (already deleted)".to_string(),
         DeleteOutcome::RolledBack => "half-made volume rolled back".to_string(),
         DeleteOutcome::Discarded => "deleted, changes discarded".to_string(),
+        DeleteOutcome::NotCommitted { reason } => format!("deleted, not committed: {reason}"),
         DeleteOutcome::Unchanged => "deleted, nothing changed to commit".to_string(),
         DeleteOutcome::Committed {
             generation,

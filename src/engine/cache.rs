@@ -158,13 +158,7 @@ impl Engine {
         size: u64,
     ) -> Result<crate::state::records::CacheRecord> {
         let mut record = self.require_cache(id)?;
-        if size < crate::host::image::MIN_IMAGE_SIZE {
-            return Err(Error::invalid(format!(
-                "cache size {} is below the minimum: use at least {}",
-                human_bytes(size),
-                human_bytes(crate::host::image::MIN_IMAGE_SIZE)
-            )));
-        }
+        super::volume::check_cache_size(size)?;
         let current = self.current(id)?;
         if size >= record.cache_size || current.layers.is_empty() {
             let _clock = self.lock_cache(id)?;

@@ -4,12 +4,14 @@
 //! Lock order (never taken the other way round): volume lock → squash lock → cache lock. Nothing
 //! holds a cache lock for longer than a few mounts or a rename: squash copies without it.
 
+mod admission;
 mod cache;
 mod commit;
 mod gc;
 mod squash;
 mod volume;
 
+pub use admission::DiskBudget;
 pub use cache::{CacheInfo, LayerView, PruneCandidate};
 pub use gc::GcReport;
 pub use squash::SquashOutcome;
@@ -80,6 +82,13 @@ impl Engine {
             layout.queue(),
         ] {
             ensure_dir(&d)?;
+        }
+        // The node-wide admission lock exists from the start, so that a refused create leaves
+        // no file behind.
+        ensure_dir(&layout.root().join("locks"))?;
+        let admission = layout.admission_lock();
+        if !admission.exists() {
+            std::fs::write(&admission, b"").at("create", &admission)?;
         }
         let empty = layout.empty();
         if !empty.exists() {
@@ -243,3 +252,6 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -94,7 +94,7 @@ impl Engine {
     ) -> Result<SquashOutcome> {
         let result = self.squash_inner(id, extra, size);
         // Layer mounts made only for this squash go, whatever the outcome.
-        if result.is_err() {
+        if result.is_err() && self.cache_record(id)?.is_some() {
             let _clock = self.lock_cache(id)?;
             self.unmount_unused_layers(id)?;
         }

@@ -44,6 +44,14 @@ pub enum DeleteOutcome {
     RolledBack,
     /// Discarded: `--discard`, not write-back, or a plain volume.
     Discarded,
+    /// A write-back volume whose changes could not be committed, and why (its image was not
+    /// cleanly unmounted after a node crash; another volume held the cache's write lease).
+    /// Reported as `"outcome": "discarded"` with a `reason`.
+    #[serde(rename = "discarded")]
+    NotCommitted {
+        /// Why, for the operator.
+        reason: String,
+    },
     /// Write-back volume that changed nothing: nothing published.
     Unchanged,
     /// Committed as a new generation.
@@ -137,6 +145,18 @@ impl Engine {
             )));
         }
         let vol = volume_id(&dir);
+        if let Some(cache_size) = req.cache_size {
+            check_cache_size(cache_size)?;
+        }
+        if !self.layout.volume_record(&vol).exists() {
+            // Refuse a bad DIR or a size the disk cannot back before anything is created (not
+            // even the lock file); both are checked again under the locks below.
+            self.check_new_dir(&dir)?;
+            let budget = self.disk_budget()?;
+            if !budget.admits(size) {
+                return Err(budget.refusal("volume", size, self.layout.root()));
+            }
+        }
         let _vlock = self.lock_volume(&vol)?;
         if let Some(existing) = read_json::<VolumeRecord>(&self.layout.volume_record(&vol))? {
             match existing.state {
@@ -157,31 +177,7 @@ impl Engine {
                 }
             }
         }
-        if dir.exists() {
-            let md = std::fs::metadata(&dir).at("stat", &dir)?;
-            if !md.is_dir() {
-                return Err(Error::invalid(format!(
-                    "volume DIR {:?} is a file: give a directory path (it is created if missing)",
-                    dir.display().to_string()
-                )));
-            }
-            let table = self.host.mount_table()?;
-            if mounts::is_mounted(&table, &dir) {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "volume DIR {:?} is already a mount point: unmount it or pick another path",
-                        dir.display().to_string()
-                    ),
-                ));
-            }
-            if std::fs::read_dir(&dir).at("read", &dir)?.next().is_some() {
-                return Err(Error::invalid(format!(
-                    "volume DIR {:?} is not empty: give an empty or missing directory",
-                    dir.display().to_string()
-                )));
-            }
-        }
+        self.check_new_dir(&dir)?;
         let mut record = VolumeRecord {
             id: vol.clone(),
             dir: dir.clone(),
@@ -200,6 +196,8 @@ impl Engine {
             made_dir: !dir.exists(),
             labels: req.labels.clone(),
         };
+        // Admitted until the record is written: from then on it counts in the disk budget.
+        let admission = self.admit(size)?;
         ensure_dir(&self.layout.volume_dir(&vol))?;
         let lowers = match &req.cache {
             Some(id) => {
@@ -211,6 +209,7 @@ impl Engine {
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                drop(admission);
                 touch(&self.layout.last_used(id));
                 match self.ensure_layers_mounted(id, &record.layers) {
                     Ok(l) if l.is_empty() => vec![self.layout.empty()],
@@ -224,6 +223,7 @@ impl Engine {
             }
             None => {
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                drop(admission);
                 vec![self.layout.empty()]
             }
         };
@@ -256,6 +256,36 @@ impl Engine {
         Ok(record)
     }
 
+    /// Refuses a DIR that is a file, a mount point or not empty (a missing DIR is fine).
+    fn check_new_dir(&self, dir: &Path) -> Result<()> {
+        if dir.exists() {
+            let md = std::fs::metadata(dir).at("stat", dir)?;
+            if !md.is_dir() {
+                return Err(Error::invalid(format!(
+                    "volume DIR {:?} is a file: give a directory path (it is created if missing)",
+                    dir.display().to_string()
+                )));
+            }
+            let table = self.host.mount_table()?;
+            if mounts::is_mounted(&table, dir) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume DIR {:?} is already a mount point: unmount it or pick another path",
+                        dir.display().to_string()
+                    ),
+                ));
+            }
+            if std::fs::read_dir(dir).at("read", dir)?.next().is_some() {
+                return Err(Error::invalid(format!(
+                    "volume DIR {:?} is not empty: give an empty or missing directory",
+                    dir.display().to_string()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check_volume_size(&self, size: u64) -> Result<()> {
         if size < image::MIN_IMAGE_SIZE {
             return Err(Error::invalid(format!(
@@ -271,18 +301,6 @@ impl Engine {
                     "volume size {} is above this node's max_volume_size {}: ask for less or raise max_volume_size in the config",
                     human_bytes(size),
                     human_bytes(self.config.max_volume_size)
-                ),
-            ));
-        }
-        let free = self.host.free_bytes(self.layout.root())?;
-        if size > free {
-            return Err(Error::new(
-                ErrorKind::Quota,
-                format!(
-                    "volume size {} is larger than the free space {} of the state dir {}: ask for less or free space",
-                    human_bytes(size),
-                    human_bytes(free),
-                    self.layout.root().display()
                 ),
             ));
         }
@@ -305,13 +323,7 @@ impl Engine {
             return Ok(r);
         }
         let cache_size = cache_size.unwrap_or(self.config.default_cache_size);
-        if cache_size < image::MIN_IMAGE_SIZE {
-            return Err(Error::invalid(format!(
-                "cache size {} is below the minimum: use at least {}",
-                human_bytes(cache_size),
-                human_bytes(image::MIN_IMAGE_SIZE)
-            )));
-        }
+        check_cache_size(cache_size)?;
         let record = CacheRecord {
             id: id.clone(),
             cache_size,
@@ -521,6 +533,27 @@ impl Engine {
         }
         fault::point("delete:overlay-unmounted");
         let upper = self.layout.upper_mount(&vol);
+        let mut not_committed = None;
+        if !mounts::is_mounted(&table, &upper) && !record.discard && record.commit_layer.is_none() {
+            // The mounts vanished before delete decided (a node reboot): only an image that was
+            // unmounted cleanly can be judged; a dirty one is not committed, and says so.
+            let image = self.layout.volume_image(&vol);
+            if image.exists() && self.host.image_is_clean(&image)? {
+                ensure_dir(&upper)?;
+                self.host
+                    .mount_image(&image, &upper, ImageMount { read_only: false })?;
+            } else {
+                let reason = format!(
+                    "the volume's mounts were gone (node reboot?) and its image {} was not cleanly unmounted: its changes were not committed",
+                    image.display()
+                );
+                tracing::warn!(dir = %record.dir.display(), "{reason}");
+                record.discard = true;
+                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                not_committed = Some(reason);
+            }
+        }
+        let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &upper) {
             if !record.discard && record.commit_layer.is_none() {
                 let changed = std::fs::read_dir(upper.join("upper"))
@@ -553,9 +586,9 @@ impl Engine {
                     self.wait_released(&self.layout.volume_image(&vol))?;
                 }
                 if !record.clean && !self.host.image_is_clean(&self.layout.volume_image(&vol))? {
-                    tracing::warn!(dir = %record.dir.display(),
-                        "volume image was not cleanly unmounted (node crash?): discarding instead of committing");
-                    DeleteOutcome::Discarded
+                    let reason = "the volume image was not cleanly unmounted (node crash?): its changes were not committed".to_string();
+                    tracing::warn!(dir = %record.dir.display(), "{reason}");
+                    DeleteOutcome::NotCommitted { reason }
                 } else {
                     let layer = layer.clone();
                     self.commit(&record, &layer)?
@@ -563,6 +596,9 @@ impl Engine {
             }
             (None, false) => DeleteOutcome::Unchanged,
             _ if record.unchanged => DeleteOutcome::Unchanged,
+            _ if not_committed.is_some() => DeleteOutcome::NotCommitted {
+                reason: not_committed.unwrap_or_default(),
+            },
             _ => DeleteOutcome::Discarded,
         };
         fault::point("delete:committed");
@@ -622,6 +658,18 @@ impl Engine {
                     .contains(&format!("upperdir={}", upper.display()))
         })
     }
+}
+
+/// Refuses a cache-size below the smallest image jobcachefs makes.
+pub(crate) fn check_cache_size(cache_size: u64) -> Result<()> {
+    if cache_size < image::MIN_IMAGE_SIZE {
+        return Err(Error::invalid(format!(
+            "cache size {} is below the minimum: use at least {}",
+            human_bytes(cache_size),
+            human_bytes(image::MIN_IMAGE_SIZE)
+        )));
+    }
+    Ok(())
 }
 
 /// A layer id: the volume's id and a random suffix, unique across retries and nodes.

@@ -4,12 +4,13 @@
 //!   by the file's inode so that it follows the image through renames (a commit renames).
 //! - Mounting an image replaces the (empty) target directory by a symlink to that tree, so the
 //!   engine's `upper/` and `work/` land in the image's tree, as on a real host.
-//! - A writable overlay replaces the target by a symlink to its upperdir: what a test writes
+//! - A writable overlay moves its upperdir's tree to the target (which stays a real directory,
+//!   as the engine canonicalises DIRs) and leaves a symlink at the upperdir: what a test writes
 //!   into a volume's DIR lands in the upper, as a job's writes do. A read-only overlay (squash's
 //!   merged view) is materialised as a copy of its lowers, bottom first (no whiteouts).
 //! - Unmounting puts an empty directory back. The mount table and loop devices live in memory.
 //! - `fail_on(op, needle)` makes the next calls of `op` whose path contains `needle` fail, and
-//!   `set_free` sets what `free_bytes` answers (disk admission).
+//!   `set_space` sets what `fs_space` answers (disk admission).
 
 use super::loopback::Backing;
 use super::mounts::MountEntry;
@@ -25,9 +26,11 @@ struct State {
     mounts: Vec<MountEntry>,
     /// mount point → the image file a loop device serves there.
     loops: HashMap<PathBuf, PathBuf>,
+    /// overlay DIR → the upperdir whose tree was moved there.
+    moved: HashMap<PathBuf, PathBuf>,
     failures: Vec<(String, String)>,
     dirty: Vec<PathBuf>,
-    free: Option<u64>,
+    space: Option<(u64, u64)>,
     calls: Vec<String>,
 }
 
@@ -69,16 +72,20 @@ impl FakeHost {
         self.state.lock().unwrap().dirty.push(image.to_path_buf());
     }
 
-    /// Sets the free bytes every filesystem reports.
-    pub fn set_free(&self, bytes: u64) {
-        self.state.lock().unwrap().free = Some(bytes);
+    /// Sets the `(available, total)` bytes every filesystem reports.
+    pub fn set_space(&self, free: u64, total: u64) {
+        self.state.lock().unwrap().space = Some((free, total));
     }
 
-    /// Forgets every mount, as a reboot does (the symlinks become empty dirs again).
+    /// Forgets every mount, as a reboot does (mount points become empty dirs again).
     pub fn reboot(&self) {
         let mut st = self.state.lock().unwrap();
-        for m in st.mounts.drain(..) {
-            restore_dir(&m.mount_point);
+        let mounts: Vec<_> = st.mounts.drain(..).collect();
+        for m in mounts.iter().rev() {
+            match st.moved.remove(&m.mount_point) {
+                Some(upper) => move_back(&m.mount_point, &upper),
+                None => restore_dir(&m.mount_point),
+            }
         }
         st.loops.clear();
     }
@@ -166,6 +173,12 @@ fn restore_dir(target: &Path) {
     }
 }
 
+fn move_back(target: &Path, upper: &Path) {
+    let _ = std::fs::remove_file(upper);
+    let _ = std::fs::rename(target, upper);
+    let _ = std::fs::create_dir(target);
+}
+
 fn copy_into(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
         let dst = to.join(e.file_name());
@@ -227,7 +240,23 @@ impl Host for FakeHost {
             super_options: format!("rw,{opts}"),
         };
         match upper {
-            Some((u, _)) => self.mount_at(target, u, entry),
+            // The DIR must stay a real directory (the engine canonicalises it): the upper's
+            // tree moves there and the upper's path points at it until the unmount.
+            Some((u, _)) => {
+                if self.is_mounted(target) {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!("fake: {} is already mounted", target.display()),
+                    ));
+                }
+                std::fs::remove_dir(target).at("fake: mount on", target)?;
+                std::fs::rename(u, target).at("fake: move upper to", target)?;
+                std::os::unix::fs::symlink(target, u).at("fake: symlink", u)?;
+                let mut st = self.state.lock().unwrap();
+                st.moved.insert(target.to_path_buf(), u.to_path_buf());
+                st.mounts.push(entry);
+                Ok(())
+            }
             None => {
                 for l in lowers {
                     copy_into(l, target);
@@ -244,7 +273,10 @@ impl Host for FakeHost {
         if let Some(i) = st.mounts.iter().rposition(|m| m.mount_point == target) {
             st.mounts.remove(i);
             st.loops.remove(target);
-            restore_dir(target);
+            match st.moved.remove(target) {
+                Some(upper) => move_back(target, &upper),
+                None => restore_dir(target),
+            }
         }
         Ok(())
     }
@@ -302,10 +334,12 @@ impl Host for FakeHost {
         self.step("chown", path)
     }
 
-    fn free_bytes(&self, path: &Path) -> Result<u64> {
-        match self.state.lock().unwrap().free {
-            Some(f) => Ok(f),
-            None => crate::state::fsutil::free_bytes(path),
-        }
+    fn fs_space(&self, _path: &Path) -> Result<(u64, u64)> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .space
+            .unwrap_or((1 << 40, 1 << 41)))
     }
 }

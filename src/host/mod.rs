@@ -56,8 +56,9 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn resize_image(&self, path: &Path, size: u64) -> Result<()>;
     /// Sets the owner of `path`.
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<()>;
-    /// Free bytes (for unprivileged users too) of the filesystem holding `path`.
-    fn free_bytes(&self, path: &Path) -> Result<u64>;
+    /// `(available, total)` bytes of the filesystem holding `path` (available: what an
+    /// unprivileged user may still write, as df's Avail).
+    fn fs_space(&self, path: &Path) -> Result<(u64, u64)>;
 }
 
 /// The real host: syscalls and the tools of [`cmd`].
@@ -108,7 +109,9 @@ impl Host for RealHost {
         )
         .at("chown", path)
     }
-    fn free_bytes(&self, path: &Path) -> Result<u64> {
-        crate::state::fsutil::free_bytes(path)
+    fn fs_space(&self, path: &Path) -> Result<(u64, u64)> {
+        let free = crate::state::fsutil::free_bytes(path)?;
+        let (_, total) = crate::state::fsutil::fs_usage(path)?;
+        Ok((free, total))
     }
 }

@@ -21,6 +21,11 @@ struct RawConfig {
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
     node_budget: Option<String>,
+    disk_reserve: Option<String>,
+    overcommit: Option<f64>,
+    clone_writers: Option<String>,
+    clone_backend: Option<String>,
+    clone_pool_size: Option<String>,
     kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     registry: Vec<RawRegistry>,
@@ -110,6 +115,30 @@ impl Default for KubernetesConfig {
     }
 }
 
+/// Who may commit into a clone cache when several write-back volumes of it live at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneWriters {
+    /// The first write-back volume holds the cache's write lease and commits; volumes created
+    /// while it is held run as discard volumes, and say so at create and delete.
+    Lease,
+    /// Every write-back volume commits; the last one to be deleted wins, and what it
+    /// supersedes is logged and counted.
+    LastWriterWins,
+}
+
+/// Where clone-mode volumes get their copy-on-write clones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneBackend {
+    /// FICLONE on the state dir if it supports it (XFS with reflink, btrfs), else the pool.
+    Auto,
+    /// FICLONE on the state dir; refused if it cannot.
+    Reflink,
+    /// A reflink pool that jobcachefs manages: a sparse XFS image in the state dir.
+    Pool,
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -129,6 +158,19 @@ pub struct Config {
     /// Node-wide budget for all caches' allocated bytes; least recently used caches are pruned
     /// after a commit pushes the total over it.
     pub node_budget: Option<u64>,
+    /// Free space of the state dir's filesystem that volume creates never promise away, so that
+    /// deletes and commits can always finish. `None`: 5% of the filesystem, at most 1 GiB.
+    pub disk_reserve: Option<u64>,
+    /// How many times the free space (less the reserve) creates may promise, in percent: 100
+    /// (the default) never promises a byte twice.
+    pub overcommit_percent: u32,
+    /// Who commits into a clone cache when several write-back volumes of it live at once.
+    pub clone_writers: CloneWriters,
+    /// Where clone volumes get their clones.
+    pub clone_backend: CloneBackend,
+    /// Size of the reflink pool when it is first made (a sparse file: only what clones write is
+    /// allocated, and admission counts the rest as promised).
+    pub clone_pool_size: u64,
     /// Settings of the Kubernetes hook.
     pub kubernetes: KubernetesConfig,
     /// Registries, by cache prefix.
@@ -147,6 +189,11 @@ impl Default for Config {
             squash_delta_size: 4 << 30,
             squash_inline: true,
             node_budget: None,
+            disk_reserve: None,
+            overcommit_percent: 100,
+            clone_writers: CloneWriters::Lease,
+            clone_backend: CloneBackend::Auto,
+            clone_pool_size: 64 << 30,
             kubernetes: KubernetesConfig::default(),
             registries: Vec::new(),
             agent: AgentConfig::default(),
@@ -198,6 +245,39 @@ impl Config {
                 Some(s) => Some(parse_size(&format!("node_budget in {origin}"), s)?),
                 None => None,
             },
+            disk_reserve: match &raw.disk_reserve {
+                Some(s) => Some(parse_size(&format!("disk_reserve in {origin}"), s)?),
+                None => None,
+            },
+            overcommit_percent: match raw.overcommit {
+                None => d.overcommit_percent,
+                Some(f) if f.is_finite() && (1.0..=100.0).contains(&f) => (f * 100.0).round() as u32,
+                Some(f) => {
+                    return Err(Error::invalid(format!(
+                        "overcommit in {origin} is {f}: use a factor from 1.0 (never promise the disk twice, the default) to 100"
+                    )))
+                }
+            },
+            clone_writers: match raw.clone_writers.as_deref() {
+                None | Some("lease") => CloneWriters::Lease,
+                Some("last-writer-wins") => CloneWriters::LastWriterWins,
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "clone_writers in {origin} is {other:?}: use \"lease\" or \"last-writer-wins\""
+                    )))
+                }
+            },
+            clone_backend: match raw.clone_backend.as_deref() {
+                None | Some("auto") => CloneBackend::Auto,
+                Some("reflink") => CloneBackend::Reflink,
+                Some("pool") => CloneBackend::Pool,
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "clone_backend in {origin} is {other:?}: use \"auto\", \"reflink\" or \"pool\""
+                    )))
+                }
+            },
+            clone_pool_size: size("clone_pool_size", &raw.clone_pool_size, d.clone_pool_size)?,
             kubernetes: kubernetes(raw.kubernetes.unwrap_or_default(), origin)?,
             registries: raw
                 .registry

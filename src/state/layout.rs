@@ -14,6 +14,7 @@
 //!     volume.json           the volume record: DIR, cache, layers, size, state
 //!     upper.img             the volume's writable image (upper/ and work/)
 //!   locks/volumes/<id>.lock flock per volume (outside the volume dir so it outlives it)
+//!   locks/admission.lock    flock: a create's disk admission until its record is written
 //!   mnt/layers/<ns>/<name>/<layer>/   read-only layer mounts, shared by all volumes
 //!   mnt/uppers/<volume-id>/           the volume image mounts (upperdir/workdir live here)
 //!   mnt/squash/<ns>/<name>/{view,new} the squash's read-only overlay and the new base
@@ -131,6 +132,12 @@ impl Layout {
             .join("locks")
             .join("volumes")
             .join(format!("{vol}.lock"))
+    }
+
+    /// The node-wide lock held from a create's disk admission until its record (which makes it
+    /// count) is written.
+    pub fn admission_lock(&self) -> PathBuf {
+        self.root.join("locks").join("admission.lock")
     }
 
     /// Parent of every mount jobcachefs makes besides the volume DIRs themselves.

@@ -1,0 +1,660 @@
+//! The engine's decisions on the fake host (`crate::host::fake`): create and its rollback, the
+//! outcome of every kind of delete, commit and its crash points, what `gc` repairs, squash's
+//! publish, disk admission, and that refused requests leave no trace. No root needed; crashes
+//! are injected at the same named steps the SIGKILL integration tests use (`fault::point`).
+
+use super::*;
+use crate::fault::{CRASH_IN_TEST, CRASH_PANIC};
+use crate::host::fake::FakeHost;
+use crate::state::layout::volume_id;
+use crate::state::records::VolumeState;
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+const MI: u64 = 1 << 20;
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    host: Arc<FakeHost>,
+    engine: Engine,
+    vols: PathBuf,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Self::with_config(Config::default())
+    }
+
+    fn with_config(config: Config) -> Rig {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let host = Arc::new(FakeHost::new(&root));
+        let engine = Engine::open_on(&root.join("state"), config, host.clone()).unwrap();
+        let vols = root.join("vols");
+        std::fs::create_dir(&vols).unwrap();
+        Rig {
+            _tmp: tmp,
+            host,
+            engine,
+            vols,
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.vols.join(name)
+    }
+
+    fn request(&self, name: &str, cache: Option<&str>, write_back: bool) -> CreateRequest {
+        CreateRequest {
+            dir: self.dir(name),
+            cache: cache.map(cid),
+            size: Some(64 * MI),
+            write_back,
+            ..Default::default()
+        }
+    }
+
+    fn create(&self, name: &str, cache: Option<&str>, write_back: bool) -> VolumeRecord {
+        self.engine
+            .volume_create(&self.request(name, cache, write_back))
+            .unwrap()
+    }
+
+    fn delete(&self, name: &str) -> DeleteOutcome {
+        self.engine.volume_delete(&self.dir(name), false).unwrap()
+    }
+
+    /// A write-back job on `cache` that writes `file` = `content` and is deleted.
+    fn job(&self, name: &str, cache: &str, file: &str, content: &str) -> DeleteOutcome {
+        self.create(name, Some(cache), true);
+        std::fs::write(self.dir(name).join(file), content).unwrap();
+        self.delete(name)
+    }
+
+    /// What a new volume of `cache` would read for `file`, through the layers top first.
+    fn read(&self, cache: &str, file: &str) -> Option<String> {
+        let id = cid(cache);
+        let current = self.engine.current(&id).unwrap();
+        current.layers.iter().rev().find_map(|l| {
+            let image = self.engine.layout().layer_image(&id, &l.id);
+            let tree = self.host.tree_of(&image).unwrap();
+            std::fs::read_to_string(tree.join("upper").join(file)).ok()
+        })
+    }
+
+    /// Every file under the state dir, relative (what "no trace" compares).
+    fn state_files(&self) -> BTreeSet<PathBuf> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf());
+                if e.file_type().unwrap().is_dir() {
+                    walk(root, &p, out);
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(
+            self.engine.layout().root(),
+            self.engine.layout().root(),
+            &mut out,
+        );
+        out
+    }
+
+    fn layer_files(&self, cache: &str) -> Vec<String> {
+        let dir = self.engine.layout().layers_dir(&cid(cache));
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn cid(name: &str) -> CacheId {
+    CacheId::new("ns", name).unwrap()
+}
+
+/// Runs `f` with a crash injected at `step` and checks that it crashed there.
+fn crash_at<T>(step: &str, f: impl FnOnce() -> T) {
+    CRASH_IN_TEST.with(|c| *c.borrow_mut() = Some(step.to_string()));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CRASH_IN_TEST.with(|c| *c.borrow_mut() = None);
+    let payload = r.err().unwrap_or_else(|| panic!("did not reach {step}"));
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(msg, format!("{CRASH_PANIC}{step}"));
+}
+
+fn committed(generation: u64) -> DeleteOutcome {
+    DeleteOutcome::Committed {
+        generation,
+        squashed: false,
+    }
+}
+
+// ---- create -------------------------------------------------------------------------------
+
+#[test]
+fn create_mounts_the_upper_and_the_overlay_and_records_ready() {
+    let r = Rig::new();
+    let rec = r.create("a", Some("c"), false);
+    assert_eq!(rec.state, VolumeState::Ready);
+    let upper = r.engine.layout().upper_mount(&rec.id);
+    assert_eq!(r.host.mount_points(), vec![upper, r.dir("a")]);
+    let table = r.host.mount_table().unwrap();
+    assert!(table[1]
+        .super_options
+        .contains(&format!("lowerdir={}", r.engine.layout().empty().display())));
+}
+
+#[test]
+fn a_warm_volume_reads_the_generation_it_was_created_on() {
+    let r = Rig::new();
+    assert_eq!(r.job("a", "c", "dep.jar", "v1"), committed(1));
+    let rec = r.create("b", Some("c"), false);
+    assert_eq!(rec.generation, 1);
+    assert_eq!(rec.layers.len(), 1);
+    let layer_mount = r.engine.layout().layer_mount(&cid("c"), &rec.layers[0]);
+    assert!(
+        r.host.is_mounted(&layer_mount),
+        "the layer is mounted once, shared"
+    );
+}
+
+#[test]
+fn repeating_the_same_create_does_nothing_twice() {
+    let r = Rig::new();
+    let first = r.create("a", Some("c"), true);
+    let calls = r.host.calls().len();
+    let again = r.create("a", Some("c"), true);
+    assert_eq!(first, again);
+    assert_eq!(r.host.calls().len(), calls, "no host step repeated");
+}
+
+#[test]
+fn a_different_create_on_the_same_dir_conflicts() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    let e = r
+        .engine
+        .volume_create(&r.request("a", Some("c"), false))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+}
+
+#[test]
+fn create_after_a_reboot_remounts_the_same_volume() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("kept"), "x").unwrap();
+    r.host.reboot();
+    r.create("a", Some("c"), true);
+    assert!(r.host.is_mounted(&r.dir("a")));
+    assert_eq!(
+        std::fs::read_to_string(r.dir("a").join("kept")).unwrap(),
+        "x"
+    );
+    assert!(r.host.calls().iter().any(|c| c.starts_with("check_image")));
+}
+
+#[test]
+fn write_back_without_a_cache_is_refused() {
+    let r = Rig::new();
+    let e = r
+        .engine
+        .volume_create(&r.request("a", None, true))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        e.to_string(),
+        "--write-back needs a cache: add --cache NAME"
+    );
+}
+
+#[test]
+fn refused_dirs_leave_no_trace() {
+    let r = Rig::new();
+    let before = r.state_files();
+    std::fs::write(r.dir("file"), "x").unwrap();
+    std::fs::create_dir(r.dir("full")).unwrap();
+    std::fs::write(r.dir("full").join("f"), "x").unwrap();
+    for name in ["file", "full"] {
+        let e = r
+            .engine
+            .volume_create(&r.request(name, Some("c"), true))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    }
+    let e = r
+        .engine
+        .volume_create(&CreateRequest {
+            cache_size: Some(MI),
+            ..r.request("small", Some("c"), true)
+        })
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("cache size 1.0 MiB is below the minimum"),
+        "{e}"
+    );
+    assert_eq!(r.state_files(), before, "no lock, record or cache dir left");
+    assert!(r.host.mount_points().is_empty());
+}
+
+#[test]
+fn failed_steps_of_create_are_rolled_back() {
+    for (op, needle) in [
+        ("make_image", "upper.img"),
+        ("mount_image", "upper.img"),
+        ("mount_overlay", "vols"),
+    ] {
+        let r = Rig::new();
+        r.job("w", "c", "f", "1");
+        let before = r.state_files();
+        r.host.fail_on(op, needle);
+        let e = r
+            .engine
+            .volume_create(&r.request("a", Some("c"), true))
+            .unwrap_err();
+        assert!(e.to_string().contains("injected"), "{op}: {e}");
+        assert!(
+            r.host.mount_points().is_empty(),
+            "{op}: {:?}",
+            r.host.mount_points()
+        );
+        assert!(r.engine.volume_records().unwrap().is_empty(), "{op}");
+        assert!(!r.dir("a").exists(), "{op}: the DIR it made is gone");
+        let after: BTreeSet<_> = r
+            .state_files()
+            .into_iter()
+            .filter(|p| !p.starts_with("locks") && !p.starts_with("mnt"))
+            .collect();
+        let before: BTreeSet<_> = before
+            .into_iter()
+            .filter(|p| !p.starts_with("locks") && !p.starts_with("mnt"))
+            .collect();
+        assert_eq!(after, before, "{op}");
+        r.host.heal();
+        r.create("a", Some("c"), true);
+    }
+}
+
+#[test]
+fn a_layer_that_cannot_be_mounted_fails_the_create_cleanly() {
+    let r = Rig::new();
+    r.job("w", "c", "f", "1");
+    r.host.fail_on("mount_image", "layers/");
+    assert!(r
+        .engine
+        .volume_create(&r.request("a", Some("c"), false))
+        .is_err());
+    assert!(r.engine.volume_records().unwrap().is_empty());
+    assert!(r.host.mount_points().is_empty());
+}
+
+// ---- delete -------------------------------------------------------------------------------
+
+#[test]
+fn deleting_a_plain_volume_discards_it_and_leaves_nothing() {
+    let r = Rig::new();
+    r.create("a", None, false);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    assert_eq!(r.delete("a"), DeleteOutcome::Discarded);
+    assert!(r.host.mount_points().is_empty());
+    assert!(r.engine.volume_records().unwrap().is_empty());
+    assert!(!r.dir("a").exists());
+}
+
+#[test]
+fn a_write_back_volume_commits_its_changes() {
+    let r = Rig::new();
+    assert_eq!(r.job("a", "c", "dep.jar", "good"), committed(1));
+    assert_eq!(r.read("c", "dep.jar").as_deref(), Some("good"));
+    assert_eq!(r.job("b", "c", "dep.jar", "newer"), committed(2));
+    assert_eq!(r.read("c", "dep.jar").as_deref(), Some("newer"));
+    assert_eq!(r.engine.current(&cid("c")).unwrap().layers.len(), 2);
+    assert!(
+        r.host.mount_points().is_empty(),
+        "layer mounts go with the last volume"
+    );
+}
+
+#[test]
+fn a_volume_that_is_not_write_back_never_reaches_the_cache() {
+    let r = Rig::new();
+    r.create("a", Some("c"), false);
+    std::fs::write(r.dir("a").join("poison"), "x").unwrap();
+    assert_eq!(r.delete("a"), DeleteOutcome::Discarded);
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+}
+
+#[test]
+fn discard_overrides_write_back() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    assert_eq!(
+        r.engine.volume_delete(&r.dir("a"), true).unwrap(),
+        DeleteOutcome::Discarded
+    );
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+    assert!(r.layer_files("c").is_empty());
+}
+
+#[test]
+fn an_unchanged_write_back_volume_publishes_nothing() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    assert_eq!(r.delete("a"), DeleteOutcome::Unchanged);
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+}
+
+#[test]
+fn a_second_delete_finds_nothing() {
+    let r = Rig::new();
+    r.job("a", "c", "f", "1");
+    assert_eq!(r.delete("a"), DeleteOutcome::NotFound);
+}
+
+#[test]
+fn a_busy_volume_is_not_committed_half_written() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    r.host.fail_on("unmount", "vols");
+    assert!(r.engine.volume_delete(&r.dir("a"), false).is_err());
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+    r.host.heal();
+    assert_eq!(r.delete("a"), committed(1), "the retried delete commits");
+}
+
+#[test]
+fn after_a_reboot_a_dirty_write_back_volume_is_not_committed_and_says_why() {
+    let r = Rig::new();
+    let rec = r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    r.host.reboot();
+    r.host.mark_dirty(&r.engine.layout().volume_image(&rec.id));
+    let DeleteOutcome::NotCommitted { reason } = r.delete("a") else {
+        panic!("expected not-committed");
+    };
+    assert!(reason.contains("not cleanly unmounted"), "{reason}");
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+    let json = serde_json::to_value(DeleteOutcome::NotCommitted { reason }).unwrap();
+    assert_eq!(json["outcome"], "discarded");
+}
+
+#[test]
+fn after_a_reboot_a_clean_write_back_volume_still_commits() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    r.host.reboot();
+    assert_eq!(r.delete("a"), committed(1));
+    assert_eq!(r.read("c", "f").as_deref(), Some("x"));
+}
+
+// ---- crashes ------------------------------------------------------------------------------
+
+#[test]
+fn a_create_crashed_at_any_step_is_rolled_back_by_gc() {
+    for step in [
+        "create:recorded",
+        "create:image-made",
+        "create:upper-mounted",
+        "create:mounted",
+    ] {
+        let r = Rig::new();
+        r.job("w", "c", "f", "1");
+        crash_at(step, || r.create("a", Some("c"), true));
+        let report = r.engine.gc(false).unwrap();
+        assert_eq!(report.rolled_back, vec![r.dir("a")], "{step}");
+        assert!(r.engine.volume_records().unwrap().is_empty(), "{step}");
+        assert!(
+            r.host.mount_points().is_empty(),
+            "{step}: {:?}",
+            r.host.mount_points()
+        );
+        assert!(!r
+            .engine
+            .layout()
+            .volume_image(&volume_id(&r.dir("a")))
+            .exists());
+    }
+}
+
+#[test]
+fn a_create_crashed_half_way_is_finished_by_its_retry() {
+    let r = Rig::new();
+    crash_at("create:upper-mounted", || r.create("a", Some("c"), true));
+    let rec = r.create("a", Some("c"), true);
+    assert_eq!(rec.state, VolumeState::Ready);
+    assert_eq!(r.host.mount_points().len(), 2);
+}
+
+#[test]
+fn a_delete_crashed_at_any_step_commits_exactly_once_on_retry() {
+    for step in [
+        "delete:marked",
+        "delete:overlay-unmounted",
+        "delete:upper-unmounted",
+        "commit:renamed",
+        "commit:published",
+        "delete:committed",
+    ] {
+        let r = Rig::new();
+        r.create("a", Some("c"), true);
+        std::fs::write(r.dir("a").join("dep.jar"), "good").unwrap();
+        crash_at(step, || r.delete("a"));
+        assert_eq!(r.delete("a"), committed(1), "{step}");
+        let current = r.engine.current(&cid("c")).unwrap();
+        assert_eq!(current.layers.len(), 1, "{step}: one layer, not two");
+        assert_eq!(r.read("c", "dep.jar").as_deref(), Some("good"), "{step}");
+        assert_eq!(r.layer_files("c").len(), 1, "{step}: no orphan layer");
+        assert!(r.engine.volume_records().unwrap().is_empty(), "{step}");
+    }
+}
+
+#[test]
+fn gc_finishes_a_crashed_delete() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    crash_at("delete:upper-unmounted", || r.delete("a"));
+    let report = r.engine.gc(false).unwrap();
+    assert_eq!(report.deletes_finished, vec![r.dir("a")]);
+    assert_eq!(r.read("c", "f").as_deref(), Some("x"));
+    assert!(r.host.mount_points().is_empty());
+}
+
+#[test]
+fn a_discard_crashed_midway_never_reaches_the_cache() {
+    let r = Rig::new();
+    r.create("a", Some("c"), true);
+    std::fs::write(r.dir("a").join("f"), "x").unwrap();
+    crash_at("delete:overlay-unmounted", || {
+        r.engine.volume_delete(&r.dir("a"), true).unwrap()
+    });
+    // The retry does not ask to discard: the first decision stands.
+    assert_eq!(r.delete("a"), DeleteOutcome::Discarded);
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 0);
+}
+
+// ---- gc -----------------------------------------------------------------------------------
+
+#[test]
+fn gc_remounts_ready_volumes_after_a_reboot() {
+    let r = Rig::new();
+    r.job("w", "c", "f", "1");
+    r.create("a", Some("c"), false);
+    r.host.reboot();
+    let report = r.engine.gc(false).unwrap();
+    assert_eq!(report.remounted, vec![r.dir("a")]);
+    assert!(r.host.is_mounted(&r.dir("a")));
+}
+
+#[test]
+fn gc_keeps_layers_live_volumes_use_and_removes_the_rest() {
+    let r = Rig::new();
+    r.job("w1", "c", "f", "1");
+    let pinned = r.create("reader", Some("c"), false);
+    r.job("w2", "c", "f", "2");
+    assert_eq!(
+        r.engine.squash(&cid("c")).unwrap().generation(),
+        Some(3),
+        "two layers squashed into one base"
+    );
+    assert_eq!(r.read("c", "f").as_deref(), Some("2"));
+    let old = format!("{}.img", pinned.layers[0]);
+    assert!(
+        r.layer_files("c").contains(&old),
+        "still used by the reader"
+    );
+    r.engine.gc(false).unwrap();
+    assert!(r.layer_files("c").contains(&old));
+    r.delete("reader");
+    assert_eq!(r.layer_files("c").len(), 1, "{:?}", r.layer_files("c"));
+    assert!(!r.layer_files("c").contains(&old));
+}
+
+#[test]
+fn gc_removes_an_orphan_layer_file_but_never_a_published_one() {
+    let r = Rig::new();
+    r.job("w", "c", "f", "1");
+    let orphan = r.engine.layout().layer_image(&cid("c"), "orphan");
+    std::fs::write(&orphan, "").unwrap();
+    let report = r.engine.gc(false).unwrap();
+    assert_eq!(report.layers_removed, vec!["ns/c/orphan".to_string()]);
+    assert_eq!(r.layer_files("c").len(), 1);
+    assert_eq!(r.read("c", "f").as_deref(), Some("1"));
+}
+
+#[test]
+fn gc_unmounts_an_overlay_whose_volume_has_no_record() {
+    let r = Rig::new();
+    let rec = r.create("a", None, false);
+    std::fs::remove_file(r.engine.layout().volume_record(&rec.id)).unwrap();
+    let report = r.engine.gc(false).unwrap();
+    assert!(report.mounts_removed.contains(&r.dir("a")), "{report:?}");
+    assert!(
+        r.host.mount_points().is_empty(),
+        "{:?}",
+        r.host.mount_points()
+    );
+}
+
+#[test]
+fn gc_on_a_clean_node_changes_nothing() {
+    let r = Rig::new();
+    r.job("w", "c", "f", "1");
+    r.create("a", Some("c"), false);
+    let report = r.engine.gc(true).unwrap();
+    assert!(report.is_empty(), "{report:?}");
+}
+
+// ---- squash ---------------------------------------------------------------------------------
+
+#[test]
+fn squash_of_a_single_layer_has_nothing_to_do() {
+    let r = Rig::new();
+    r.job("w", "c", "f", "1");
+    assert_eq!(
+        r.engine.squash(&cid("c")).unwrap(),
+        SquashOutcome::NothingToDo
+    );
+}
+
+#[test]
+fn squash_of_a_missing_cache_is_refused_without_a_trace() {
+    let r = Rig::new();
+    let before = r.state_files();
+    let e = r.engine.squash(&cid("nope")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(r.state_files(), before);
+}
+
+#[test]
+fn a_commit_past_the_depth_queues_a_squash_when_not_inline() {
+    let r = Rig::with_config(Config {
+        max_depth: 2,
+        squash_inline: false,
+        ..Config::default()
+    });
+    for (i, v) in ["a", "b", "c"].iter().enumerate() {
+        r.job(v, "k", "f", &i.to_string());
+    }
+    assert!(r.engine.layout().squash_due(&cid("k")).exists());
+    let report = r.engine.gc(true).unwrap();
+    assert_eq!(report.squashed, vec!["ns/k".to_string()]);
+    assert_eq!(r.engine.current(&cid("k")).unwrap().layers.len(), 1);
+    assert_eq!(r.read("k", "f").as_deref(), Some("2"));
+}
+
+#[test]
+fn a_crashed_squash_leaves_the_old_generation_and_gc_clears_its_scratch() {
+    let r = Rig::new();
+    r.job("a", "c", "f", "1");
+    r.job("b", "c", "f", "2");
+    crash_at("squash:copied", || r.engine.squash(&cid("c")));
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 2);
+    r.engine.gc(false).unwrap();
+    assert!(
+        r.host.mount_points().is_empty(),
+        "{:?}",
+        r.host.mount_points()
+    );
+    assert!(std::fs::read_dir(r.engine.layout().cache_tmp(&cid("c")))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+    assert_eq!(r.read("c", "f").as_deref(), Some("2"));
+}
+
+// ---- disk admission ---------------------------------------------------------------------------
+
+#[test]
+fn creates_are_refused_once_the_disk_is_promised() {
+    let r = Rig::with_config(Config {
+        disk_reserve: Some(0),
+        ..Config::default()
+    });
+    r.host.set_space(100 * MI, 1000 * MI);
+    r.create("a", Some("c"), true); // 64 Mi promised
+    let before = r.state_files();
+    let e = r
+        .engine
+        .volume_create(&r.request("b", Some("c"), true))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Quota);
+    assert!(
+        e.to_string().starts_with("volume of 64.0 MiB refused"),
+        "{e}"
+    );
+    assert_eq!(r.state_files(), before, "nothing made for a refused create");
+    // Deleting the first gives its promise back.
+    r.delete("a");
+    r.create("b", Some("c"), true);
+}
+
+#[test]
+fn overcommit_lets_operators_promise_more() {
+    let r = Rig::with_config(Config {
+        disk_reserve: Some(0),
+        overcommit_percent: 200,
+        ..Config::default()
+    });
+    r.host.set_space(100 * MI, 1000 * MI);
+    r.create("a", None, false);
+    r.create("b", None, false);
+    let budget = r.engine.disk_budget().unwrap();
+    assert_eq!(budget.promised, 128 * MI);
+    assert_eq!(budget.volumes, 2);
+}
