@@ -37,6 +37,8 @@ pub struct GcReport {
     pub tmp_removed: Vec<PathBuf>,
     /// Caches squashed from the queue.
     pub squashed: Vec<String>,
+    /// Clone caches whose write lease named a volume that is gone.
+    pub leases_released: Vec<String>,
     /// Problems that did not stop the run.
     pub errors: Vec<String>,
 }
@@ -52,6 +54,7 @@ impl GcReport {
             && self.loops_detached.is_empty()
             && self.tmp_removed.is_empty()
             && self.squashed.is_empty()
+            && self.leases_released.is_empty()
     }
 }
 
@@ -138,6 +141,14 @@ impl Engine {
             }
         }
         let _clock = self.lock_cache(id)?;
+        // A clone cache's lease whose volume is gone is released.
+        let lease = self.layout.lease(id);
+        if let Ok(holder) = std::fs::read_to_string(&lease) {
+            if !self.layout.volume_record(holder.trim()).exists() {
+                let _ = std::fs::remove_file(&lease);
+                report.leases_released.push(id.to_string());
+            }
+        }
         report.layers_removed.extend(self.collect_layers(id)?);
         Ok(())
     }
@@ -149,11 +160,21 @@ impl Engine {
         let mut keep: HashSet<String> = self.layers_in_use(id)?;
         keep.extend(self.current(id)?.layer_ids());
         let mut removed = Vec::new();
-        let dir = self.layout.layers_dir(id);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(removed);
-        };
-        for e in entries.flatten() {
+        let mut dirs = vec![self.layout.layers_dir(id)];
+        // A clone cache's generation images live in the clone store (if it is mounted: gc
+        // mounts the pool first when volumes need it; an unmounted pool is left alone).
+        if let Some(store) = self.clone_store_if_ready() {
+            let dir = crate::state::layout::clone_store::layers_dir(&store, id);
+            if !self.layout.cache_record(id).exists() {
+                let _ = std::fs::remove_dir(&dir); // the last of a removed cache (below)
+            }
+            dirs.push(dir);
+        }
+        let entries = dirs
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flat_map(|r| r.flatten());
+        for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(layer) = name.strip_suffix(".img") else {
                 continue;
@@ -166,6 +187,12 @@ impl Engine {
             })?;
             tracing::info!(cache = %id, layer, "unreferenced layer removed");
             removed.push(format!("{id}/{layer}"));
+        }
+        if let (Some(store), false) = (
+            self.clone_store_if_ready(),
+            self.layout.cache_record(id).exists(),
+        ) {
+            let _ = std::fs::remove_dir(crate::state::layout::clone_store::layers_dir(&store, id));
         }
         Ok(removed)
     }

@@ -6,6 +6,7 @@
 
 mod admission;
 mod cache;
+mod clone;
 mod commit;
 mod gc;
 mod squash;
@@ -13,6 +14,7 @@ mod volume;
 
 pub use admission::DiskBudget;
 pub use cache::{CacheInfo, LayerView, PruneCandidate};
+pub use clone::CloneStoreKind;
 pub use gc::GcReport;
 pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};

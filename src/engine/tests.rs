@@ -7,7 +7,7 @@ use super::*;
 use crate::fault::{CRASH_IN_TEST, CRASH_PANIC};
 use crate::host::fake::FakeHost;
 use crate::state::layout::volume_id;
-use crate::state::records::VolumeState;
+use crate::state::records::{CacheMode, VolumeState};
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -657,4 +657,217 @@ fn overcommit_lets_operators_promise_more() {
     let budget = r.engine.disk_budget().unwrap();
     assert_eq!(budget.promised, 128 * MI);
     assert_eq!(budget.volumes, 2);
+}
+
+// ---- clone mode -----------------------------------------------------------------------------
+
+impl Rig {
+    fn clone_request(&self, name: &str, cache: &str, write_back: bool) -> CreateRequest {
+        CreateRequest {
+            dir: self.dir(name),
+            cache: Some(cid(cache)),
+            size: None,
+            write_back,
+            cache_size: Some(64 * MI),
+            cache_mode: Some(CacheMode::Clone),
+            ..Default::default()
+        }
+    }
+
+    fn clone_job(&self, name: &str, cache: &str, file: &str, content: &str) -> DeleteOutcome {
+        self.engine
+            .volume_create(&self.clone_request(name, cache, true))
+            .unwrap();
+        std::fs::write(self.dir(name).join(file), content).unwrap();
+        self.delete(name)
+    }
+}
+
+#[test]
+fn a_clone_volume_is_its_generation_mounted_directly_and_commits_by_rename() {
+    for pool in [false, true] {
+        let r = Rig::new();
+        if pool {
+            r.host.without_reflink();
+        }
+        assert_eq!(
+            r.clone_job("a", "img", "layer.tar", "v1"),
+            committed(1),
+            "pool {pool}"
+        );
+        let rec = r
+            .engine
+            .volume_create(&r.clone_request("b", "img", false))
+            .unwrap();
+        assert_eq!(rec.kind, crate::state::records::VolumeKind::Clone);
+        assert_eq!(rec.size, 64 * MI, "a clone is the cache's size");
+        assert_eq!(
+            std::fs::read_to_string(r.dir("b").join("layer.tar")).unwrap(),
+            "v1"
+        );
+        let table = r.host.mount_table().unwrap();
+        let at_dir = table.iter().find(|m| m.mount_point == r.dir("b")).unwrap();
+        assert_eq!(at_dir.fstype, "ext4", "no overlay in a clone volume");
+        assert_eq!(
+            r.engine.clone_store_kind(),
+            Some(if pool {
+                CloneStoreKind::Pool
+            } else {
+                CloneStoreKind::Reflink
+            })
+        );
+        assert_eq!(r.delete("b"), DeleteOutcome::Discarded);
+        assert_eq!(r.engine.current(&cid("img")).unwrap().layers.len(), 1);
+    }
+}
+
+#[test]
+fn a_second_write_back_clone_runs_as_discard_while_the_lease_is_held() {
+    let r = Rig::new();
+    r.engine
+        .volume_create(&r.clone_request("a", "img", true))
+        .unwrap();
+    let b = r
+        .engine
+        .volume_create(&r.clone_request("b", "img", true))
+        .unwrap();
+    assert!(!b.lease);
+    assert!(
+        b.note
+            .as_deref()
+            .unwrap()
+            .contains("write lease of cache ns/img is held"),
+        "{:?}",
+        b.note
+    );
+    std::fs::write(r.dir("a").join("f"), "a").unwrap();
+    std::fs::write(r.dir("b").join("f"), "b").unwrap();
+    let DeleteOutcome::NotCommitted { reason } = r.delete("b") else {
+        panic!("b must not commit");
+    };
+    assert!(reason.contains("runs as a discard volume"), "{reason}");
+    assert_eq!(r.delete("a"), committed(1));
+    // The lease is free again.
+    let c = r
+        .engine
+        .volume_create(&r.clone_request("c", "img", true))
+        .unwrap();
+    assert!(c.lease);
+    assert_eq!(std::fs::read_to_string(r.dir("c").join("f")).unwrap(), "a");
+}
+
+#[test]
+fn last_writer_wins_commits_both_and_counts_what_was_superseded() {
+    let r = Rig::with_config(Config {
+        clone_writers: crate::input::config::CloneWriters::LastWriterWins,
+        ..Config::default()
+    });
+    r.engine
+        .volume_create(&r.clone_request("a", "img", true))
+        .unwrap();
+    r.engine
+        .volume_create(&r.clone_request("b", "img", true))
+        .unwrap();
+    std::fs::write(r.dir("a").join("f"), "a").unwrap();
+    std::fs::write(r.dir("b").join("f"), "b").unwrap();
+    assert_eq!(r.delete("a"), committed(1));
+    assert_eq!(r.delete("b"), committed(2));
+    let stats = crate::state::stats::read(r.engine.layout());
+    assert_eq!(
+        stats.get(crate::state::stats::names::CLONE_SUPERSEDED),
+        Some(&1)
+    );
+}
+
+#[test]
+fn a_request_for_another_mode_than_the_caches_is_refused_with_the_way_out() {
+    let r = Rig::new();
+    r.job("a", "c", "f", "1");
+    let e = r
+        .engine
+        .volume_create(&r.clone_request("b", "c", false))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(
+        e.to_string(),
+        "cache ns/c is a overlay cache but the request asks for cache mode clone: a cache's mode is fixed when it is created. \
+         Ask for mode overlay (or none), use another cache name, or remove the cache (`jobcachefs cache rm c`) to create it again as clone"
+    );
+}
+
+#[test]
+fn a_clone_larger_than_its_cache_is_refused_with_both_sizes() {
+    let r = Rig::new();
+    let e = r
+        .engine
+        .volume_create(&CreateRequest {
+            size: Some(128 * MI),
+            ..r.clone_request("a", "img", false)
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Quota);
+    assert!(
+        e.to_string()
+            .contains("128.0 MiB asked, but the cache-size is 64.0 MiB"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_clone_commit_crashed_at_any_step_publishes_exactly_once() {
+    for step in [
+        "clone-delete:unmounted",
+        "clone-commit:renamed",
+        "clone-commit:published",
+        "delete:committed",
+    ] {
+        let r = Rig::new();
+        r.engine
+            .volume_create(&r.clone_request("a", "img", true))
+            .unwrap();
+        std::fs::write(r.dir("a").join("f"), "x").unwrap();
+        crash_at(step, || r.delete("a"));
+        r.engine.gc(false).unwrap();
+        let current = r.engine.current(&cid("img")).unwrap();
+        assert_eq!(current.generation, 1, "{step}");
+        assert!(r.engine.volume_records().unwrap().is_empty(), "{step}");
+        assert!(
+            !r.engine.layout().lease(&cid("img")).exists(),
+            "{step}: lease released"
+        );
+        let c = r
+            .engine
+            .volume_create(&r.clone_request("c", "img", false))
+            .unwrap();
+        assert_eq!(c.generation, 1);
+        assert_eq!(
+            std::fs::read_to_string(r.dir("c").join("f")).unwrap(),
+            "x",
+            "{step}"
+        );
+    }
+}
+
+#[test]
+fn a_clone_create_crashed_is_rolled_back_and_its_lease_freed() {
+    for step in ["clone:cloned", "clone:mounted"] {
+        let r = Rig::new();
+        crash_at(step, || {
+            r.engine.volume_create(&r.clone_request("a", "img", true))
+        });
+        let report = r.engine.gc(false).unwrap();
+        assert_eq!(report.rolled_back, vec![r.dir("a")], "{step}");
+        assert!(
+            r.host
+                .mount_points()
+                .iter()
+                .all(|m| !m.starts_with(&r.vols)),
+            "{step}"
+        );
+        let b = r
+            .engine
+            .volume_create(&r.clone_request("b", "img", true))
+            .unwrap();
+        assert!(b.lease, "{step}: the crashed volume's lease is free");
+    }
 }

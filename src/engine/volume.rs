@@ -10,7 +10,9 @@ use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
 use crate::state::layout::volume_id;
-use crate::state::records::{CacheRecord, RootOwner, VolumeRecord, VolumeState};
+use crate::state::records::{
+    CacheMode, CacheRecord, RootOwner, VolumeKind, VolumeRecord, VolumeState,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -32,6 +34,9 @@ pub struct CreateRequest {
     pub root: Option<RootOwner>,
     /// Caller's labels, kept in the record.
     pub labels: BTreeMap<String, String>,
+    /// Mode of the cache if this request creates it; a different mode than an existing
+    /// cache's is refused. `None`: the existing cache's mode, or overlay for a new cache.
+    pub cache_mode: Option<CacheMode>,
 }
 
 /// What `volume delete` did.
@@ -128,7 +133,14 @@ impl Engine {
     /// Creates a volume at `req.dir`, or returns the existing one when the same request is
     /// repeated.
     pub fn volume_create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
-        let size = req.size.unwrap_or(self.config.default_volume_size);
+        if let Some(cache_size) = req.cache_size {
+            check_cache_size(cache_size)?;
+        }
+        let (mode, cache) = self.mode_for(req)?;
+        let size = match mode {
+            CacheMode::Overlay => req.size.unwrap_or(self.config.default_volume_size),
+            CacheMode::Clone => self.clone_size(cache.as_ref(), req.size, req.cache_size)?,
+        };
         self.check_volume_size(size)?;
         if req.write_back && req.cache.is_none() {
             return Err(Error::invalid(
@@ -145,15 +157,12 @@ impl Engine {
             )));
         }
         let vol = volume_id(&dir);
-        if let Some(cache_size) = req.cache_size {
-            check_cache_size(cache_size)?;
-        }
         if !self.layout.volume_record(&vol).exists() {
             // Refuse a bad DIR or a size the disk cannot back before anything is created (not
             // even the lock file); both are checked again under the locks below.
             self.check_new_dir(&dir)?;
             let budget = self.disk_budget()?;
-            if !budget.admits(size) {
+            if !budget.admits(self.host_promise(mode, size)) {
                 return Err(budget.refusal("volume", size, self.layout.root()));
             }
         }
@@ -161,6 +170,10 @@ impl Engine {
         if let Some(existing) = read_json::<VolumeRecord>(&self.layout.volume_record(&vol))? {
             match existing.state {
                 VolumeState::Ready => return self.repeat_create(existing, req, size),
+                VolumeState::Creating if existing.kind == VolumeKind::Clone => {
+                    tracing::info!(dir = %dir.display(), "rolling back a half-made clone volume before creating it again");
+                    self.clone_rollback(&existing)?;
+                }
                 VolumeState::Creating => {
                     tracing::info!(dir = %dir.display(), "rolling back a half-made volume before creating it again");
                     self.rollback(&existing)?;
@@ -178,8 +191,14 @@ impl Engine {
             }
         }
         self.check_new_dir(&dir)?;
+        if mode == CacheMode::Clone {
+            return self.clone_create(req, &dir, &vol, size);
+        }
         let mut record = VolumeRecord {
             id: vol.clone(),
+            kind: VolumeKind::Overlay,
+            lease: false,
+            note: None,
             dir: dir.clone(),
             cache: req.cache.clone(),
             generation: 0,
@@ -204,7 +223,7 @@ impl Engine {
                 // Pin the generation: the record names its layers before the lock is released,
                 // so no GC or squash can remove them while this volume lives.
                 let _clock = self.lock_cache(id)?;
-                self.ensure_cache(id, req.cache_size)?;
+                self.ensure_cache(id, req.cache_size, req.cache_mode)?;
                 let current = self.current(id)?;
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
@@ -312,8 +331,10 @@ impl Engine {
         &self,
         id: &CacheId,
         cache_size: Option<u64>,
+        mode: Option<CacheMode>,
     ) -> Result<CacheRecord> {
         if let Some(r) = self.cache_record(id)? {
+            check_mode(&r, mode)?;
             if let Some(asked) = cache_size {
                 if asked != r.cache_size {
                     tracing::warn!(cache = %id, asked, limit = r.cache_size,
@@ -324,14 +345,16 @@ impl Engine {
         }
         let cache_size = cache_size.unwrap_or(self.config.default_cache_size);
         check_cache_size(cache_size)?;
+        let mode = mode.unwrap_or_default();
         let record = CacheRecord {
             id: id.clone(),
             cache_size,
+            mode,
             created: fsutil::now(),
         };
         ensure_dir(&self.layout.layers_dir(id))?;
         write_json_atomic(&self.layout.cache_record(id), &record)?;
-        tracing::info!(cache = %id, cache_size, "cache created");
+        tracing::info!(cache = %id, cache_size, mode = %mode, "cache created");
         Ok(record)
     }
 
@@ -369,6 +392,9 @@ impl Engine {
     /// Mounts a ready volume whose mounts are gone (after a reboot). Its image was not cleanly
     /// unmounted, so it is checked first.
     pub(crate) fn remount(&self, record: &VolumeRecord) -> Result<()> {
+        if record.kind == VolumeKind::Clone {
+            return self.clone_remount(record);
+        }
         let lowers = match &record.cache {
             Some(id) => {
                 let _clock = self.lock_cache(id)?;
@@ -433,6 +459,9 @@ impl Engine {
 
     /// Undoes a volume that never became ready: unmount, remove image and record.
     pub(crate) fn rollback(&self, record: &VolumeRecord) -> Result<()> {
+        if record.kind == VolumeKind::Clone {
+            return self.clone_rollback(record);
+        }
         let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &record.dir)
             && self.overlay_of(&table, &record.dir, &record.id)
@@ -507,7 +536,11 @@ impl Engine {
             }
             VolumeState::Ready => {
                 record.state = VolumeState::Deleting;
-                record.discard = discard || !record.write_back || record.cache.is_none();
+                // A clone volume that did not get its cache's write lease never commits.
+                record.discard = discard
+                    || !record.write_back
+                    || record.cache.is_none()
+                    || (record.kind == VolumeKind::Clone && !record.lease);
                 write_json_atomic(&self.layout.volume_record(&vol), &record)?;
             }
             VolumeState::Deleting => {
@@ -524,6 +557,9 @@ impl Engine {
 
     /// Finishes a delete from whatever point a previous run reached. Called with the volume lock.
     pub(crate) fn finish_delete(&self, mut record: VolumeRecord) -> Result<DeleteOutcome> {
+        if record.kind == VolumeKind::Clone {
+            return self.clone_finish_delete(record);
+        }
         let vol = record.id.clone();
         let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &record.dir) && self.overlay_of(&table, &record.dir, &vol) {
@@ -660,6 +696,21 @@ impl Engine {
     }
 }
 
+/// Refuses a request for another mode than the cache's.
+pub(crate) fn check_mode(cache: &CacheRecord, asked: Option<CacheMode>) -> Result<()> {
+    match asked {
+        Some(m) if m != cache.mode => Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "cache {} is a {} cache but the request asks for cache mode {}: a cache's mode is fixed when it is created. \
+                 Ask for mode {} (or none), use another cache name, or remove the cache (`jobcachefs cache rm {}`) to create it again as {}",
+                cache.id, cache.mode, m, cache.mode, cache.id.name, m
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a cache-size below the smallest image jobcachefs makes.
 pub(crate) fn check_cache_size(cache_size: u64) -> Result<()> {
     if cache_size < image::MIN_IMAGE_SIZE {
@@ -673,7 +724,7 @@ pub(crate) fn check_cache_size(cache_size: u64) -> Result<()> {
 }
 
 /// A layer id: the volume's id and a random suffix, unique across retries and nodes.
-fn new_layer_id(record: &VolumeRecord) -> String {
+pub(crate) fn new_layer_id(record: &VolumeRecord) -> String {
     format!("{}-{}", &record.id[..8], fsutil::random_hex())
 }
 
@@ -682,7 +733,7 @@ fn new_layer_id(record: &VolumeRecord) -> String {
 /// down): committing then would publish an image that is still being written. With autoclear the
 /// device goes as soon as the last user does.
 impl Engine {
-    fn wait_released(&self, image: &Path) -> Result<()> {
+    pub(crate) fn wait_released(&self, image: &Path) -> Result<()> {
         for _ in 0..100 {
             if !self.host.loop_devices().iter().any(|b| b.file == image) {
                 return Ok(());
@@ -700,7 +751,7 @@ impl Engine {
     }
 }
 
-fn touch(path: &Path) {
+pub(crate) fn touch(path: &Path) {
     let _ = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -2,11 +2,11 @@
 //!
 //! - An "image" is a sparse file; its filesystem is a directory under the fake's own root, keyed
 //!   by the file's inode so that it follows the image through renames (a commit renames).
-//! - Mounting an image replaces the (empty) target directory by a symlink to that tree, so the
-//!   engine's `upper/` and `work/` land in the image's tree, as on a real host.
-//! - A writable overlay moves its upperdir's tree to the target (which stays a real directory,
-//!   as the engine canonicalises DIRs) and leaves a symlink at the upperdir: what a test writes
-//!   into a volume's DIR lands in the upper, as a job's writes do. A read-only overlay (squash's
+//! - Mounting an image moves its tree to the (empty) target directory, which stays a real
+//!   directory (the engine canonicalises DIRs), and leaves a symlink at the tree's own path; so
+//!   the engine's `upper/` and `work/` land in the image's tree, as on a real host.
+//! - A writable overlay does the same with its upperdir: what a test writes into a volume's DIR
+//!   lands in the upper, as a job's writes do. A read-only overlay (squash's
 //!   merged view) is materialised as a copy of its lowers, bottom first (no whiteouts).
 //! - Unmounting puts an empty directory back. The mount table and loop devices live in memory.
 //! - `fail_on(op, needle)` makes the next calls of `op` whose path contains `needle` fail, and
@@ -31,6 +31,7 @@ struct State {
     failures: Vec<(String, String)>,
     dirty: Vec<PathBuf>,
     space: Option<(u64, u64)>,
+    no_reflink: bool,
     calls: Vec<String>,
 }
 
@@ -75,6 +76,11 @@ impl FakeHost {
     /// Sets the `(available, total)` bytes every filesystem reports.
     pub fn set_space(&self, free: u64, total: u64) {
         self.state.lock().unwrap().space = Some((free, total));
+    }
+
+    /// Makes the state dir unable to clone files (an ext4 node: clones go to the pool).
+    pub fn without_reflink(&self) {
+        self.state.lock().unwrap().no_reflink = true;
     }
 
     /// Forgets every mount, as a reboot does (mount points become empty dirs again).
@@ -139,25 +145,21 @@ impl FakeHost {
         Ok(())
     }
 
-    fn mount_at(&self, target: &Path, points_to: &Path, entry: MountEntry) -> Result<()> {
+    /// Mounts by moving `tree` to `target` (which stays a real directory, as the engine
+    /// canonicalises DIRs) and leaving a symlink at the tree's own path; unmount moves it back.
+    fn mount_at(&self, target: &Path, tree: &Path, entry: MountEntry) -> Result<()> {
         if self.is_mounted(target) {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!("fake: {} is already mounted", target.display()),
             ));
         }
-        match std::fs::symlink_metadata(target) {
-            Ok(md) if md.is_dir() => std::fs::remove_dir(target).at("fake: mount on", target)?,
-            Ok(_) => {
-                return Err(Error::invalid(format!(
-                    "fake: {} is no dir",
-                    target.display()
-                )))
-            }
-            Err(e) => return Err(Error::io(format!("fake: mount on {}", target.display()), e)),
-        }
-        std::os::unix::fs::symlink(points_to, target).at("fake: symlink", target)?;
-        self.state.lock().unwrap().mounts.push(entry);
+        std::fs::remove_dir(target).at("fake: mount on", target)?;
+        std::fs::rename(tree, target).at("fake: move tree to", target)?;
+        std::os::unix::fs::symlink(target, tree).at("fake: symlink", tree)?;
+        let mut st = self.state.lock().unwrap();
+        st.moved.insert(target.to_path_buf(), tree.to_path_buf());
+        st.mounts.push(entry);
         Ok(())
     }
 }
@@ -242,21 +244,7 @@ impl Host for FakeHost {
         match upper {
             // The DIR must stay a real directory (the engine canonicalises it): the upper's
             // tree moves there and the upper's path points at it until the unmount.
-            Some((u, _)) => {
-                if self.is_mounted(target) {
-                    return Err(Error::new(
-                        ErrorKind::Conflict,
-                        format!("fake: {} is already mounted", target.display()),
-                    ));
-                }
-                std::fs::remove_dir(target).at("fake: mount on", target)?;
-                std::fs::rename(u, target).at("fake: move upper to", target)?;
-                std::os::unix::fs::symlink(target, u).at("fake: symlink", u)?;
-                let mut st = self.state.lock().unwrap();
-                st.moved.insert(target.to_path_buf(), u.to_path_buf());
-                st.mounts.push(entry);
-                Ok(())
-            }
+            Some((u, _)) => self.mount_at(target, u, entry),
             None => {
                 for l in lowers {
                     copy_into(l, target);
@@ -332,6 +320,32 @@ impl Host for FakeHost {
 
     fn chown(&self, path: &Path, _uid: u32, _gid: u32) -> Result<()> {
         self.step("chown", path)
+    }
+
+    fn reflink(&self, src: &Path, dst: &Path) -> Result<()> {
+        self.step("reflink", dst)?;
+        std::fs::copy(src, dst).at("fake: clone", dst)?;
+        let (from, to) = (self.tree_of(src)?, self.tree_of(dst)?);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).at("fake: clone tree", &to)?;
+        copy_into(&from, &to);
+        Ok(())
+    }
+
+    fn supports_reflink(&self, _dir: &Path) -> bool {
+        !self.state.lock().unwrap().no_reflink
+    }
+
+    fn make_pool(&self, path: &Path, size: u64) -> Result<()> {
+        self.make_image(path, size, 0, 0)
+    }
+
+    fn mount_pool(&self, image: &Path, target: &Path) -> Result<()> {
+        self.mount_image(image, target, ImageMount { read_only: false })
+    }
+
+    fn trim(&self, mount: &Path) -> Result<()> {
+        self.step("trim", mount)
     }
 
     fn fs_space(&self, _path: &Path) -> Result<(u64, u64)> {

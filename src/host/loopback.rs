@@ -26,6 +26,23 @@ impl Attached {
 
 /// Attaches `image` to a free loop device with autoclear.
 pub fn attach(image: &Path, read_only: bool) -> Result<Attached> {
+    attach_with(image, read_only, false)
+}
+
+/// Attaches `image` with autoclear, and with direct I/O when asked (its data is then cached
+/// once, by the filesystem on the device, not a second time as the backing file's pages). A
+/// backing filesystem that refuses direct I/O leaves the device buffered, with a log line.
+pub fn attach_with(image: &Path, read_only: bool, direct_io: bool) -> Result<Attached> {
+    let attached = attach_plain(image, read_only)?;
+    if direct_io {
+        if let Err(e) = attached.device.set_direct_io(true) {
+            tracing::warn!(image = %image.display(), error = %e, "loop device stays buffered: direct I/O refused");
+        }
+    }
+    Ok(attached)
+}
+
+fn attach_plain(image: &Path, read_only: bool) -> Result<Attached> {
     let control = LoopControl::open().at("open", Path::new("/dev/loop-control"))?;
     let mut last_err = None;
     // Another process can take the device between LOOP_CTL_GET_FREE and LOOP_SET_FD (EBUSY):

@@ -7,6 +7,7 @@
 //! decides (outcomes of a delete, rollback of a half-made create, what `gc` repairs, admission)
 //! is therefore tested without root; the real syscalls are tested by the integration tests.
 
+pub mod clone;
 pub mod cmd;
 #[cfg(test)]
 pub(crate) mod fake;
@@ -59,6 +60,16 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// `(available, total)` bytes of the filesystem holding `path` (available: what an
     /// unprivileged user may still write, as df's Avail).
     fn fs_space(&self, path: &Path) -> Result<(u64, u64)>;
+    /// Clones `src` into the new file `dst` sharing its blocks (FICLONE).
+    fn reflink(&self, src: &Path, dst: &Path) -> Result<()>;
+    /// Whether files in `dir` can be cloned.
+    fn supports_reflink(&self, dir: &Path) -> bool;
+    /// Makes the reflink pool image.
+    fn make_pool(&self, path: &Path, size: u64) -> Result<()>;
+    /// Mounts the reflink pool image at `target`.
+    fn mount_pool(&self, image: &Path, target: &Path) -> Result<()>;
+    /// Discards the free blocks of the filesystem mounted at `mount`.
+    fn trim(&self, mount: &Path) -> Result<()>;
 }
 
 /// The real host: syscalls and the tools of [`cmd`].
@@ -113,5 +124,20 @@ impl Host for RealHost {
         let free = crate::state::fsutil::free_bytes(path)?;
         let (_, total) = crate::state::fsutil::fs_usage(path)?;
         Ok((free, total))
+    }
+    fn reflink(&self, src: &Path, dst: &Path) -> Result<()> {
+        clone::reflink(src, dst)
+    }
+    fn supports_reflink(&self, dir: &Path) -> bool {
+        clone::supports_reflink(dir)
+    }
+    fn make_pool(&self, path: &Path, size: u64) -> Result<()> {
+        clone::make_pool(path, size)
+    }
+    fn mount_pool(&self, image: &Path, target: &Path) -> Result<()> {
+        clone::mount_pool(image, target)
+    }
+    fn trim(&self, mount: &Path) -> Result<()> {
+        clone::trim(mount)
     }
 }

@@ -326,6 +326,7 @@ fn create(
         cache_size: decision.cache_size,
         root: Some(req.root),
         labels: l,
+        cache_mode: decision.cache_mode,
     })?;
     Ok(HookOutcome::Created {
         volume: Box::new(volume),

@@ -16,9 +16,17 @@ pub const PARAM_CACHE_SIZE: &str = "jobcachefs.io/cache-size";
 /// StorageClass parameter: the largest volume a PVC of the class may request.
 pub const PARAM_MAX_VOLUME_SIZE: &str = "jobcachefs.io/max-volume-size";
 
+/// StorageClass parameter: `overlay` (default) or `clone`, the mode of caches the class creates.
+pub const PARAM_CACHE_MODE: &str = "jobcachefs.io/cache-mode";
+
 const PREFIX: &str = "jobcachefs.io/";
 const PVC_KEYS: [&str; 2] = [ANNOTATION_CACHE, KEY_WRITE_BACK];
-const CLASS_KEYS: [&str; 3] = [KEY_WRITE_BACK, PARAM_CACHE_SIZE, PARAM_MAX_VOLUME_SIZE];
+const CLASS_KEYS: [&str; 4] = [
+    KEY_WRITE_BACK,
+    PARAM_CACHE_SIZE,
+    PARAM_MAX_VOLUME_SIZE,
+    PARAM_CACHE_MODE,
+];
 
 /// The facts of the PVC that matter here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +59,8 @@ pub struct Decision {
     pub cache_size: Option<u64>,
     /// The volume's size limit in bytes.
     pub size: u64,
+    /// The class's cache mode, if it names one.
+    pub cache_mode: Option<crate::state::records::CacheMode>,
     /// Things the operator should know (an opt-in the class does not allow, …).
     pub notes: Vec<String>,
 }
@@ -116,6 +126,16 @@ pub fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> Result<
         .get(PARAM_CACHE_SIZE)
         .map(|v| parse_size(&format!("{sc}'s {PARAM_CACHE_SIZE}"), v))
         .transpose()?;
+    let cache_mode = class
+        .parameters
+        .get(PARAM_CACHE_MODE)
+        .map(|v| {
+            crate::state::records::CacheMode::parse(
+                &format!("{sc}'s parameter {PARAM_CACHE_MODE}"),
+                v,
+            )
+        })
+        .transpose()?;
     let class_writes = match class.parameters.get(KEY_WRITE_BACK) {
         Some(v) => parse_bool(&format!("{sc}'s parameter {KEY_WRITE_BACK}"), v)?,
         None => false,
@@ -152,6 +172,7 @@ pub fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> Result<
         write_back,
         cache_size,
         size: requested,
+        cache_mode,
         notes,
     })
 }

@@ -26,6 +26,12 @@
 //!   sync/oci/               OCI image layout: layer blobs (zstd tars), records/<layer>.json
 //!                           (which blob holds which local layer), the manifest being pushed
 //!   sync/tmp/               layer images being built by an import (cleared by the next one)
+//!   clone-backend           "reflink" or "pool": where this node's clone images live
+//!   clones/ or mnt/pool/    the clone store (a reflink-capable state dir, or the reflink pool
+//!                           pool.img, sparse XFS, mounted at mnt/pool):
+//!     caches/<ns>/<name>/<layer>.img   a clone cache's generation image (one per generation)
+//!     volumes/<id>.img                 a clone volume (a FICLONE of its generation's image)
+//!   caches/<ns>/<name>/lease  clone caches: the volume id holding the write lease
 //!   stats.json              counters for the agent's /metrics (commits, squashes, pushes, …)
 //! ```
 //!
@@ -140,6 +146,37 @@ impl Layout {
         self.root.join("locks").join("admission.lock")
     }
 
+    /// The node's clone backend once chosen (`reflink` or `pool`): fixed, so that clone images
+    /// never move between backends.
+    pub fn clone_backend(&self) -> PathBuf {
+        self.root.join("clone-backend")
+    }
+
+    /// Clone images on a reflink-capable state dir.
+    pub fn clone_dir(&self) -> PathBuf {
+        self.root.join("clones")
+    }
+
+    /// The reflink pool: a sparse XFS image.
+    pub fn pool_image(&self) -> PathBuf {
+        self.root.join("pool.img")
+    }
+
+    /// Where the reflink pool is mounted.
+    pub fn pool_mount(&self) -> PathBuf {
+        self.mnt().join("pool")
+    }
+
+    /// The lock held while the pool is made, mounted or trimmed.
+    pub fn pool_lock(&self) -> PathBuf {
+        self.root.join("locks").join("pool.lock")
+    }
+
+    /// A clone cache's lease file: the id of the write-back volume that may commit.
+    pub fn lease(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("lease")
+    }
+
     /// Parent of every mount jobcachefs makes besides the volume DIRs themselves.
     pub fn mnt(&self) -> PathBuf {
         self.root.join("mnt")
@@ -183,6 +220,26 @@ impl Layout {
     pub fn squash_due(&self, id: &CacheId) -> PathBuf {
         self.queue()
             .join(format!("squash_{}_{}", id.namespace, id.name))
+    }
+}
+
+/// Where clone images live inside a clone store (`<state>/clones` or the pool's mount).
+pub mod clone_store {
+    use super::*;
+
+    /// A clone cache's generation images.
+    pub fn layers_dir(store: &Path, id: &CacheId) -> PathBuf {
+        store.join("caches").join(&id.namespace).join(&id.name)
+    }
+
+    /// One generation image of a clone cache.
+    pub fn layer_image(store: &Path, id: &CacheId, layer: &str) -> PathBuf {
+        layers_dir(store, id).join(format!("{layer}.img"))
+    }
+
+    /// A clone volume's image.
+    pub fn volume_image(store: &Path, vol: &str) -> PathBuf {
+        store.join("volumes").join(format!("{vol}.img"))
     }
 }
 

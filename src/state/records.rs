@@ -7,6 +7,46 @@ use crate::input::names::CacheId;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// How a cache's volumes are made; fixed when the cache is created.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    /// Immutable ext4 layers under an overlay with a per-volume upper; many concurrent jobs
+    /// share the layers' page cache; per-file last writer wins.
+    #[default]
+    Overlay,
+    /// One ext4 image per generation; a volume is a copy-on-write clone of it mounted directly
+    /// (container storage, user-namespaced pods); one writer at a time by default.
+    Clone,
+}
+
+impl CacheMode {
+    /// The user-facing name (`overlay`, `clone`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Overlay => "overlay",
+            CacheMode::Clone => "clone",
+        }
+    }
+
+    /// Parses a user's value; `what` names where it came from in the error.
+    pub fn parse(what: &str, value: &str) -> crate::error::Result<Self> {
+        match value {
+            "overlay" => Ok(CacheMode::Overlay),
+            "clone" => Ok(CacheMode::Clone),
+            other => Err(crate::error::Error::invalid(format!(
+                "{what} {other:?} is not a cache mode: use \"overlay\" (layers shared by many jobs) or \"clone\" (container storage, one writer at a time)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `caches/<ns>/<name>/cache.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CacheRecord {
@@ -14,6 +54,9 @@ pub struct CacheRecord {
     pub id: CacheId,
     /// Limit on the allocated bytes of all current layers.
     pub cache_size: u64,
+    /// How its volumes are made (records written before modes existed are overlay caches).
+    #[serde(default)]
+    pub mode: CacheMode,
     /// Unix seconds.
     pub created: u64,
 }
@@ -96,11 +139,32 @@ pub struct RootOwner {
     pub mode: u32,
 }
 
+/// What a volume is made of.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeKind {
+    /// An overlay of the cache's layers under its own upper image.
+    #[default]
+    Overlay,
+    /// A copy-on-write clone of a clone cache's image, mounted at DIR directly.
+    Clone,
+}
+
 /// `volumes/<id>/volume.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
     /// Volume id (hash of DIR).
     pub id: String,
+    /// What it is made of.
+    #[serde(default)]
+    pub kind: VolumeKind,
+    /// A clone volume that holds its cache's write lease (only it may commit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease: bool,
+    /// Why this volume will not commit although it was created write-back (the lease was held
+    /// by another volume), told at create and at delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// The canonical volume DIR.
     pub dir: PathBuf,
     /// The cache it reads from; `None` for a plain size-limited volume.

@@ -20,6 +20,9 @@ pub mod names {
     pub const VOLUMES_PLAIN: &str = "volumes_created_plain";
     /// Commits published.
     pub const COMMITS: &str = "commits";
+    /// Generations a clone commit superseded without having started from them
+    /// (`clone_writers = "last-writer-wins"`): their changes are not in the cache.
+    pub const CLONE_SUPERSEDED: &str = "clone_generations_superseded";
     /// Squashes published.
     pub const SQUASHES: &str = "squashes";
     /// Pushes that changed the registry.

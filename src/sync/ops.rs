@@ -605,7 +605,11 @@ fn import_inner(
         ));
     }
     // A crash from here on leaves at most unreferenced layer images, which gc removes.
-    engine.ensure_cache(id, Some(limit))?;
+    engine.ensure_cache(
+        id,
+        Some(limit),
+        Some(crate::state::records::CacheMode::Overlay),
+    )?;
     for (img, dst, i) in renames {
         std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
         let blob = BlobRecord {
