@@ -209,12 +209,6 @@ impl Store {
         )
     }
 
-    /// Reads a blob.
-    pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
-        let p = self.blob_path(digest)?;
-        std::fs::read(&p).at("read", &p)
-    }
-
     /// Removes blobs no layer record names, and records of layers no cache holds any more.
     pub fn collect(&self, live_layers: &std::collections::HashSet<String>) -> Result<usize> {
         let mut keep = std::collections::HashSet::new();

@@ -718,9 +718,7 @@ fn build_layer(
     tarlayer::extract_layer(open()?, &upper, policy)?;
     fault::point("sync:layer-mounted");
     m.unmount()?;
-    std::fs::File::open(&img)
-        .and_then(|f| f.sync_all())
-        .at("fsync", &img)?;
+    fsutil::fsync_file(&img)?;
     Ok((
         img.clone(),
         LayerInfo {
