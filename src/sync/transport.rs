@@ -9,6 +9,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::cmd::{self, ToolError, SKOPEO};
+use crate::input::names::name_chars;
 use std::time::Duration;
 
 /// A repository in a registry (`host[:port]/path`, no tag) and how to reach it.
@@ -67,10 +68,7 @@ impl Remote {
                 "image {repo:?} names a tag or digest: {fix} (jobcachefs tags each generation itself)"
             )));
         }
-        if !path
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-        {
+        if !name_chars(path, b"._/") {
             return Err(Error::invalid(format!(
                 "image {repo:?} has characters a repository cannot have: {fix}"
             )));
