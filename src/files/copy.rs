@@ -45,7 +45,7 @@ struct Ctx {
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
 /// mode, xattrs and times of `src`.
-pub fn copy_tree(
+pub(crate) fn copy_tree(
     src: &Path,
     dst: &Path,
     _opts: CopyOptions,

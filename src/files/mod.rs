@@ -10,10 +10,10 @@ pub mod walk;
 /// Prefix of overlayfs's private xattrs (whiteouts, opaque dirs, origins). They describe one
 /// overlay's upper layer and never travel with the files: copies, snapshots and layer tars drop
 /// them.
-pub const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+pub(crate) const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 
 /// Whether `name` is one of overlayfs's private xattrs.
-pub fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
+pub(crate) fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes()
         .starts_with(OVERLAY_XATTR_PREFIX.as_bytes())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// The `(offset, end)` ranges of `file` (of length `len`, at `path` for errors) that hold data,
 /// in order. A file system without hole support reports the whole file as one extent.
-pub fn data_extents(file: &File, len: u64, path: &Path) -> Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(file: &File, len: u64, path: &Path) -> Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let len = len as i64;
     let mut out = Vec::new();

@@ -32,7 +32,7 @@ pub enum Step<'a> {
 
 /// Walks the tree under `root` in name order, calling `visit` for each step; the first error
 /// stops the walk.
-pub fn walk_sorted<F>(root: &Path, visit: &mut F) -> Result<()>
+pub(crate) fn walk_sorted<F>(root: &Path, visit: &mut F) -> Result<()>
 where
     F: FnMut(Step<'_>) -> Result<()>,
 {

@@ -13,10 +13,10 @@ pub const MAX_LABEL_LEN: usize = 63;
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// Longest DNS-1123 subdomain (PV and PVC names).
-pub const MAX_SUBDOMAIN_LEN: usize = 253;
+pub(crate) const MAX_SUBDOMAIN_LEN: usize = 253;
 
 /// Whether every byte of `value` is a lower-case ASCII letter, a digit, '-' or one of `extra`.
-pub fn name_chars(value: &str, extra: &[u8]) -> bool {
+pub(crate) fn name_chars(value: &str, extra: &[u8]) -> bool {
     value
         .bytes()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || extra.contains(&c))
@@ -35,7 +35,7 @@ fn is_label(value: &str, max: usize) -> bool {
 }
 
 /// Checks a DNS-1123 subdomain (the form of PV and PVC names): labels joined by '.'.
-pub fn validate_subdomain(what: &str, value: &str) -> Result<()> {
+pub(crate) fn validate_subdomain(what: &str, value: &str) -> Result<()> {
     if value.len() <= MAX_SUBDOMAIN_LEN && value.split('.').all(|l| is_label(l, MAX_SUBDOMAIN_LEN))
     {
         Ok(())
@@ -47,7 +47,7 @@ pub fn validate_subdomain(what: &str, value: &str) -> Result<()> {
 }
 
 /// Whether `id` can be a layer id read from a registry (it becomes a file name).
-pub fn is_layer_id(id: &str) -> bool {
+pub(crate) fn is_layer_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 100 && name_chars(id, b"")
 }
 

@@ -48,7 +48,7 @@ fn validate(id: VolumeIdentity, path: &Path) -> Result<VolumeIdentity> {
 
 /// Reads the volume's identity from `path`. `node_paths` are the provisioner's node paths (may
 /// be empty: then only the default folder form is understood).
-pub fn parse_volume_path(path: &Path, node_paths: &[PathBuf]) -> Result<VolumeIdentity> {
+pub(crate) fn parse_volume_path(path: &Path, node_paths: &[PathBuf]) -> Result<VolumeIdentity> {
     let shown = path.display();
     if !path.is_absolute() {
         return Err(Error::invalid(format!(

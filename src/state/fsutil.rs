@@ -16,7 +16,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 /// fsyncs a file, so that its blocks reach the disk before any name points at them.
-pub fn fsync_file(path: &Path) -> Result<()> {
+pub(crate) fn fsync_file(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .at("fsync", path)

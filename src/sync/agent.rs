@@ -41,7 +41,7 @@ struct Backoff {
 
 /// The tools the agent runs with `config`: the engine's (gc and squash), and skopeo when any
 /// cache has a registry.
-pub fn required_tools(config: &Config) -> Vec<Tool> {
+fn required_tools(config: &Config) -> Vec<Tool> {
     let mut tools = cmd::ENGINE_TOOLS.to_vec();
     if !config.registries.is_empty() {
         tools.push(cmd::SKOPEO);

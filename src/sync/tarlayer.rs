@@ -68,7 +68,7 @@ fn link_target(entry: &tar::Entry<impl Read>, raw: &Path, what: &str) -> Result<
 }
 
 /// Writes the tree under `root` as an OCI layer tar to `out`.
-pub fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
+pub(crate) fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
     let mut b = tar::Builder::new(out);
     let mut w = Writer {
         links: HashMap::new(),
@@ -399,7 +399,7 @@ fn check_entry(
 }
 
 /// First pass: validates every entry of a layer tar and sums what it claims; creates nothing.
-pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats> {
+pub(crate) fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats> {
     let mut archive = tar::Archive::new(input);
     let mut stats = LayerStats::default();
     let mut seen = BTreeSet::new();
@@ -424,7 +424,11 @@ pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats>
 
 /// Second pass: writes the layer into `dest` (the new layer's empty upper dir, on a fresh local
 /// image). Must follow a successful [`scan_layer`] of the same bytes.
-pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Result<LayerStats> {
+pub(crate) fn extract_layer(
+    input: impl Read,
+    dest: &Path,
+    policy: &ImportPolicy,
+) -> Result<LayerStats> {
     let mut archive = tar::Archive::new(input);
     let mut stats = LayerStats::default();
     let mut seen = BTreeSet::new();

@@ -47,7 +47,7 @@ pub fn remote_for(
 }
 
 /// The moving tag: always the line's newest generation.
-pub const LATEST: &str = "latest";
+pub(crate) const LATEST: &str = "latest";
 
 impl Remote {
     /// Checks `repo`: a fully qualified repository without tag or digest.
@@ -95,7 +95,7 @@ impl Remote {
     }
 
     /// Puts skopeo's temporary files (a blob being downloaded) under `dir`, not `/var/tmp`.
-    pub fn with_tmpdir(mut self, dir: std::path::PathBuf) -> Self {
+    pub(crate) fn with_tmpdir(mut self, dir: std::path::PathBuf) -> Self {
         self.tmpdir = Some(dir);
         self
     }
