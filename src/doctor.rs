@@ -4,7 +4,7 @@
 //! about each finding.
 
 use crate::engine::Engine;
-use crate::host::cmd::{self, Tool, BUILDAH, E2FSCK, MKFS_EXT4, RESIZE2FS, SKOPEO};
+use crate::host::cmd::{self, Tool, E2FSCK, MKFS_EXT4, RESIZE2FS, SKOPEO};
 use crate::host::loopback;
 use crate::host::mounts;
 use crate::input::quantity::human_bytes;
@@ -99,7 +99,6 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
         (MKFS_EXT4, &["-V"][..], true),
         (E2FSCK, &["-V"][..], true),
         (RESIZE2FS, &[][..], true),
-        (BUILDAH, &["--version"][..], false),
         (SKOPEO, &["--version"][..], false),
     ] {
         match cmd::which(&tool) {

@@ -1,6 +1,7 @@
 //! The library's error type: a small kind that callers branch on (exit codes, hook retries) plus
 //! a message written for the operator: what, which value, and what to do.
 
+use crate::host::cmd::ToolError;
 use std::io;
 use std::path::Path;
 
@@ -33,6 +34,8 @@ pub struct Error {
     message: String,
     // Not a `#[source]`: the message already ends with it, and error chains would print it twice.
     os: Option<io::Error>,
+    // Boxed: errors travel in every `Result`, tool failures are rare.
+    tool: Option<Box<ToolError>>,
 }
 
 /// Result type of the library.
@@ -45,6 +48,7 @@ impl Error {
             kind,
             message: message.into(),
             os: None,
+            tool: None,
         }
     }
 
@@ -60,12 +64,30 @@ impl Error {
             kind: ErrorKind::Io,
             message: format!("{what}: {source}"),
             os: Some(source),
+            tool: None,
         }
     }
 
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// Attaches how an external tool failed (see [`crate::host::cmd`]).
+    pub fn with_tool(mut self, failure: ToolError) -> Self {
+        self.tool = Some(Box::new(failure));
+        self
+    }
+
+    /// Carries over `other`'s tool failure, if it has one (when an error is rewrapped).
+    pub fn with_tool_of(mut self, other: &Error) -> Self {
+        self.tool = other.tool.clone();
+        self
+    }
+
+    /// How an external tool failed, when this error is a tool's failure.
+    pub fn tool(&self) -> Option<&ToolError> {
+        self.tool.as_deref()
     }
 
     /// The OS error number, when the error came from a system call.

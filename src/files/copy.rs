@@ -13,16 +13,17 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{
     DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
 };
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// What to copy besides the tree itself.
+use super::is_overlay_xattr;
+use super::sparse::data_extents;
+use super::walk::{walk_sorted, Entry, Step};
+
+/// Options of a copy: none today. The copy reads a merged overlay view, where the kernel has
+/// already applied the `trusted.overlay.*` xattrs, so it always drops them. (Kept as an argument
+/// only until the engine's call stops passing it.)
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CopyOptions {
-    /// Keep `trusted.overlay.*` xattrs (needed when copying an upper-format tree; dropped when
-    /// copying a merged view, where the kernel has already applied them).
-    pub keep_overlay_xattrs: bool,
-}
+pub struct CopyOptions {}
 
 /// Counters of one copy.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,7 +38,6 @@ pub struct CopyStats {
 pub type Progress = Box<dyn FnMut(&CopyStats)>;
 
 struct Ctx {
-    opts: CopyOptions,
     links: HashMap<(u64, u64), PathBuf>,
     stats: CopyStats,
     progress: Option<Progress>,
@@ -45,76 +45,75 @@ struct Ctx {
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
 /// mode, xattrs and times of `src`.
-pub fn copy_tree(
+pub(crate) fn copy_tree(
     src: &Path,
     dst: &Path,
-    opts: CopyOptions,
+    _opts: CopyOptions,
     progress: Option<Progress>,
 ) -> Result<CopyStats> {
     let mut ctx = Ctx {
-        opts,
         links: HashMap::new(),
         stats: CopyStats::default(),
         progress,
     };
-    copy_dir(src, dst, &mut ctx)?;
+    walk_sorted(src, &mut |step| ctx.step(dst, step))?;
     let md = fs::symlink_metadata(src).at("stat", src)?;
-    apply_metadata(src, dst, &md, &ctx.opts)?;
+    apply_metadata(src, dst, &md)?;
     Ok(ctx.stats)
 }
 
-fn copy_dir(src: &Path, dst: &Path, ctx: &mut Ctx) -> Result<()> {
-    let mut names: Vec<_> = fs::read_dir(src)
-        .at("read directory", src)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<std::io::Result<_>>()
-        .at("read directory", src)?;
-    names.sort();
-    for name in names {
-        let s = src.join(&name);
-        let d = dst.join(&name);
-        let md = fs::symlink_metadata(&s).at("stat", &s)?;
+impl Ctx {
+    /// Copies one entry of the walk to the same place under `dst`. A directory gets its
+    /// metadata after its contents: creating children changes its mtime.
+    fn step(&mut self, dst: &Path, step: Step<'_>) -> Result<()> {
+        let e = match step {
+            Step::Entry(e) => e,
+            Step::DirDone(e) => return self.finish(e, &dst.join(e.rel)),
+        };
+        let (s, md) = (e.path, e.md);
+        let d = dst.join(e.rel);
         let ft = md.file_type();
-        ctx.stats.entries += 1;
+        self.stats.entries += 1;
         if ft.is_dir() {
-            fs::DirBuilder::new()
+            return fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&d)
-                .at("create directory", &d)?;
-            copy_dir(&s, &d, ctx)?;
+                .at("create directory", &d);
+        }
+        if md.nlink() > 1 {
+            if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
+                return fs::hard_link(first, &d).at("hard-link", &d);
+            }
+            self.links.insert((md.dev(), md.ino()), d.clone());
+        }
+        if ft.is_file() {
+            self.stats.bytes += copy_file_data(s, &d)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(s).at("read link", s)?;
+            std::os::unix::fs::symlink(&target, &d).at("create symlink", &d)?;
         } else {
-            if md.nlink() > 1 {
-                if let Some(first) = ctx.links.get(&(md.dev(), md.ino())) {
-                    fs::hard_link(first, &d).at("hard-link", &d)?;
-                    continue;
-                }
-                ctx.links.insert((md.dev(), md.ino()), d.clone());
-            }
-            if ft.is_file() {
-                ctx.stats.bytes += copy_file_data(&s, &d)?;
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&s).at("read link", &s)?;
-                std::os::unix::fs::symlink(&target, &d).at("create symlink", &d)?;
+            let kind = if ft.is_char_device() {
+                SFlag::S_IFCHR
+            } else if ft.is_block_device() {
+                SFlag::S_IFBLK
+            } else if ft.is_fifo() {
+                SFlag::S_IFIFO
             } else {
-                let kind = if ft.is_char_device() {
-                    SFlag::S_IFCHR
-                } else if ft.is_block_device() {
-                    SFlag::S_IFBLK
-                } else if ft.is_fifo() {
-                    SFlag::S_IFIFO
-                } else {
-                    SFlag::S_IFSOCK
-                };
-                mknod(&d, kind, Mode::from_bits_truncate(0o600), md.rdev())
-                    .at("create node", &d)?;
-            }
+                SFlag::S_IFSOCK
+            };
+            mknod(&d, kind, Mode::from_bits_truncate(0o600), md.rdev()).at("create node", &d)?;
         }
-        apply_metadata(&s, &d, &md, &ctx.opts)?;
-        if let Some(p) = ctx.progress.as_mut() {
-            p(&ctx.stats);
-        }
+        self.finish(e, &d)
     }
-    Ok(())
+
+    /// Gives the copy `d` of entry `e` its metadata and reports progress.
+    fn finish(&mut self, e: Entry<'_>, d: &Path) -> Result<()> {
+        apply_metadata(e.path, d, e.md)?;
+        if let Some(p) = self.progress.as_mut() {
+            p(&self.stats);
+        }
+        Ok(())
+    }
 }
 
 /// Copies the data ranges of `src` to a new file `dst`, keeping holes. Returns data bytes.
@@ -130,27 +129,10 @@ fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
     output.set_len(len).at("size", dst)?;
     let mut copied = 0;
     let mut buf = vec![0u8; 1 << 20];
-    let mut offset: i64 = 0;
-    let fd = input.as_raw_fd();
-    while (offset as u64) < len {
-        // SAFETY: lseek on a file descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(crate::error::Error::io(
-                format!("seek data in {}", src.display()),
-                e,
-            ));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        let mut pos = data as u64;
-        while pos < end as u64 {
-            let want = ((end as u64 - pos) as usize).min(buf.len());
+    for (data, end) in data_extents(&input, len, src)? {
+        let mut pos = data;
+        while pos < end {
+            let want = ((end - pos) as usize).min(buf.len());
             let n = input.read_at(&mut buf[..want], pos).at("read", src)?;
             if n == 0 {
                 break;
@@ -159,18 +141,13 @@ fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
             pos += n as u64;
             copied += n as u64;
         }
-        offset = end;
     }
     Ok(copied)
 }
 
-fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
-    name.as_encoded_bytes().starts_with(b"trusted.overlay.")
-}
-
 /// Owner, then mode (chown clears setuid bits), then xattrs (chown clears capabilities), then
 /// times (everything before changes ctime only, but creating children changes a dir's mtime).
-fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, opts: &CopyOptions) -> Result<()> {
+fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata) -> Result<()> {
     fchownat(
         None,
         dst,
@@ -186,7 +163,7 @@ fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, opts: &CopyOptions)
     }
     let names = xattr::list(src).at("list xattrs of", src)?;
     for name in names {
-        if !opts.keep_overlay_xattrs && is_overlay_xattr(&name) {
+        if is_overlay_xattr(&name) {
             continue;
         }
         if let Some(value) = xattr::get(src, &name).at("read xattr of", src)? {
@@ -199,4 +176,30 @@ fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, opts: &CopyOptions)
     utimensat(None, dst, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
         .at("set times of", dst)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::tree::{diff, snapshot};
+
+    #[test]
+    fn a_copy_has_the_same_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+        fs::create_dir_all(src.join("b/c")).unwrap();
+        fs::create_dir(&dst).unwrap();
+        fs::write(src.join("a"), b"hello").unwrap();
+        fs::hard_link(src.join("a"), src.join("b/a-link")).unwrap();
+        std::os::unix::fs::symlink("../a", src.join("b/s")).unwrap();
+        let sparse = File::create(src.join("b/c/sparse")).unwrap();
+        sparse.set_len(4 << 20).unwrap();
+        sparse.write_all_at(b"x", 2 << 20).unwrap();
+        fs::set_permissions(src.join("b"), fs::Permissions::from_mode(0o750)).unwrap();
+        let stats = copy_tree(&src, &dst, CopyOptions::default(), None).unwrap();
+        assert_eq!(stats.entries, 6);
+        assert!(stats.bytes >= 6, "{stats:?}");
+        let problems = diff(&snapshot(&src).unwrap(), &snapshot(&dst).unwrap());
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }

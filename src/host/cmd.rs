@@ -1,5 +1,7 @@
 //! Every external tool jobcachefs runs, in one place: names, the package that provides each, a
-//! start-up check, and one runner that turns a failure into an error carrying the tool's stderr.
+//! start-up check, and one runner that turns a failure into an error carrying a [`ToolError`]:
+//! the tool, its exit code, stdout and stderr as data, so that callers branch on fields (a
+//! missing tool is not a failed run) and never parse the message.
 
 use crate::error::{Error, ErrorKind, Result};
 use std::ffi::OsStr;
@@ -29,11 +31,6 @@ pub const RESIZE2FS: Tool = Tool {
     name: "resize2fs",
     package: "e2fsprogs",
 };
-/// Builds and pushes OCI images (registry sync).
-pub const BUILDAH: Tool = Tool {
-    name: "buildah",
-    package: "buildah",
-};
 /// Copies OCI images between registries and layouts (registry sync).
 pub const SKOPEO: Tool = Tool {
     name: "skopeo",
@@ -42,6 +39,54 @@ pub const SKOPEO: Tool = Tool {
 
 /// The tools every volume operation needs.
 pub const ENGINE_TOOLS: &[Tool] = &[MKFS_EXT4, E2FSCK, RESIZE2FS];
+
+/// How running an external tool failed, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ToolError {
+    /// The tool is not in PATH: install `package`. Nothing was run.
+    Missing {
+        /// Binary name.
+        tool: &'static str,
+        /// Debian/Ubuntu package providing it.
+        package: &'static str,
+    },
+    /// The tool ran and failed.
+    Failed {
+        /// Binary name.
+        tool: &'static str,
+        /// Exit code (`None`: killed by a signal).
+        code: Option<i32>,
+        /// What it printed on stdout.
+        stdout: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+impl ToolError {
+    /// The tool's stderr, when it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            ToolError::Failed { stderr, .. } => Some(stderr),
+            ToolError::Missing { .. } => None,
+        }
+    }
+}
+
+fn missing(tool: &Tool) -> Error {
+    Error::new(
+        ErrorKind::Tool,
+        format!(
+            "{} not found in PATH: install the {} package",
+            tool.name, tool.package
+        ),
+    )
+    .with_tool(ToolError::Missing {
+        tool: tool.name,
+        package: tool.package,
+    })
+}
 
 /// Finds `tool` in PATH.
 pub fn which(tool: &Tool) -> Option<std::path::PathBuf> {
@@ -97,18 +142,13 @@ where
         .output()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::new(
-                    ErrorKind::Tool,
-                    format!(
-                        "{} not found in PATH: install the {} package",
-                        tool.name, tool.package
-                    ),
-                )
+                missing(tool)
             } else {
                 Error::io(format!("run {}", tool.name), e)
             }
         })?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         return Err(Error::new(
             ErrorKind::Tool,
             format!(
@@ -116,9 +156,15 @@ where
                 tool.name,
                 shown,
                 out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                stderr.trim()
             ),
-        ));
+        )
+        .with_tool(ToolError::Failed {
+            tool: tool.name,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        }));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -134,12 +180,74 @@ where
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
-            Error::io(
+            let missing = e.kind() == std::io::ErrorKind::NotFound;
+            let err = Error::io(
                 format!("run {} (install the {} package)", tool.name, tool.package),
                 e,
-            )
+            );
+            if missing {
+                err.with_tool(ToolError::Missing {
+                    tool: tool.name,
+                    package: tool.package,
+                })
+            } else {
+                err
+            }
         })?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.code().unwrap_or(-1), text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ABSENT: Tool = Tool {
+        name: "jobcachefs-no-such-tool",
+        package: "no-such-package",
+    };
+    const FALSE: Tool = Tool {
+        name: "false",
+        package: "coreutils",
+    };
+
+    #[test]
+    fn a_missing_tool_is_not_a_failed_run() {
+        let e = run(&ABSENT, ["x"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Tool);
+        assert_eq!(
+            e.tool(),
+            Some(&ToolError::Missing {
+                tool: ABSENT.name,
+                package: ABSENT.package
+            })
+        );
+        assert_eq!(
+            e.to_string(),
+            "jobcachefs-no-such-tool not found in PATH: install the no-such-package package"
+        );
+        let e = run_status(&ABSENT, ["x"]).unwrap_err();
+        assert!(matches!(e.tool(), Some(ToolError::Missing { .. })));
+    }
+
+    #[test]
+    fn a_failed_run_carries_code_and_output() {
+        if which(&FALSE).is_none() {
+            eprintln!("SKIPPED: no `false` in PATH");
+            return;
+        }
+        let e = run(&FALSE, [] as [&str; 0]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Tool);
+        match e.tool() {
+            Some(ToolError::Failed {
+                tool, code, stderr, ..
+            }) => {
+                assert_eq!(*tool, "false");
+                assert_eq!(*code, Some(1));
+                assert!(stderr.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! Cache and namespace names: DNS-1123 labels, validated before anything touches the disk.
+//! Names, validated before anything touches the disk: cache and namespace names (DNS-1123
+//! labels), Kubernetes object names (DNS-1123 subdomains), layer ids and repository paths. One
+//! character rule, [`name_chars`], under all of them.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -9,6 +11,45 @@ pub const MAX_LABEL_LEN: usize = 63;
 
 /// The namespace used when none is given (outside Kubernetes).
 pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Longest DNS-1123 subdomain (PV and PVC names).
+pub(crate) const MAX_SUBDOMAIN_LEN: usize = 253;
+
+/// Whether every byte of `value` is a lower-case ASCII letter, a digit, '-' or one of `extra`.
+pub(crate) fn name_chars(value: &str, extra: &[u8]) -> bool {
+    value
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || extra.contains(&c))
+}
+
+/// Whether `value` is a DNS-1123 label of at most `max` bytes: [`name_chars`], starting and
+/// ending with a letter or digit.
+fn is_label(value: &str, max: usize) -> bool {
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let b = value.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && name_chars(value, b"")
+        && alnum(&b[0])
+        && alnum(&b[b.len() - 1])
+}
+
+/// Checks a DNS-1123 subdomain (the form of PV and PVC names): labels joined by '.'.
+pub(crate) fn validate_subdomain(what: &str, value: &str) -> Result<()> {
+    if value.len() <= MAX_SUBDOMAIN_LEN && value.split('.').all(|l| is_label(l, MAX_SUBDOMAIN_LEN))
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} {value:?} is not a Kubernetes object name (lower-case letters, digits, '-' and '.', at most 253)"
+        )))
+    }
+}
+
+/// Whether `id` can be a layer id read from a registry (it becomes a file name).
+pub(crate) fn is_layer_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 100 && name_chars(id, b"")
+}
 
 /// Checks that `value` is a DNS-1123 label; `what` names the field in the error.
 pub fn validate_label(what: &str, value: &str) -> Result<()> {
@@ -22,10 +63,7 @@ pub fn validate_label(what: &str, value: &str) -> Result<()> {
             value.chars().count()
         )));
     }
-    let bytes = value.as_bytes();
-    let ok_char = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
-    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if !bytes.iter().all(ok_char) || !alnum(&bytes[0]) || !alnum(&bytes[bytes.len() - 1]) {
+    if !is_label(value, MAX_LABEL_LEN) {
         return Err(Error::invalid(format!(
             "{what} {value:?} is invalid: {fix}"
         )));
@@ -94,6 +132,20 @@ mod tests {
             }
             assert!(msg.contains("lower-case"), "{msg}");
         }
+    }
+
+    #[test]
+    fn subdomains_and_layer_ids() {
+        for ok in ["a", "pvc-1", "a.b-c.d", &"x".repeat(63)] {
+            validate_subdomain("n", ok).unwrap();
+        }
+        for bad in ["", ".a", "a.", "a..b", "A", "a_b", "-a", &"x".repeat(254)] {
+            assert!(validate_subdomain("n", bad).is_err(), "{bad}");
+        }
+        assert!(is_layer_id("-0a-"));
+        assert!(!is_layer_id(""));
+        assert!(!is_layer_id("a/b"));
+        assert!(!is_layer_id(&"a".repeat(101)));
     }
 
     #[test]

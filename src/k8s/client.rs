@@ -134,7 +134,7 @@ impl Client {
     }
 
     /// Reads a StorageClass.
-    pub fn storage_class(&self, name: &str) -> Result<StorageClass> {
+    pub(crate) fn storage_class(&self, name: &str) -> Result<StorageClass> {
         self.get(
             &format!("/apis/storage.k8s.io/v1/storageclasses/{name}"),
             &format!("StorageClass {name:?}"),

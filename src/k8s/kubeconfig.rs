@@ -113,7 +113,7 @@ pub fn discover() -> Result<ApiTarget> {
 }
 
 /// The service account's view of the API.
-pub fn in_cluster(host: &str, port: &str, dir: &Path) -> Result<ApiTarget> {
+pub(crate) fn in_cluster(host: &str, port: &str, dir: &Path) -> Result<ApiTarget> {
     let token_path = dir.join("token");
     let token =
         std::fs::read_to_string(&token_path).at("read service account token", &token_path)?;
@@ -135,7 +135,7 @@ pub fn in_cluster(host: &str, port: &str, dir: &Path) -> Result<ApiTarget> {
 }
 
 /// Reads a kubeconfig file; relative paths in it are relative to its directory.
-pub fn from_file(path: &Path) -> Result<ApiTarget> {
+pub(crate) fn from_file(path: &Path) -> Result<ApiTarget> {
     let text = std::fs::read_to_string(path).at("read kubeconfig", path)?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     parse(&text, dir, &path.display().to_string())

@@ -9,7 +9,7 @@
 //!   provisioner's `config.json` in the `[kubernetes] node_paths` config key.
 
 use crate::error::{Error, Result};
-use crate::input::names::validate_label;
+use crate::input::names::{validate_label, validate_subdomain};
 use std::path::{Component, Path, PathBuf};
 
 /// The Kubernetes identity of a volume, as far as its path tells.
@@ -21,30 +21,6 @@ pub struct VolumeIdentity {
     pub namespace: String,
     /// The PVC's name.
     pub pvc: String,
-}
-
-/// Longest DNS-1123 subdomain (PV and PVC names).
-const MAX_SUBDOMAIN_LEN: usize = 253;
-
-/// Checks a DNS-1123 subdomain (the form of PV and PVC names).
-fn validate_subdomain(what: &str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_SUBDOMAIN_LEN
-        && value.split('.').all(|part| {
-            let b = part.as_bytes();
-            !b.is_empty()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "{what} {value:?} is not a Kubernetes object name (lower-case letters, digits, '-' and '.', at most 253)"
-        )))
-    }
 }
 
 /// Parses `<pv>_<namespace>_<pvc>`, the provisioner's default folder name.
@@ -72,7 +48,7 @@ fn validate(id: VolumeIdentity, path: &Path) -> Result<VolumeIdentity> {
 
 /// Reads the volume's identity from `path`. `node_paths` are the provisioner's node paths (may
 /// be empty: then only the default folder form is understood).
-pub fn parse_volume_path(path: &Path, node_paths: &[PathBuf]) -> Result<VolumeIdentity> {
+pub(crate) fn parse_volume_path(path: &Path, node_paths: &[PathBuf]) -> Result<VolumeIdentity> {
     let shown = path.display();
     if !path.is_absolute() {
         return Err(Error::invalid(format!(

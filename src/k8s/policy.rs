@@ -89,7 +89,7 @@ fn check_known(what: &str, map: &BTreeMap<String, String>, known: &[&str]) -> Re
 }
 
 /// Decides the volume for a request of `requested` bytes.
-pub fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> Result<Decision> {
+pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> Result<Decision> {
     let pvc = format!("PVC {}/{}", claim.namespace, claim.name);
     let sc = format!("StorageClass {:?}", class.name);
     check_known(

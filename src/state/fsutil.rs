@@ -1,5 +1,5 @@
-//! Small crash-safe file helpers: atomic JSON records, directory fsync, allocated bytes, free
-//! space.
+//! Small crash-safe file helpers: atomic JSON records, file and directory fsync, idempotent
+//! removal, allocated bytes, free space.
 
 use crate::error::{Error, IoContext, Result};
 use serde::{de::DeserializeOwned, Serialize};
@@ -13,6 +13,23 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .at("fsync directory", dir)
+}
+
+/// fsyncs a file, so that its blocks reach the disk before any name points at them.
+pub(crate) fn fsync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .at("fsync", path)
+}
+
+/// Removes the file `path`; one that is already gone is fine (a repeated or resumed step after
+/// a crash finds it removed).
+pub fn remove_file_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
 }
 
 /// Writes `value` as JSON to `path` atomically: temp → fsync → rename → fsync dir. A crash at any
@@ -117,5 +134,26 @@ mod tests {
         assert_eq!(read_json::<Vec<i32>>(&p).unwrap(), Some(vec![4]));
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
         assert_eq!(read_json::<Vec<i32>>(&d.path().join("none")).unwrap(), None);
+    }
+
+    #[test]
+    fn removing_twice_is_fine_but_other_failures_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"x").unwrap();
+        fsync_file(&p).unwrap();
+        remove_file_if_exists(&p).unwrap();
+        remove_file_if_exists(&p).unwrap();
+        assert!(!p.exists());
+        let e = remove_file_if_exists(d.path()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("remove {}", d.path().display())),
+            "{e}"
+        );
+        assert!(fsync_file(&p)
+            .unwrap_err()
+            .to_string()
+            .starts_with("fsync "));
     }
 }

@@ -34,7 +34,7 @@ pub fn lock(path: &Path) -> Result<Lock> {
 }
 
 /// Takes the lock at `path` if nobody holds it.
-pub fn try_lock(path: &Path) -> Result<Option<Lock>> {
+pub(crate) fn try_lock(path: &Path) -> Result<Option<Lock>> {
     let file = open(path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(flock) => Ok(Some(Lock { _flock: flock })),

@@ -7,6 +7,7 @@
 use super::ops;
 use super::transport::remote_for;
 use crate::error::{ErrorKind, Result};
+use crate::host::cmd::{self, Tool};
 use crate::input::config::Config;
 use crate::input::names::CacheId;
 use crate::state::stats::{self, names};
@@ -38,8 +39,20 @@ struct Backoff {
     next: Instant,
 }
 
-/// Runs the agent.
+/// The tools the agent runs with `config`: the engine's (gc and squash), and skopeo when any
+/// cache has a registry.
+fn required_tools(config: &Config) -> Vec<Tool> {
+    let mut tools = cmd::ENGINE_TOOLS.to_vec();
+    if !config.registries.is_empty() {
+        tools.push(cmd::SKOPEO);
+    }
+    tools
+}
+
+/// Runs the agent. Checks its tools first: without skopeo every sync would fail, round after
+/// round, far from where the cause is visible.
 pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()> {
+    cmd::require(&required_tools(&config))?;
     let engine = Engine::open(&state_dir, config.clone())?;
     let rounds = Arc::new(AtomicU64::new(0));
     if let Some(addr) = &opts.metrics_addr {
@@ -300,4 +313,28 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
         vec![(String::new(), rounds as f64)],
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::config::RegistryConfig;
+
+    #[test]
+    fn skopeo_is_required_only_with_a_registry() {
+        let names =
+            |c: &Config| -> Vec<&str> { required_tools(c).iter().map(|t| t.name).collect() };
+        let mut config = Config::default();
+        assert!(!names(&config).contains(&"skopeo"));
+        config.registries.push(RegistryConfig {
+            caches: String::new(),
+            image: "r.example.com/caches".into(),
+            tls_verify: true,
+            allow_devices: false,
+            pull_on_create: false,
+            timeout: 300,
+        });
+        assert!(names(&config).contains(&"skopeo"));
+        assert!(names(&config).contains(&"mkfs.ext4"));
+    }
 }

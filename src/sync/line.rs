@@ -56,7 +56,11 @@ fn news(mine: &[LineLayer], theirs: &[LineLayer]) -> Vec<usize> {
 
 /// What to push: `None` when the registry needs nothing from this node. `max_depth` bounds the
 /// remote line: a local squash that folds a too-deep remote line is pushed as its new base.
-pub fn plan_push(remote: &[LineLayer], local: &[LineLayer], max_depth: usize) -> Option<Vec<Src>> {
+pub(crate) fn plan_push(
+    remote: &[LineLayer],
+    local: &[LineLayer],
+    max_depth: usize,
+) -> Option<Vec<Src>> {
     let ours = news(local, remote);
     let theirs = news(remote, local);
     let all_local = || (0..local.len()).map(Src::Local).collect();
@@ -76,12 +80,12 @@ pub fn plan_push(remote: &[LineLayer], local: &[LineLayer], max_depth: usize) ->
 }
 
 /// Whether the remote line has layers the local generation does not know (a push then re-bases).
-pub fn remote_has_news(remote: &[LineLayer], local: &[LineLayer]) -> bool {
+pub(crate) fn remote_has_news(remote: &[LineLayer], local: &[LineLayer]) -> bool {
     !news(remote, local).is_empty()
 }
 
 /// What the local generation becomes after a pull: `None` when the remote line has nothing new.
-pub fn plan_pull(remote: &[LineLayer], local: &[LineLayer]) -> Option<Vec<Src>> {
+pub(crate) fn plan_pull(remote: &[LineLayer], local: &[LineLayer]) -> Option<Vec<Src>> {
     if news(remote, local).is_empty() {
         return None;
     }

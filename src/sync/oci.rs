@@ -11,19 +11,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Media type of an OCI image manifest.
-pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Media type of an OCI image config.
-pub const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub(crate) const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Media type of a zstd-compressed layer.
-pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub(crate) const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// Layer annotation: the jobcachefs layer id.
-pub const ANN_LAYER_ID: &str = "io.jobcachefs.layer.id";
+pub(crate) const ANN_LAYER_ID: &str = "io.jobcachefs.layer.id";
 /// Layer annotation: the ids a squashed base folds, comma-separated.
-pub const ANN_COVERS: &str = "io.jobcachefs.layer.covers";
+pub(crate) const ANN_COVERS: &str = "io.jobcachefs.layer.covers";
 /// Manifest annotation: the line's generation.
-pub const ANN_GENERATION: &str = "io.jobcachefs.generation";
+pub(crate) const ANN_GENERATION: &str = "io.jobcachefs.generation";
 /// Manifest annotation: the cache, `<namespace>/<name>`.
-pub const ANN_CACHE: &str = "io.jobcachefs.cache";
+pub(crate) const ANN_CACHE: &str = "io.jobcachefs.cache";
 
 /// An OCI content descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub struct BlobRecord {
 }
 
 /// `sha256:<hex>` of `bytes`.
-pub fn digest_of(bytes: &[u8]) -> String {
+pub(crate) fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(bytes))
 }
 
@@ -106,7 +106,7 @@ impl Store {
     }
 
     /// Where blob `digest` lives.
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         let hex = digest.strip_prefix("sha256:").filter(|h| {
             h.len() == 64
                 && h.bytes()
@@ -143,7 +143,10 @@ impl Store {
     }
 
     /// Writes a layer blob produced by `fill` (which writes the plain tar): returns its record.
-    pub fn put_layer(&self, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<BlobRecord> {
+    pub(crate) fn put_layer(
+        &self,
+        fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+    ) -> Result<BlobRecord> {
         let tmp = self
             .dir
             .join("blobs/sha256")
@@ -194,7 +197,7 @@ impl Store {
     }
 
     /// Remembers which blob holds local layer `layer`.
-    pub fn set_record(&self, layer: &str, r: &BlobRecord) -> Result<()> {
+    pub(crate) fn set_record(&self, layer: &str, r: &BlobRecord) -> Result<()> {
         write_json_atomic(&self.dir.join("records").join(format!("{layer}.json")), r)
     }
 
@@ -207,12 +210,6 @@ impl Store {
             &self.dir.join("index.json"),
             &serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [d]}),
         )
-    }
-
-    /// Reads a blob.
-    pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
-        let p = self.blob_path(digest)?;
-        std::fs::read(&p).at("read", &p)
     }
 
     /// Removes blobs no layer record names, and records of layers no cache holds any more.

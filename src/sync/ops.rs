@@ -19,7 +19,7 @@ use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
-use crate::input::names::CacheId;
+use crate::input::names::{is_layer_id, CacheId};
 use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
 use crate::state::records::{Generation, LayerInfo};
 use crate::state::{lock, stats};
@@ -83,14 +83,6 @@ struct RemoteLine {
     diff_ids: Vec<String>,
 }
 
-fn valid_layer_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 100
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Reads `:latest` (and its config); an empty line when there is none.
 fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
     let Some(raw) = remote.manifest(LATEST)? else {
@@ -128,7 +120,7 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
             .get(oci::ANN_LAYER_ID)
             .cloned()
             .unwrap_or_default();
-        if !valid_layer_id(&id) {
+        if !is_layer_id(&id) {
             return Err(refuse(format!(
                 "layer {} has no valid {} annotation (was the image made by jobcachefs?)",
                 l.digest,
@@ -148,7 +140,7 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
         if line.iter().any(|x: &LineLayer| x.id == id) {
             return Err(refuse(format!("layer id {id} appears twice in the line")));
         }
-        if covers.iter().any(|c| !valid_layer_id(c)) {
+        if covers.iter().any(|c| !is_layer_id(c)) {
             return Err(refuse(format!(
                 "layer {} has an invalid covers annotation",
                 l.digest
@@ -722,9 +714,7 @@ fn build_layer(
     tarlayer::extract_layer(open()?, &upper, policy)?;
     fault::point("sync:layer-mounted");
     m.unmount()?;
-    std::fs::File::open(&img)
-        .and_then(|f| f.sync_all())
-        .at("fsync", &img)?;
+    fsutil::fsync_file(&img)?;
     Ok((
         img.clone(),
         LayerInfo {

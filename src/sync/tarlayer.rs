@@ -14,6 +14,8 @@
 //! entries back into overlay whiteouts and runs of zero blocks into holes.
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::files::walk::{walk_sorted, Entry, Step};
+use crate::files::{is_overlay_xattr, OVERLAY_XATTR_PREFIX};
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
@@ -66,13 +68,16 @@ fn link_target(entry: &tar::Entry<impl Read>, raw: &Path, what: &str) -> Result<
 }
 
 /// Writes the tree under `root` as an OCI layer tar to `out`.
-pub fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
+pub(crate) fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
     let mut b = tar::Builder::new(out);
     let mut w = Writer {
         links: HashMap::new(),
         stats: LayerStats::default(),
     };
-    w.dir(root, Path::new(""), &mut b)?;
+    walk_sorted(root, &mut |step| match step {
+        Step::Entry(e) => w.visit(&e, &mut b),
+        Step::DirDone(_) => Ok(()),
+    })?;
     b.finish().ctx(|| "finish the layer tar".into())?;
     Ok(w.stats)
 }
@@ -83,47 +88,35 @@ struct Writer {
 }
 
 impl Writer {
-    fn dir<W: Write>(&mut self, dir: &Path, rel: &Path, b: &mut tar::Builder<W>) -> Result<()> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .at("read", dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .at("read", dir)?;
-        names.sort();
-        for name in names {
-            let path = dir.join(&name);
-            let rel = rel.join(&name);
-            if name
-                .as_encoded_bytes()
-                .starts_with(WHITEOUT_PREFIX.as_bytes())
-            {
-                return Err(bad(format!(
-                    "{} is named like an OCI whiteout: it cannot be exported; rename or remove it",
-                    path.display()
-                )));
-            }
-            let md = fs::symlink_metadata(&path).at("stat", &path)?;
-            let ft = md.file_type();
-            if ft.is_char_device() && md.rdev() == 0 {
-                let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
-                self.marker(&wh, b)?;
-                continue;
-            }
-            if ft.is_socket() {
-                tracing::warn!(path = %path.display(), "sockets are not exported");
-                continue;
-            }
-            self.entry(&path, &rel, &md, b)?;
-            if ft.is_dir() {
-                if xattr::get(&path, OPAQUE_XATTR)
-                    .at("read xattr of", &path)?
-                    .as_deref()
-                    == Some(b"y")
-                {
-                    self.marker(&rel.join(OPAQUE), b)?;
-                }
-                self.dir(&path, &rel, b)?;
-            }
+    /// Writes one entry of the walk (a directory's contents follow as their own steps).
+    fn visit<W: Write>(&mut self, e: &Entry<'_>, b: &mut tar::Builder<W>) -> Result<()> {
+        let (path, rel, name, md) = (e.path, e.rel, e.name, e.md);
+        if name
+            .as_encoded_bytes()
+            .starts_with(WHITEOUT_PREFIX.as_bytes())
+        {
+            return Err(bad(format!(
+                "{} is named like an OCI whiteout: it cannot be exported; rename or remove it",
+                path.display()
+            )));
+        }
+        let ft = md.file_type();
+        if ft.is_char_device() && md.rdev() == 0 {
+            let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
+            return self.marker(&wh, b);
+        }
+        if ft.is_socket() {
+            tracing::warn!(path = %path.display(), "sockets are not exported");
+            return Ok(());
+        }
+        self.entry(path, rel, md, b)?;
+        if ft.is_dir()
+            && xattr::get(path, OPAQUE_XATTR)
+                .at("read xattr of", path)?
+                .as_deref()
+                == Some(b"y")
+        {
+            self.marker(&rel.join(OPAQUE), b)?;
         }
         Ok(())
     }
@@ -160,7 +153,7 @@ impl Writer {
             ));
         }
         for name in xattr::list(path).at("list xattrs of", path)? {
-            if name.as_encoded_bytes().starts_with(b"trusted.overlay.") {
+            if is_overlay_xattr(&name) {
                 continue;
             }
             if let Some(v) = xattr::get(path, &name).at("read xattr of", path)? {
@@ -347,7 +340,7 @@ fn check_entry(
         for e in exts {
             let e = e.ctx(|| "read PAX headers".into())?;
             if let Some(x) = e.key().ok().and_then(|k| k.strip_prefix(XATTR_PAX)) {
-                if x.starts_with("trusted.overlay.") {
+                if x.starts_with(OVERLAY_XATTR_PREFIX) {
                     return Err(refuse(format!(
                         "entry {:?} carries the overlayfs xattr {x}",
                         raw.display().to_string()
@@ -406,7 +399,7 @@ fn check_entry(
 }
 
 /// First pass: validates every entry of a layer tar and sums what it claims; creates nothing.
-pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats> {
+pub(crate) fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats> {
     let mut archive = tar::Archive::new(input);
     let mut stats = LayerStats::default();
     let mut seen = BTreeSet::new();
@@ -431,7 +424,11 @@ pub fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<LayerStats>
 
 /// Second pass: writes the layer into `dest` (the new layer's empty upper dir, on a fresh local
 /// image). Must follow a successful [`scan_layer`] of the same bytes.
-pub fn extract_layer(input: impl Read, dest: &Path, policy: &ImportPolicy) -> Result<LayerStats> {
+pub(crate) fn extract_layer(
+    input: impl Read,
+    dest: &Path,
+    policy: &ImportPolicy,
+) -> Result<LayerStats> {
     let mut archive = tar::Archive::new(input);
     let mut stats = LayerStats::default();
     let mut seen = BTreeSet::new();
@@ -644,6 +641,29 @@ fn write_sparse(data: &mut impl Read, p: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_lists_the_tree_in_name_order() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("b/y")).unwrap();
+        fs::write(d.path().join("b/x"), b"12345").unwrap();
+        fs::write(d.path().join("a"), b"").unwrap();
+        let mut tar = Vec::new();
+        let stats = write_layer(d.path(), &mut tar).unwrap();
+        assert_eq!(
+            stats,
+            LayerStats {
+                entries: 4,
+                bytes: 5
+            }
+        );
+        let names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a", "b/", "b/x", "b/y/"]);
+    }
 
     #[test]
     fn symlink_targets_must_stay_inside() {

@@ -8,7 +8,8 @@
 //! flag to move it. Temporary files go under the state dir with `--tmpdir`.)
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::cmd::{self, SKOPEO};
+use crate::host::cmd::{self, ToolError, SKOPEO};
+use crate::input::names::name_chars;
 use std::time::Duration;
 
 /// A repository in a registry (`host[:port]/path`, no tag) and how to reach it.
@@ -46,7 +47,7 @@ pub fn remote_for(
 }
 
 /// The moving tag: always the line's newest generation.
-pub const LATEST: &str = "latest";
+pub(crate) const LATEST: &str = "latest";
 
 impl Remote {
     /// Checks `repo`: a fully qualified repository without tag or digest.
@@ -67,10 +68,7 @@ impl Remote {
                 "image {repo:?} names a tag or digest: {fix} (jobcachefs tags each generation itself)"
             )));
         }
-        if !path
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-        {
+        if !name_chars(path, b"._/") {
             return Err(Error::invalid(format!(
                 "image {repo:?} has characters a repository cannot have: {fix}"
             )));
@@ -97,29 +95,20 @@ impl Remote {
     }
 
     /// Puts skopeo's temporary files (a blob being downloaded) under `dir`, not `/var/tmp`.
-    pub fn with_tmpdir(mut self, dir: std::path::PathBuf) -> Self {
+    pub(crate) fn with_tmpdir(mut self, dir: std::path::PathBuf) -> Self {
         self.tmpdir = Some(dir);
         self
     }
 
-    /// Classifies a skopeo failure: the registry's "not found" vs unreachable/auth/other.
+    /// Classifies a skopeo failure: the registry's "not found" vs unreachable/auth/other. Only
+    /// a run of skopeo that failed says anything about the registry; a missing skopeo stays a
+    /// tool error (it must never read as "nothing pushed yet").
     fn failed(&self, what: &str, e: Error) -> Error {
         let m = e.to_string();
-        // Authentication first: a failed token request mentions the realm's "Not Found" too.
-        let kind = if m.contains("unauthorized")
-            || m.contains("authentication required")
-            || m.contains("denied")
-            || m.contains("bearer token")
-        {
-            ErrorKind::InvalidInput
-        } else if m.contains("manifest unknown")
-            || m.contains("name unknown")
-            || m.contains("not found")
-        {
-            ErrorKind::NotFound
-        } else {
-            ErrorKind::Unavailable
+        let Some(tool @ ToolError::Failed { stderr, .. }) = e.tool() else {
+            return Error::new(e.kind(), format!("{what} {}: {m}", self.repo)).with_tool_of(&e);
         };
+        let kind = classify(stderr);
         let hint = match kind {
             ErrorKind::InvalidInput => {
                 ": the registry refused the credentials or demanded some: check auth.json (`skopeo login`, REGISTRY_AUTH_FILE)"
@@ -127,7 +116,7 @@ impl Remote {
             ErrorKind::Unavailable => ": check that the registry is reachable (and --tls-verify for a plain-HTTP registry)",
             _ => "",
         };
-        Error::new(kind, format!("{what} {}: {m}{hint}", self.repo))
+        Error::new(kind, format!("{what} {}: {m}{hint}", self.repo)).with_tool(tool.clone())
     }
 
     /// Runs skopeo with the global flags, then `args`; a failure says what was being done.
@@ -196,9 +185,86 @@ impl Remote {
     }
 }
 
+/// What skopeo's stderr says about the registry: refused credentials, no such repository or
+/// tag, or anything else (unreachable, timeouts, server errors).
+fn classify(stderr: &str) -> ErrorKind {
+    // Authentication first: a failed token request mentions the realm's "Not Found" too.
+    if stderr.contains("unauthorized")
+        || stderr.contains("authentication required")
+        || stderr.contains("denied")
+        || stderr.contains("bearer token")
+    {
+        ErrorKind::InvalidInput
+    } else if stderr.contains("manifest unknown")
+        || stderr.contains("name unknown")
+        || stderr.contains("not found")
+    {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Unavailable
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remote() -> Remote {
+        Remote::new("r.example.com/ci/maven", true, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_missing_skopeo_is_not_a_missing_image() {
+        let missing = Error::new(
+            ErrorKind::Tool,
+            "skopeo not found in PATH: install the skopeo package",
+        )
+        .with_tool(ToolError::Missing {
+            tool: "skopeo",
+            package: "skopeo",
+        });
+        let e = remote().failed("read the manifest of", missing);
+        assert_eq!(e.kind(), ErrorKind::Tool);
+        assert!(matches!(e.tool(), Some(ToolError::Missing { .. })));
+        assert_eq!(
+            e.to_string(),
+            "read the manifest of r.example.com/ci/maven: skopeo not found in PATH: install the skopeo package"
+        );
+    }
+
+    #[test]
+    fn skopeo_failures_are_classified_by_stderr() {
+        for (stderr, kind) in [
+            ("manifest unknown: manifest unknown", ErrorKind::NotFound),
+            (
+                "name unknown: repository name not known",
+                ErrorKind::NotFound,
+            ),
+            (
+                "unauthorized: authentication required",
+                ErrorKind::InvalidInput,
+            ),
+            (
+                "requested access to the resource is denied",
+                ErrorKind::InvalidInput,
+            ),
+            (
+                "dial tcp 10.0.0.1:443: connect: connection refused",
+                ErrorKind::Unavailable,
+            ),
+        ] {
+            let failed = Error::new(ErrorKind::Tool, format!("skopeo inspect failed: {stderr}"))
+                .with_tool(ToolError::Failed {
+                    tool: "skopeo",
+                    code: Some(1),
+                    stdout: String::new(),
+                    stderr: stderr.to_string(),
+                });
+            let e = remote().failed("read the manifest of", failed);
+            assert_eq!(e.kind(), kind, "{stderr}");
+            assert!(e.tool().is_some());
+        }
+    }
 
     #[test]
     fn repositories_are_checked() {

@@ -1,6 +1,6 @@
 //! Human output: aligned tables with human-readable sizes, and JSON for scripts.
 
-use jobcachefs::engine::{CacheInfo, GcReport, PruneCandidate, VolumeInfo};
+use jobcachefs::engine::{CacheInfo, DeleteOutcome, GcReport, PruneCandidate, VolumeInfo};
 use jobcachefs::input::quantity::human_bytes;
 use serde::Serialize;
 
@@ -10,6 +10,39 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) {
         "{}",
         serde_json::to_string_pretty(value).expect("serialisable")
     );
+}
+
+/// Prints `value` as JSON, or as `table` prints it.
+pub fn json_or<T: Serialize + ?Sized>(json: bool, value: &T, table: impl FnOnce(&T)) {
+    if json {
+        print_json(value);
+    } else {
+        table(value);
+    }
+}
+
+/// One line on what a delete did to the volume's changes (`volume delete` and the hook's
+/// teardown).
+pub fn describe_delete(outcome: &DeleteOutcome) -> String {
+    match outcome {
+        DeleteOutcome::NotFound => "no volume there (already deleted)".to_string(),
+        DeleteOutcome::RolledBack => "half-made volume rolled back".to_string(),
+        DeleteOutcome::Discarded => "deleted, changes discarded".to_string(),
+        DeleteOutcome::NotCommitted { reason } => format!("deleted, not committed: {reason}"),
+        DeleteOutcome::Unchanged => "deleted, nothing changed to commit".to_string(),
+        DeleteOutcome::Committed {
+            generation,
+            squashed,
+        } => format!(
+            "deleted, committed as generation {generation}{}",
+            if *squashed {
+                " (squashed to fit the cache-size)"
+            } else {
+                ""
+            }
+        ),
+        DeleteOutcome::Rejected { reason } => format!("deleted; {reason}"),
+    }
 }
 
 /// A plain aligned text table.

@@ -1,0 +1,89 @@
+//! `hook`: local-path-provisioner's setup/teardown. The arguments and the `VOL_*` environment
+//! are checked by the library ([`jobcachefs::input::hook_args`]), the same code the hook's own
+//! tests run; this file only gathers them and prints the outcome.
+
+use super::exit;
+use super::output::{describe_delete, print_json};
+use anyhow::Result;
+use clap::Args;
+use jobcachefs::input::hook_args::{env_from, resolve, RawInputs};
+use jobcachefs::input::quantity::human_bytes;
+use jobcachefs::k8s::hook::{self, HookOutcome};
+use jobcachefs::k8s::{client::Client, kubeconfig};
+use jobcachefs::Engine;
+
+#[derive(Args)]
+pub(super) struct HookArgs {
+    /// The volume's folder (env VOL_DIR).
+    #[arg(short = 'p')]
+    path: Option<String>,
+    /// Requested size in bytes (env VOL_SIZE_BYTES).
+    #[arg(short = 's', allow_hyphen_values = true)]
+    size: Option<String>,
+    /// Volume mode: Filesystem (Block is refused) (env VOL_MODE).
+    #[arg(short = 'm')]
+    mode: Option<String>,
+    /// create (setup) or delete (teardown). deploy/'s scripts pass it and so does the
+    /// provisioner: it may be given twice if both agree.
+    #[arg(short = 'a', action = clap::ArgAction::Append)]
+    action: Vec<String>,
+}
+
+pub(super) fn run(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
+    let req = resolve(&RawInputs {
+        path: args.path.clone(),
+        size: args.size.clone(),
+        mode: args.mode.clone(),
+        actions: args.action.clone(),
+        env: env_from(|k| std::env::var(k).ok()),
+    })?;
+    let budget = std::time::Duration::from_secs(engine.config().kubernetes.api_timeout);
+    let outcome = hook::run(engine, &req, || {
+        Client::new(kubeconfig::discover()?, budget)
+    })?;
+    if json {
+        print_json(&outcome);
+        return Ok(exit::OK);
+    }
+    match outcome {
+        HookOutcome::Created {
+            volume,
+            repeated,
+            notes,
+        } => {
+            let cache = match &volume.cache {
+                Some(c) => format!(
+                    "cache {c} generation {}{}",
+                    volume.generation,
+                    if volume.write_back {
+                        ", write-back"
+                    } else {
+                        ", read-only for the cache"
+                    }
+                ),
+                None => "no cache (plain volume)".to_string(),
+            };
+            println!(
+                "{} volume {}: {cache}, size {}",
+                if repeated {
+                    "already set up:"
+                } else {
+                    "created"
+                },
+                volume.dir.display(),
+                human_bytes(volume.size)
+            );
+            for n in notes {
+                println!("note: {n}");
+            }
+        }
+        HookOutcome::Deleted { path, result } => {
+            println!(
+                "deleted volume {}: {}",
+                path.display(),
+                describe_delete(&result)
+            );
+        }
+    }
+    Ok(exit::OK)
+}

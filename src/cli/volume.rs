@@ -1,0 +1,185 @@
+//! `volume create|delete|ls|show`: what plain Linux CI runners use directly.
+
+use super::exit;
+use super::output::{self, describe_delete, json_or, print_json};
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use jobcachefs::engine::{CreateRequest, DeleteOutcome};
+use jobcachefs::input::names::{validate_label, CacheId, DEFAULT_NAMESPACE};
+use jobcachefs::input::quantity::{human_bytes, parse_size};
+use jobcachefs::Engine;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub(super) enum VolumeCmd {
+    /// Create a volume at DIR: the cache's layers below, a fresh writable image above.
+    Create(CreateArgs),
+    /// Delete the volume at DIR: commit it into its cache if created with --write-back.
+    Delete {
+        /// The volume's directory.
+        dir: PathBuf,
+        /// Throw the volume's changes away even if it was created with --write-back.
+        #[arg(long)]
+        discard: bool,
+    },
+    /// List live volumes.
+    Ls,
+    /// Show one volume.
+    Show {
+        /// The volume's directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub(super) struct CreateArgs {
+    /// Directory to mount the volume at (created if missing; must be empty).
+    dir: PathBuf,
+    /// Cache to read from (a DNS-1123 label). Without it the volume starts empty.
+    #[arg(long)]
+    cache: Option<String>,
+    /// Namespace of the cache.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Size limit of the volume's writes (e.g. 2Gi); writes beyond it get ENOSPC.
+    #[arg(long, allow_hyphen_values = true)]
+    size: Option<String>,
+    /// Commit the volume into the cache when it is deleted.
+    #[arg(long)]
+    write_back: bool,
+    /// Size limit of the cache, if this creates it (e.g. 20Gi).
+    #[arg(long, allow_hyphen_values = true)]
+    cache_size: Option<String>,
+}
+
+pub(super) fn run(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
+    match cmd {
+        VolumeCmd::Create(a) => create(engine, a, json),
+        VolumeCmd::Delete { dir, discard } => delete(engine, dir, *discard, json),
+        VolumeCmd::Ls => {
+            json_or(json, &engine.volume_list()?, |v| output::print_volumes(v));
+            Ok(exit::OK)
+        }
+        VolumeCmd::Show { dir } => {
+            json_or(json, &engine.volume_show(dir)?, |v| {
+                output::print_volumes(std::slice::from_ref(v))
+            });
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Checks every argument of `volume create` (pure: before anything touches the disk).
+fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
+    let cache = match &a.cache {
+        Some(name) => Some(CacheId::new(&a.namespace, name)?),
+        None => {
+            validate_label("namespace", &a.namespace)?;
+            None
+        }
+    };
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| parse_size("--size", s))
+        .transpose()?;
+    let cache_size = a
+        .cache_size
+        .as_deref()
+        .map(|s| parse_size("--cache-size", s))
+        .transpose()?;
+    if cache_size.is_some() && cache.is_none() {
+        return Err(jobcachefs::Error::invalid(
+            "--cache-size needs --cache NAME",
+        ));
+    }
+    Ok(CreateRequest {
+        dir: a.dir.clone(),
+        cache,
+        size,
+        write_back: a.write_back,
+        cache_size,
+        ..Default::default()
+    })
+}
+
+fn create(engine: &Engine, a: &CreateArgs, json: bool) -> Result<u8> {
+    let req = request(a)?;
+    if let Some(id) = &req.cache {
+        jobcachefs::sync::ops::pull_if_cold(engine, id);
+    }
+    let record = engine.volume_create(&req)?;
+    if json {
+        print_json(&record);
+    } else {
+        println!(
+            "volume {} ready: cache {} generation {} ({} layers), size {}, write-back {}",
+            record.dir.display(),
+            record
+                .cache
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "(none)".into()),
+            record.generation,
+            record.layers.len(),
+            human_bytes(record.size),
+            record.write_back
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// A delete whose commit was refused (over the cache-size) says so on stderr and exits 3.
+fn delete(engine: &Engine, dir: &Path, discard: bool, json: bool) -> Result<u8> {
+    let outcome = engine.volume_delete(dir, discard)?;
+    if json {
+        print_json(&outcome);
+    } else {
+        let text = format!("volume {}: {}", dir.display(), describe_delete(&outcome));
+        match outcome {
+            DeleteOutcome::Rejected { .. } => eprintln!("{text}"),
+            _ => println!("{text}"),
+        }
+    }
+    Ok(match outcome {
+        DeleteOutcome::Rejected { .. } => exit::QUOTA,
+        _ => exit::OK,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: CreateArgs,
+    }
+
+    fn check(args: &[&str]) -> jobcachefs::Result<CreateRequest> {
+        request(&T::parse_from(std::iter::once("t").chain(args.iter().copied())).a)
+    }
+
+    #[test]
+    fn create_arguments_are_checked_before_anything_else() {
+        let r = check(&["/v", "--cache", "maven", "--size", "2Gi", "--write-back"]).unwrap();
+        assert_eq!(r.cache, Some(CacheId::new("default", "maven").unwrap()));
+        assert_eq!(r.size, Some(2 << 30));
+        assert!(r.write_back);
+        for (args, msg) in [
+            (&["/v", "--cache-size", "1Gi"][..], "--cache-size needs --cache NAME"),
+            (
+                &["/v", "--namespace", "Bad"][..],
+                "namespace \"Bad\" is invalid: use lower-case letters, digits and '-', starting and ending with a letter or digit (at most 63)",
+            ),
+            (
+                &["/v", "--size", "-1"][..],
+                "--size \"-1\" is not a valid size: use a positive Kubernetes quantity such as 512Mi, 20Gi or 1G",
+            ),
+        ] {
+            assert_eq!(check(args).unwrap_err().to_string(), msg);
+        }
+    }
+}

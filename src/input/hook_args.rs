@@ -1,0 +1,346 @@
+//! The hook's inputs, checked once for every caller: what local-path-provisioner passes
+//! (`-p PATH -s BYTES -m MODE -a create|delete`, and `VOL_DIR`, `VOL_SIZE_BYTES`, `VOL_MODE`,
+//! `VOL_USER`, `VOL_GROUP`, `VOL_PERM` in the environment) into a [`HookRequest`]. Pure: the
+//! caller reads the environment and passes it in.
+
+use crate::error::{Error, Result};
+use crate::input::quantity::parse_size;
+use crate::state::records::RootOwner;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The environment variables of the provisioner's contract, in the order it documents them.
+pub const ENV_VARS: [&str; 6] = [
+    "VOL_DIR",
+    "VOL_SIZE_BYTES",
+    "VOL_MODE",
+    "VOL_USER",
+    "VOL_GROUP",
+    "VOL_PERM",
+];
+
+/// The [`ENV_VARS`] that `lookup` finds, by name.
+pub fn env_from(lookup: impl Fn(&str) -> Option<String>) -> BTreeMap<String, String> {
+    ENV_VARS
+        .iter()
+        .filter_map(|k| lookup(k).map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+/// The root of a hook volume when `VOL_USER`/`VOL_GROUP`/`VOL_PERM` are not set: root-owned and
+/// world-writable, as the provisioner's stock `mkdir -m 0777` makes it, so that build pods
+/// running as any user can write.
+pub const DEFAULT_ROOT: RootOwner = RootOwner {
+    uid: 0,
+    gid: 0,
+    mode: 0o777,
+};
+
+/// `-a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Setup.
+    Create,
+    /// Teardown.
+    Delete,
+}
+
+/// The hook's inputs as given: command-line values and environment values.
+#[derive(Debug, Clone, Default)]
+pub struct RawInputs {
+    /// `-p`.
+    pub path: Option<String>,
+    /// `-s`.
+    pub size: Option<String>,
+    /// `-m`.
+    pub mode: Option<String>,
+    /// Each `-a` given: the provisioner and deploy/'s scripts may both pass it, so it may come
+    /// twice if both agree.
+    pub actions: Vec<String>,
+    /// The `VOL_*` environment, by name.
+    pub env: BTreeMap<String, String>,
+}
+
+/// The hook's request after checking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRequest {
+    /// The volume's folder.
+    pub path: PathBuf,
+    /// Requested bytes.
+    pub size: u64,
+    /// Setup or teardown.
+    pub action: Action,
+    /// Owner and mode of the volume's root.
+    pub root: RootOwner,
+    /// Where arguments and environment disagreed (the arguments won).
+    pub warnings: Vec<String>,
+}
+
+/// Takes the argument if given, else the environment variable; says so when both are given and
+/// disagree.
+fn pick(
+    flag: &str,
+    arg: &Option<String>,
+    var: &str,
+    env: &BTreeMap<String, String>,
+    warnings: &mut Vec<String>,
+) -> Option<String> {
+    let from_env = env.get(var).filter(|v| !v.is_empty());
+    match (arg.as_ref().filter(|v| !v.is_empty()), from_env) {
+        (Some(a), Some(e)) if a != e => {
+            warnings.push(format!(
+                "{flag} {a:?} and {var}={e:?} disagree: using {flag} {a:?}"
+            ));
+            Some(a.clone())
+        }
+        (Some(a), _) => Some(a.clone()),
+        (None, Some(e)) => Some(e.clone()),
+        (None, None) => None,
+    }
+}
+
+fn parse_id(var: &str, value: &str) -> Result<u32> {
+    value.parse().map_err(|_| {
+        Error::invalid(format!(
+            "{var}={value:?} is not a numeric id: the provisioner passes numbers (e.g. 1000)"
+        ))
+    })
+}
+
+/// Checks the inputs (pure): arguments win over the environment.
+pub fn resolve(raw: &RawInputs) -> Result<HookRequest> {
+    if raw.actions.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::invalid(format!(
+            "-a is given as {}: a hook run is either -a create or -a delete",
+            raw.actions.join(" and ")
+        )));
+    }
+    let mut warnings = Vec::new();
+    let env = &raw.env;
+    let path = pick("-p", &raw.path, "VOL_DIR", env, &mut warnings).ok_or_else(|| {
+        Error::invalid(
+            "no volume path: pass -p PATH (or set VOL_DIR), as local-path-provisioner does",
+        )
+    })?;
+    let action = match raw.actions.first().map(String::as_str) {
+        Some("create") => Action::Create,
+        Some("delete") => Action::Delete,
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "-a {other:?} is not an action: use -a create (setup) or -a delete (teardown)"
+            )))
+        }
+        None => {
+            return Err(Error::invalid(
+                "no action: pass -a create (setup) or -a delete (teardown)",
+            ))
+        }
+    };
+    let mode = pick("-m", &raw.mode, "VOL_MODE", env, &mut warnings)
+        .unwrap_or_else(|| "Filesystem".to_string());
+    match mode.as_str() {
+        "Filesystem" => {}
+        "Block" => {
+            return Err(Error::invalid(format!(
+                "volume {path}: volumeMode Block is not supported: jobcachefs provides Filesystem volumes; set volumeMode: Filesystem on the PVC"
+            )))
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "-m {other:?} is not a volume mode: the provisioner passes Filesystem or Block"
+            )))
+        }
+    }
+    let size =
+        match pick("-s", &raw.size, "VOL_SIZE_BYTES", env, &mut warnings) {
+            // Teardown needs no size: what was made is in the volume's record.
+            _ if action == Action::Delete => 0,
+            Some(s) => parse_size("-s (VOL_SIZE_BYTES)", &s)?,
+            None => return Err(Error::invalid(
+                "no size: pass -s BYTES (or set VOL_SIZE_BYTES), as local-path-provisioner does",
+            )),
+        };
+    let var = |k: &str| env.get(k).filter(|v| !v.is_empty());
+    let mut root = DEFAULT_ROOT;
+    if let Some(u) = var("VOL_USER") {
+        root.uid = parse_id("VOL_USER", u)?;
+    }
+    if let Some(g) = var("VOL_GROUP") {
+        root.gid = parse_id("VOL_GROUP", g)?;
+    }
+    if let Some(p) = var("VOL_PERM") {
+        let digits = p.trim_start_matches("0o");
+        root.mode = u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "VOL_PERM={p:?} is not an octal mode: use e.g. 0775"
+                ))
+            })?;
+    }
+    Ok(HookRequest {
+        path: PathBuf::from(path),
+        size,
+        action,
+        root,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn raw(args: [Option<&str>; 4], env: &[(&str, &str)]) -> RawInputs {
+        RawInputs {
+            path: args[0].map(str::to_string),
+            size: args[1].map(str::to_string),
+            mode: args[2].map(str::to_string),
+            actions: args[3].map(str::to_string).into_iter().collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn args_win_and_say_so() {
+        let r = resolve(&raw(
+            [
+                Some("/n/a_b_c"),
+                Some("1024"),
+                Some("Filesystem"),
+                Some("create"),
+            ],
+            &[("VOL_DIR", "/n/x_y_z"), ("VOL_SIZE_BYTES", "1024")],
+        ))
+        .unwrap();
+        assert_eq!(r.path, PathBuf::from("/n/a_b_c"));
+        assert_eq!(r.size, 1024);
+        assert_eq!(r.warnings.len(), 1);
+        assert!(r.warnings[0].contains("VOL_DIR"), "{:?}", r.warnings);
+        assert_eq!(r.root, DEFAULT_ROOT);
+    }
+
+    #[test]
+    fn env_fills_in() {
+        let r = resolve(&raw(
+            [None, None, None, Some("create")],
+            &[
+                ("VOL_DIR", "/n/a_b_c"),
+                ("VOL_SIZE_BYTES", "2147483648"),
+                ("VOL_MODE", "Filesystem"),
+                ("VOL_USER", "1000"),
+                ("VOL_GROUP", "2000"),
+                ("VOL_PERM", "0750"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(r.size, 2 << 30);
+        assert_eq!(
+            r.root,
+            RootOwner {
+                uid: 1000,
+                gid: 2000,
+                mode: 0o750
+            }
+        );
+        assert!(r.warnings.is_empty());
+        // On delete the provisioner leaves VOL_USER & co empty.
+        let r = resolve(&raw(
+            [
+                Some("/n/a_b_c"),
+                Some("0"),
+                Some("Filesystem"),
+                Some("delete"),
+            ],
+            &[("VOL_USER", ""), ("VOL_PERM", "")],
+        ))
+        .unwrap();
+        assert_eq!(r.action, Action::Delete);
+    }
+
+    #[test]
+    fn bad_inputs_name_the_value() {
+        for (args, env, needle) in [
+            ([None, Some("1"), None, Some("create")], &[][..], "-p PATH"),
+            (
+                [Some("/n/a_b_c"), Some("1"), Some("Block"), Some("create")],
+                &[][..],
+                "Block is not supported",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, Some("create")],
+                &[("VOL_MODE", "Block")][..],
+                "Block is not supported",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), Some("Raw"), Some("create")],
+                &[][..],
+                "\"Raw\"",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, Some("mount")],
+                &[][..],
+                "\"mount\"",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, None],
+                &[][..],
+                "-a create",
+            ),
+            (
+                [Some("/n/a_b_c"), None, None, Some("create")],
+                &[][..],
+                "-s BYTES",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("ten"), None, Some("create")],
+                &[][..],
+                "\"ten\"",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, Some("create")],
+                &[("VOL_USER", "bob")][..],
+                "VOL_USER=\"bob\"",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, Some("create")],
+                &[("VOL_PERM", "0999")][..],
+                "VOL_PERM",
+            ),
+            (
+                [Some("/n/a_b_c"), Some("1"), None, Some("create")],
+                &[("VOL_PERM", "17777")][..],
+                "VOL_PERM",
+            ),
+        ] {
+            let e = resolve(&raw(args, env)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn actions_must_agree() {
+        let mut r = raw([Some("/n/a_b_c"), Some("1"), None, Some("create")], &[]);
+        r.actions.push("create".into());
+        assert_eq!(resolve(&r).unwrap().action, Action::Create);
+        r.actions.push("delete".into());
+        assert_eq!(
+            resolve(&r).unwrap_err().to_string(),
+            "-a is given as create and create and delete: a hook run is either -a create or -a delete"
+        );
+    }
+
+    #[test]
+    fn only_the_contract_s_variables_are_read() {
+        let env = env_from(|k| (k != "VOL_MODE").then(|| format!("{k}!")));
+        assert_eq!(env.len(), 5);
+        assert_eq!(env["VOL_PERM"], "VOL_PERM!");
+        assert!(!env.contains_key("VOL_MODE"));
+    }
+}
