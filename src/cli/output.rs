@@ -99,6 +99,7 @@ pub fn print_caches(caches: &[CacheInfo]) {
     let mut t = Table::new(&[
         "NAMESPACE",
         "NAME",
+        "MODE",
         "GEN",
         "DEPTH",
         "ALLOCATED",
@@ -111,6 +112,7 @@ pub fn print_caches(caches: &[CacheInfo]) {
         t.row(vec![
             c.namespace.clone(),
             c.name.clone(),
+            c.mode.to_string(),
             c.generation.to_string(),
             c.depth.to_string(),
             human_bytes(c.allocated),
@@ -125,6 +127,7 @@ pub fn print_caches(caches: &[CacheInfo]) {
 
 pub fn print_cache(c: &CacheInfo) {
     println!("Cache:       {}/{}", c.namespace, c.name);
+    println!("Mode:        {}", c.mode);
     println!(
         "Generation:  {} ({} layers{})",
         c.generation,

@@ -4,6 +4,7 @@ use super::exit;
 use super::output::{self, describe_delete, json_or, print_json};
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use jobcachefs::state::records::CacheMode;
 use jobcachefs::engine::{CreateRequest, DeleteOutcome};
 use jobcachefs::input::names::{validate_label, CacheId, DEFAULT_NAMESPACE};
 use jobcachefs::input::quantity::{human_bytes, parse_size};
@@ -50,6 +51,10 @@ pub(super) struct CreateArgs {
     /// Size limit of the cache, if this creates it (e.g. 20Gi).
     #[arg(long, allow_hyphen_values = true)]
     cache_size: Option<String>,
+    /// Mode of the cache, if this creates it: overlay (layers shared by many jobs) or clone
+    /// (a copy-on-write clone mounted directly: container storage, user-namespaced pods).
+    #[arg(long)]
+    cache_mode: Option<String>,
 }
 
 pub(super) fn run(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
@@ -93,12 +98,18 @@ fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
             "--cache-size needs --cache NAME",
         ));
     }
+    let cache_mode = a
+        .cache_mode
+        .as_deref()
+        .map(|m| CacheMode::parse("--cache-mode", m))
+        .transpose()?;
     Ok(CreateRequest {
         dir: a.dir.clone(),
         cache,
         size,
         write_back: a.write_back,
         cache_size,
+        cache_mode,
         ..Default::default()
     })
 }
@@ -112,6 +123,9 @@ fn create(engine: &Engine, a: &CreateArgs, json: bool) -> Result<u8> {
     if json {
         print_json(&record);
     } else {
+        if let Some(note) = &record.note {
+            eprintln!("note: {note}");
+        }
         println!(
             "volume {} ready: cache {} generation {} ({} layers), size {}, write-back {}",
             record.dir.display(),

@@ -21,6 +21,8 @@ pub struct CacheInfo {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// `overlay` or `clone`.
+    pub mode: crate::state::records::CacheMode,
     /// Current generation number (0: never committed).
     pub generation: u64,
     /// Number of layers in the current generation.
@@ -73,14 +75,21 @@ impl Engine {
             .map(|m| m.mtime() as u64)
             .unwrap_or(record.created);
         let mut on_disk = 0;
-        if let Ok(entries) = std::fs::read_dir(self.layout.layers_dir(id)) {
-            for e in entries.flatten() {
-                on_disk += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        let mut dirs = vec![self.layout.layers_dir(id)];
+        if let Some(store) = self.clone_store_if_ready() {
+            dirs.push(crate::state::layout::clone_store::layers_dir(&store, id));
+        }
+        for dir in dirs {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    on_disk += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                }
             }
         }
         Ok(CacheInfo {
             namespace: id.namespace.clone(),
             name: id.name.clone(),
+            mode: record.mode,
             generation: current.generation,
             depth: current.layers.len(),
             allocated: current.allocated(),
@@ -296,6 +305,7 @@ mod tests {
         CacheInfo {
             namespace: "ns".into(),
             name: name.into(),
+            mode: Default::default(),
             generation: 1,
             depth: 1,
             layers: Vec::new(),
