@@ -162,6 +162,24 @@ impl Node {
     }
 
     /// Asserts nothing of this node is mounted or attached.
+    /// Nothing of a volume is left mounted or attached (the reflink pool, node infrastructure
+    /// that stays mounted between volumes, is allowed).
+    pub fn assert_clean_volumes(&self) {
+        let vols = self.vol("");
+        let m: Vec<_> = self
+            .mounts()
+            .into_iter()
+            .filter(|p| p.starts_with(&vols))
+            .collect();
+        assert_eq!(m, Vec::<PathBuf>::new(), "leaked volume mounts");
+        let l: Vec<_> = self
+            .loops()
+            .into_iter()
+            .filter(|l| !l.ends_with("/state/pool.img"))
+            .collect();
+        assert_eq!(l, Vec::<String>::new(), "leaked loop devices");
+    }
+
     pub fn assert_clean(&self) {
         assert_eq!(self.mounts(), Vec::<PathBuf>::new(), "leaked mounts");
         assert_eq!(self.loops(), Vec::<String>::new(), "leaked loop devices");

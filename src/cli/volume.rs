@@ -4,10 +4,10 @@ use super::exit;
 use super::output::{self, describe_delete, json_or, print_json};
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use jobcachefs::state::records::CacheMode;
 use jobcachefs::engine::{CreateRequest, DeleteOutcome};
 use jobcachefs::input::names::{validate_label, CacheId, DEFAULT_NAMESPACE};
 use jobcachefs::input::quantity::{human_bytes, parse_size};
+use jobcachefs::state::records::CacheMode;
 use jobcachefs::Engine;
 use std::path::{Path, PathBuf};
 
