@@ -484,3 +484,53 @@ fn real_operator_bad_input_changes_nothing() {
     assert!(!Path::new("/tmp/x-never").exists());
     n.assert_clean();
 }
+
+#[test]
+fn real_history_names_the_poisoning_job_and_rollback_undoes_it() {
+    if !root_or_skip("real_history_names_the_poisoning_job_and_rollback_undoes_it") {
+        return;
+    }
+    let node = Node::new();
+    let a = node.create("job-a", "maven", &["--write-back"]);
+    std::fs::write(a.join("dep.jar"), "good").unwrap();
+    node.delete(&a, &[]).ok();
+    let b = node.create("job-b", "maven", &["--write-back"]);
+    std::fs::write(b.join("dep.jar"), "poison").unwrap();
+    node.delete(&b, &[]).ok();
+    let h = node
+        .run(&["cache", "history", "maven", "-o", "json"])
+        .ok()
+        .json();
+    let h = h.as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    for (entry, dir, generation) in [(&h[0], &b, 2), (&h[1], &a, 1)] {
+        assert_eq!(entry["generation"], generation);
+        assert_eq!(entry["kind"], "commit");
+        assert_eq!(entry["source"], dir.to_str().unwrap());
+        assert!(entry["created"].as_u64().unwrap() > 0);
+    }
+    let table = node.run(&["cache", "history", "maven"]).ok().stdout;
+    assert!(
+        table.contains("job-b") && table.contains("current"),
+        "{table}"
+    );
+    let r = node.run(&["cache", "rollback", "maven", "--to", "1"]).ok();
+    assert!(
+        r.stdout.contains("published as generation 3"),
+        "{}",
+        r.stdout
+    );
+    let c = node.create("job-c", "maven", &[]);
+    assert_eq!(std::fs::read_to_string(c.join("dep.jar")).unwrap(), "good");
+    node.delete(&c, &[]).ok();
+    let h = node
+        .run(&["cache", "history", "maven", "-n", "1", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(h[0]["kind"], "rollback");
+    assert_eq!(h[0]["source"], "generation 1");
+    let bad = node.run(&["cache", "rollback", "maven", "--to", "7"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("has no generation 7"), "{}", bad.stderr);
+    node.assert_clean();
+}

@@ -46,6 +46,26 @@ pub(super) enum CacheCmd {
         #[arg(long, allow_hyphen_values = true)]
         cache_size: Option<String>,
     },
+    /// List the cache's generations, newest first, with what produced each (commit: volume,
+    /// PVC, PV, node; squash; import; rollback; resize).
+    History {
+        /// The cache.
+        name: String,
+        /// Namespace of the cache (`-n` is the count here, as in `git log -n`).
+        #[arg(long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Show at most this many.
+        #[arg(short = 'n', long = "limit")]
+        limit: Option<usize>,
+    },
+    /// Publish an earlier generation's content as a new generation (live volumes keep theirs).
+    Rollback {
+        #[command(flatten)]
+        cache: CacheRef,
+        /// The generation to return to (see `cache history`).
+        #[arg(long)]
+        to: u64,
+    },
     /// Remove caches unused for a while or beyond a node budget (least recently used first).
     Prune {
         /// Remove caches unused for at least this long (e.g. 14d, 12h).
@@ -96,6 +116,28 @@ pub(super) fn run(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
         CacheCmd::Rm { cache, yes } => rm(engine, &cache.id()?, *yes, json)?,
         CacheCmd::Export(a) => export(engine, a, json)?,
         CacheCmd::Import { sync, cache_size } => import(engine, sync, cache_size.as_deref(), json)?,
+        CacheCmd::History {
+            name,
+            namespace,
+            limit,
+        } => {
+            let id = CacheId::new(namespace, name)?;
+            json_or(json, &engine.cache_history(&id, *limit)?, |h| {
+                output::print_history(h)
+            })
+        }
+        CacheCmd::Rollback { cache, to } => {
+            let id = cache.id()?;
+            let g = engine.cache_rollback(&id, *to)?;
+            if json {
+                print_json(&g);
+            } else {
+                println!(
+                    "cache {id} rolled back to generation {to}'s content, published as generation {}",
+                    g.generation
+                );
+            }
+        }
         CacheCmd::Prune {
             unused_for,
             max_total,

@@ -203,3 +203,13 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Completions { .. } | Command::Man | Command::Doctor => unreachable!(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        // clap checks duplicate flags (e.g. two `-n`) only when the command is built: do it here
+        // rather than in a user's first run.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -317,3 +317,36 @@ pub fn progress_hook() -> Option<jobcachefs::engine::ProgressHook> {
     };
     Some(jobcachefs::engine::ProgressHook(std::sync::Arc::new(hook)))
 }
+
+/// `cache history` as a table.
+pub fn print_history(h: &[jobcachefs::engine::HistoryEntry]) {
+    let mut t = Table::new(&["GEN", "CREATED", "KIND", "SOURCE", "ADDED", "BYTES", ""]);
+    for e in h {
+        let who = ["pvc-namespace", "pvc", "node"]
+            .iter()
+            .filter_map(|k| e.details.get(*k).map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>();
+        t.row(vec![
+            e.generation.to_string(),
+            ago(e.created),
+            e.kind.clone(),
+            if who.is_empty() {
+                e.source.clone()
+            } else {
+                format!("{} ({})", e.source, who.join(" "))
+            },
+            format!(
+                "{} layer(s), {}",
+                e.layers_added.len(),
+                human_bytes(e.bytes_added)
+            ),
+            human_bytes(e.bytes),
+            match (e.current, e.restorable) {
+                (true, _) => "current".into(),
+                (false, true) => "restorable".into(),
+                (false, false) => String::new(),
+            },
+        ]);
+    }
+    t.print();
+}

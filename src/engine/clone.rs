@@ -33,7 +33,7 @@ use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
 use crate::state::layout::clone_store;
 use crate::state::lock;
 use crate::state::records::{
-    CacheMode, CacheRecord, Generation, LayerInfo, VolumeKind, VolumeRecord, VolumeState,
+    CacheMode, CacheRecord, LayerInfo, VolumeKind, VolumeRecord, VolumeState,
 };
 use std::path::{Path, PathBuf};
 
@@ -542,9 +542,9 @@ impl Engine {
                 &[(crate::state::stats::names::CLONE_SUPERSEDED, superseded)],
             );
         }
-        let next = Generation {
-            generation: current.generation + 1,
-            layers: vec![LayerInfo {
+        let next = self.publish(
+            id,
+            vec![LayerInfo {
                 id: layer.to_string(),
                 created: fsutil::now(),
                 source: record.dir.display().to_string(),
@@ -552,9 +552,8 @@ impl Engine {
                 allocated: fsutil::allocated_bytes(&dst)?,
                 covers: Vec::new(),
             }],
-            published: fsutil::now(),
-        };
-        write_json_atomic(&self.layout.current(id), &next)?;
+            super::publish::commit_provenance(record),
+        )?;
         fault::point("clone-commit:published");
         crate::state::stats::add(&self.layout, &[(crate::state::stats::names::COMMITS, 1)]);
         tracing::info!(cache = %id, generation = next.generation, layer, "clone commit published");

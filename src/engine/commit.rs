@@ -14,7 +14,7 @@ use crate::fault;
 use crate::input::config::Config;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
-use crate::state::fsutil::{self, write_json_atomic};
+use crate::state::fsutil;
 use crate::state::records::{Generation, LayerInfo, VolumeRecord};
 
 impl Engine {
@@ -62,12 +62,8 @@ impl Engine {
             fsutil::fsync_dir(&self.layout.layers_dir(id))?;
         }
         fault::point("commit:renamed");
-        let mut next = Generation {
-            generation: current.generation + 1,
-            layers: current.layers.clone(),
-            published: fsutil::now(),
-        };
-        next.layers.push(LayerInfo {
+        let mut layers = current.layers.clone();
+        layers.push(LayerInfo {
             id: layer.to_string(),
             created: fsutil::now(),
             source: record.dir.display().to_string(),
@@ -75,7 +71,7 @@ impl Engine {
             allocated,
             covers: Vec::new(),
         });
-        write_json_atomic(&self.layout.current(id), &next)?;
+        let next = self.publish(id, layers, super::publish::commit_provenance(record))?;
         fault::point("commit:published");
         crate::state::stats::add(&self.layout, &[(crate::state::stats::names::COMMITS, 1)]);
         tracing::info!(cache = %id, generation = next.generation, layer, allocated = %human_bytes(allocated),
@@ -170,6 +166,7 @@ mod tests {
                 })
                 .collect(),
             published: 0,
+            provenance: None,
         }
     }
 

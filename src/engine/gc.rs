@@ -158,7 +158,7 @@ impl Engine {
     pub(crate) fn collect_layers(&self, id: &CacheId) -> Result<Vec<String>> {
         self.unmount_unused_layers(id)?;
         let mut keep: HashSet<String> = self.layers_in_use(id)?;
-        keep.extend(self.current(id)?.layer_ids());
+        keep.extend(self.kept_layers(id)?);
         let mut removed = Vec::new();
         let mut dirs = vec![self.layout.layers_dir(id)];
         // A clone cache's generation images live in the clone store (if it is mounted: gc

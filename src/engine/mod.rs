@@ -9,6 +9,7 @@ mod cache;
 mod clone;
 mod commit;
 mod gc;
+mod publish;
 mod squash;
 mod volume;
 
@@ -16,6 +17,7 @@ pub use admission::DiskBudget;
 pub use cache::{CacheInfo, LayerView, PruneCandidate};
 pub use clone::CloneStoreKind;
 pub use gc::GcReport;
+pub use publish::HistoryEntry;
 pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
 

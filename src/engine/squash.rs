@@ -16,9 +16,9 @@ use crate::files::copy::{copy_tree, CopyOptions};
 use crate::host::ImageMount;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
-use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::state::fsutil::{self, ensure_dir};
 use crate::state::lock;
-use crate::state::records::{Generation, LayerInfo};
+use crate::state::records::{LayerInfo, Provenance};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -242,12 +242,18 @@ impl Engine {
                 .collect(),
         }];
         layers.extend(now.layers[base_ids.len()..].iter().cloned());
-        let next = Generation {
-            generation: now.generation + 1,
-            layers,
-            published: fsutil::now(),
+        let provenance = match (extra, size) {
+            (Some((_, l)), _) => {
+                let mut p = Provenance::new("commit", "(squashed to fit the cache-size)");
+                p.details.insert("layer".into(), l.to_string());
+                p
+            }
+            (None, Some(s)) => Provenance::new("resize", format!("generation {}", now.generation))
+                .with("cache-size", s.to_string()),
+            (None, None) => Provenance::new("squash", format!("generation {}", now.generation))
+                .with("folded", base_ids.len().to_string()),
         };
-        write_json_atomic(&self.layout.current(id), &next)?;
+        let next = self.publish(id, layers, provenance)?;
         fault::point("squash:published");
         crate::state::stats::add(&self.layout, &[(crate::state::stats::names::SQUASHES, 1)]);
         let _ = std::fs::remove_file(self.layout.squash_due(id));

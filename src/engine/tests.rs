@@ -504,7 +504,10 @@ fn gc_remounts_ready_volumes_after_a_reboot() {
 
 #[test]
 fn gc_keeps_layers_live_volumes_use_and_removes_the_rest() {
-    let r = Rig::new();
+    let r = Rig::with_config(Config {
+        keep_generations: 1,
+        ..Config::default()
+    });
     r.job("w1", "c", "f", "1");
     let pinned = r.create("reader", Some("c"), false);
     r.job("w2", "c", "f", "2");
@@ -870,4 +873,97 @@ fn a_clone_create_crashed_is_rolled_back_and_its_lease_freed() {
             .unwrap();
         assert!(b.lease, "{step}: the crashed volume's lease is free");
     }
+}
+
+// ---- history and rollback -------------------------------------------------------------------
+
+#[test]
+fn history_names_what_produced_each_generation_and_rollback_restores_one() {
+    let r = Rig::new();
+    r.job("job-a", "c", "dep.jar", "good");
+    r.job("job-b", "c", "dep.jar", "poison");
+    let h = r.engine.cache_history(&cid("c"), None).unwrap();
+    assert_eq!(
+        h.iter().map(|e| e.generation).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(h[0].kind, "commit");
+    assert_eq!(h[0].source, r.dir("job-b").display().to_string());
+    assert_eq!(h[1].source, r.dir("job-a").display().to_string());
+    assert_eq!(h[0].layers_added.len(), 1);
+    assert!(h[0].current && h[1].restorable);
+    let g = r.engine.cache_rollback(&cid("c"), 1).unwrap();
+    assert_eq!(g.generation, 3);
+    assert_eq!(r.read("c", "dep.jar").as_deref(), Some("good"));
+    let h = r.engine.cache_history(&cid("c"), Some(1)).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(
+        (h[0].kind.as_str(), h[0].source.as_str()),
+        ("rollback", "generation 1")
+    );
+    // The undone layer stays while the generation that had it is among the kept ones.
+    r.engine.gc(false).unwrap();
+    assert_eq!(r.layer_files("c").len(), 2);
+}
+
+#[test]
+fn only_the_kept_generations_can_be_rolled_back_to() {
+    let r = Rig::with_config(Config {
+        keep_generations: 2,
+        ..Config::default()
+    });
+    for (i, v) in ["a", "b", "c"].iter().enumerate() {
+        r.job(v, "k", &format!("f{i}"), "x");
+    }
+    r.engine.squash(&cid("k")).unwrap(); // generation 4: one base
+    r.job("d", "k", "f3", "x"); // generation 5: base + d
+    r.engine.squash(&cid("k")).unwrap(); // generation 6: a new base
+    r.engine.gc(false).unwrap();
+    // Kept: 6 and 5. Generation 3's layers (a, b, c) are gone; 5's (base of 4, d) are not.
+    let e = r.engine.cache_rollback(&cid("k"), 3).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("can no longer be restored"), "{e}");
+    let h = r.engine.cache_history(&cid("k"), None).unwrap();
+    let restorable: Vec<u64> = h
+        .iter()
+        .filter(|e| e.restorable)
+        .map(|e| e.generation)
+        .collect();
+    assert_eq!(restorable, vec![6, 5, 4]);
+    r.engine.cache_rollback(&cid("k"), 5).unwrap();
+    assert_eq!(r.read("k", "f3").as_deref(), Some("x"));
+    let e = r.engine.cache_rollback(&cid("k"), 99).unwrap_err();
+    assert!(e.to_string().contains("has no generation 99"), "{e}");
+}
+
+#[test]
+fn a_publish_crashed_between_history_and_current_leaves_the_old_generation() {
+    let r = Rig::new();
+    r.job("a", "c", "f", "1");
+    r.create("b", Some("c"), true);
+    std::fs::write(r.dir("b").join("f"), "2").unwrap();
+    crash_at("publish:history-written", || r.delete("b"));
+    assert_eq!(r.engine.current(&cid("c")).unwrap().generation, 1);
+    let h = r.engine.cache_history(&cid("c"), None).unwrap();
+    assert_eq!(h.len(), 1, "the void entry is not shown");
+    assert_eq!(r.delete("b"), committed(2), "the retry publishes over it");
+    assert_eq!(r.engine.cache_history(&cid("c"), None).unwrap().len(), 2);
+    assert_eq!(r.read("c", "f").as_deref(), Some("2"));
+}
+
+#[test]
+fn squash_and_clone_commits_are_in_the_history_too() {
+    let r = Rig::new();
+    r.job("a", "c", "f", "1");
+    r.job("b", "c", "f", "2");
+    r.engine.squash(&cid("c")).unwrap();
+    let h = r.engine.cache_history(&cid("c"), None).unwrap();
+    assert_eq!(
+        (h[0].kind.as_str(), h[0].source.as_str()),
+        ("squash", "generation 2")
+    );
+    r.clone_job("x", "img", "f", "1");
+    let h = r.engine.cache_history(&cid("img"), None).unwrap();
+    assert_eq!(h[0].kind, "commit");
+    assert_eq!(h[0].details.get("volume").map(|v| v.len()), Some(20));
 }

@@ -23,6 +23,7 @@ struct RawConfig {
     node_budget: Option<String>,
     disk_reserve: Option<String>,
     overcommit: Option<f64>,
+    keep_generations: Option<usize>,
     clone_writers: Option<String>,
     clone_backend: Option<String>,
     clone_pool_size: Option<String>,
@@ -164,6 +165,9 @@ pub struct Config {
     /// How many times the free space (less the reserve) creates may promise, in percent: 100
     /// (the default) never promises a byte twice.
     pub overcommit_percent: u32,
+    /// How many of the latest generations keep their layers, so that a cache can be rolled
+    /// back to them (the current one included).
+    pub keep_generations: usize,
     /// Who commits into a clone cache when several write-back volumes of it live at once.
     pub clone_writers: CloneWriters,
     /// Where clone volumes get their clones.
@@ -191,6 +195,7 @@ impl Default for Config {
             node_budget: None,
             disk_reserve: None,
             overcommit_percent: 100,
+            keep_generations: 3,
             clone_writers: CloneWriters::Lease,
             clone_backend: CloneBackend::Auto,
             clone_pool_size: 64 << 30,
@@ -255,6 +260,15 @@ impl Config {
                 Some(f) => {
                     return Err(Error::invalid(format!(
                         "overcommit in {origin} is {f}: use a factor from 1.0 (never promise the disk twice, the default) to 100"
+                    )))
+                }
+            },
+            keep_generations: match raw.keep_generations {
+                None => d.keep_generations,
+                Some(n) if (1..=100).contains(&n) => n,
+                Some(n) => {
+                    return Err(Error::invalid(format!(
+                        "keep_generations in {origin} is {n}: use a number from 1 (only the current generation) to 100"
                     )))
                 }
             },

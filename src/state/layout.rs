@@ -5,6 +5,8 @@
 //!   caches/<ns>/<name>/
 //!     cache.json            limit and creation time                     (temp → fsync → rename)
 //!     current.json          the current generation: ordered layer list  (temp → fsync → rename)
+//!     history/<gen>.json    every published generation with its provenance (written before
+//!                           current.json; entries above the current generation are void)
 //!     last-used             mtime = last volume created on this cache
 //!     lock                  flock: serialises publish, layer mounts, GC of this cache
 //!     squash.lock           flock: held by the one squash running for this cache
@@ -80,6 +82,16 @@ impl Layout {
     /// The cache's current generation manifest.
     pub fn current(&self, id: &CacheId) -> PathBuf {
         self.cache_dir(id).join("current.json")
+    }
+
+    /// The cache's generation history.
+    pub fn history_dir(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("history")
+    }
+
+    /// The record of one published generation.
+    pub fn history_entry(&self, id: &CacheId, generation: u64) -> PathBuf {
+        self.history_dir(id).join(format!("{generation:010}.json"))
     }
 
     /// The cache's lock file.

@@ -88,7 +88,39 @@ impl LayerInfo {
     }
 }
 
-/// `caches/<ns>/<name>/current.json`: the current generation.
+/// What produced a generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Provenance {
+    /// `commit`, `squash`, `import`, `rollback` or `resize`.
+    pub kind: String,
+    /// For a person: the volume DIR of a commit, `generation N` of a squash or rollback, the
+    /// image reference of an import.
+    pub source: String,
+    /// Everything else known: the PVC's namespace, name and UID, the PV and the node of a
+    /// commit made through the hook; an import's digest; a resize's sizes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub details: std::collections::BTreeMap<String, String>,
+}
+
+impl Provenance {
+    /// A provenance of `kind` from `source`.
+    pub fn new(kind: &str, source: impl Into<String>) -> Self {
+        Provenance {
+            kind: kind.to_string(),
+            source: source.into(),
+            details: Default::default(),
+        }
+    }
+
+    /// Adds a detail.
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.details.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+/// `caches/<ns>/<name>/current.json`: the current generation (and, copied at publish time,
+/// `history/<generation>.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Generation {
     /// Increases by one with each publish.
@@ -97,6 +129,9 @@ pub struct Generation {
     pub layers: Vec<LayerInfo>,
     /// Unix seconds of the publish.
     pub published: u64,
+    /// What produced it (generations published before provenance was recorded have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
 }
 
 impl Generation {

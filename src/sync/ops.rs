@@ -20,7 +20,7 @@ use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
 use crate::input::names::{is_layer_id, CacheId};
-use crate::state::fsutil::{self, ensure_dir, write_json_atomic};
+use crate::state::fsutil::{self, ensure_dir};
 use crate::state::records::{Generation, LayerInfo};
 use crate::state::{lock, stats};
 use crate::{fault, Engine};
@@ -577,22 +577,18 @@ fn import_inner(
             }
         }
     }
-    let next = Generation {
-        generation: now.generation + 1,
-        layers,
-        published: fsutil::now(),
-    };
+    let next_allocated: u64 = layers.iter().map(|l| l.allocated).sum();
     let cache_size = engine
         .cache_record(id)?
         .map(|c| c.cache_size)
         .unwrap_or(limit);
-    if next.allocated() > cache_size {
+    if next_allocated > cache_size {
         return Err(Error::new(
             ErrorKind::Quota,
             format!(
                 "importing {} into cache {id} would allocate {} bytes, over its cache-size of {cache_size}: raise it with `jobcachefs cache resize`",
                 remote.repo,
-                next.allocated(),
+                next_allocated,
             ),
         ));
     }
@@ -612,7 +608,11 @@ fn import_inner(
         store.set_record(&r.line[i].id, &blob)?;
     }
     fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
-    write_json_atomic(&engine.layout().current(id), &next)?;
+    let next = engine.publish(
+        id,
+        layers,
+        crate::state::records::Provenance::new("import", remote.repo.clone()),
+    )?;
     fault::point("sync:imported");
     engine.collect_layers(id)?;
     drop(_c);
