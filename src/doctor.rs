@@ -157,6 +157,65 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
             "create the state dir or set --state-dir",
         )),
     }
+    match engine.disk_budget() {
+        Ok(b) => {
+            let full = b.promised > b.promisable();
+            out.push(finding(
+                "disk admission",
+                if full { Status::Warn } else { Status::Ok },
+                format!(
+                    "{} volume(s) may still write {} of the {} the state dir can promise ({} free, {} reserve, overcommit {:.2})",
+                    b.volumes,
+                    human_bytes(b.promised),
+                    human_bytes(b.promisable()),
+                    human_bytes(b.free),
+                    human_bytes(b.reserve),
+                    b.overcommit_percent as f64 / 100.0
+                ),
+                if full {
+                    "more is promised than the disk can back (space was used outside jobcachefs, or overcommit is set): new volumes are refused until volumes are deleted or space is freed".to_string()
+                } else {
+                    String::new()
+                },
+            ));
+        }
+        Err(e) => out.push(finding(
+            "disk admission",
+            Status::Fail,
+            e.to_string(),
+            "fix the state dir",
+        )),
+    }
+    let (choice, why) = engine.clone_store_choice();
+    out.push(match (engine.clone_store_kind(), choice) {
+        (Some(k), _) => finding(
+            "clone backend",
+            Status::Ok,
+            format!("clone-mode volumes use the {k:?} backend (chosen at first use; {why})"),
+            "",
+        ),
+        (None, Ok(k)) => finding(
+            "clone backend",
+            Status::Ok,
+            format!("a first clone-mode volume would use the {k:?} backend: {why}"),
+            "",
+        ),
+        (None, Err(e)) => finding("clone backend", Status::Warn, e.to_string(), ""),
+    });
+    match engine.damaged_records() {
+        Ok(d) if d.is_empty() => {}
+        Ok(d) => {
+            for (path, err) in d {
+                out.push(finding(
+                    "damaged record",
+                    Status::Fail,
+                    err,
+                    format!("restore {} from a backup, or remove it (a volume record: unmount its DIR first; a cache's: `jobcachefs cache rm`); until then gc removes no layer that it could pin", path.display()),
+                ));
+            }
+        }
+        Err(e) => out.push(finding("records", Status::Fail, e.to_string(), "")),
+    }
     if tools_ok && nix::unistd::geteuid().is_root() {
         out.push(match trial_mount(engine) {
             Ok(()) => finding("overlay stack", Status::Ok, "a sparse ext4 image on a loop device under an overlay with the exact options mounts, writes and unmounts", ""),

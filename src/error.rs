@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Tool,
     /// A system call failed.
     Io,
+    /// On-disk state is damaged (a truncated or foreign record) or from a newer version.
+    Corrupt,
     /// A service this depends on (the Kubernetes API, a registry) could not be reached or kept
     /// failing within the time allowed: retrying later may help.
     Unavailable,
@@ -66,6 +68,14 @@ impl Error {
             os: Some(source),
             tool: None,
         }
+    }
+
+    /// Whether a system call failed because the disk was full.
+    pub fn is_enospc(&self) -> bool {
+        self.os
+            .as_ref()
+            .and_then(|e| e.raw_os_error())
+            .is_some_and(|c| c == libc::ENOSPC)
     }
 
     /// The kind of this error.

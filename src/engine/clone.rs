@@ -29,7 +29,7 @@ use crate::host::{mounts, ImageMount};
 use crate::input::config::CloneBackend;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
-use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
+use crate::state::fsutil::{self, ensure_dir, read_json};
 use crate::state::layout::clone_store;
 use crate::state::lock;
 use crate::state::records::{
@@ -302,7 +302,7 @@ impl Engine {
             if req.write_back {
                 self.take_lease(&id, &mut record)?;
             }
-            write_json_atomic(&self.layout.volume_record(vol), &record)?;
+            self.write_record(&self.layout.volume_record(vol), &record)?;
             drop(admission);
             super::volume::touch(&self.layout.last_used(&id));
             // Cloned under the cache lock: the generation's image cannot be collected meanwhile.
@@ -344,7 +344,7 @@ impl Engine {
         }
         fault::point("clone:mounted");
         record.state = VolumeState::Ready;
-        write_json_atomic(&self.layout.volume_record(vol), &record)?;
+        self.write_record(&self.layout.volume_record(vol), &record)?;
         if let Some(note) = &record.note {
             tracing::warn!(dir = %dir.display(), "{note}");
         }
@@ -481,7 +481,7 @@ impl Engine {
                 reason = Some(r);
                 record.discard = true;
             }
-            write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+            self.write_record(&self.layout.volume_record(&vol), &record)?;
         }
         let outcome = match (&record.commit_layer, record.discard) {
             (Some(layer), false) => {
@@ -582,7 +582,10 @@ impl Engine {
         if let Some(id) = &record.cache {
             let _clock = self.lock_cache(id)?;
             self.release_lease(id, record);
-            self.collect_layers(id)?;
+            // Best effort: a damaged record elsewhere must not fail this delete.
+            if let Err(e) = self.collect_layers(id) {
+                tracing::warn!(cache = %id, error = %e, "layers not collected");
+            }
             self.remove_cache_dir_if_empty(id);
         }
         if self.clone_store_kind() == Some(CloneStoreKind::Pool) {

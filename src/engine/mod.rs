@@ -31,6 +31,68 @@ use crate::state::lock::{self, Lock};
 use crate::state::records::{CacheRecord, Generation, VolumeRecord};
 use std::path::{Path, PathBuf};
 
+/// The on-disk format this version writes and reads. A state dir written by a newer one is
+/// refused (it may hold records this version would misread and gc would misjudge).
+pub const STATE_FORMAT: u32 = 1;
+
+/// Size of the ballast: room for the records of many deletes on a full disk.
+const BALLAST_SIZE: i64 = 8 << 20;
+
+/// Makes the ballast file if it is missing and there is room (best effort).
+fn make_ballast(layout: &Layout) {
+    let path = layout.ballast();
+    if path.exists() {
+        return;
+    }
+    let tmp = path.with_extension("tmp");
+    let made = std::fs::File::create(&tmp).and_then(|f| {
+        nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            BALLAST_SIZE,
+        )
+        .map_err(std::io::Error::from)
+    });
+    match made {
+        Ok(()) => {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+fn check_format(layout: &Layout) -> Result<()> {
+    let path = layout.root().join("format");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(v) if v <= STATE_FORMAT => Ok(()),
+            Ok(v) => Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "state dir {} was written by a newer jobcachefs (format {v}; this one reads up to {STATE_FORMAT}): upgrade jobcachefs on this node, or point --state-dir elsewhere",
+                    layout.root().display()
+                ),
+            )),
+            Err(_) => Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is damaged ({:?} is not a format number): write {STATE_FORMAT} into it if this state dir is jobcachefs's",
+                    path.display(),
+                    text.trim()
+                ),
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::state::fsutil::ensure_dir(layout.root())?;
+            std::fs::write(&path, format!("{STATE_FORMAT}\n")).at("write", &path)
+        }
+        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+    }
+}
+
 /// Receives progress of long operations (squash, resize): the operation's name and its copy
 /// counters so far. The CLI draws a progress bar with it on a terminal.
 #[derive(Clone)]
@@ -79,6 +141,7 @@ impl Engine {
             .at("resolve state dir", state_dir)?;
         mounts::check_option_path("state dir", &root)?;
         let layout = Layout::new(root);
+        check_format(&layout)?;
         for d in [
             layout.caches(),
             layout.volumes(),
@@ -94,6 +157,7 @@ impl Engine {
         if !admission.exists() {
             std::fs::write(&admission, b"").at("create", &admission)?;
         }
+        make_ballast(&layout);
         let empty = layout.empty();
         if !empty.exists() {
             ensure_dir(&empty)?;
@@ -106,6 +170,21 @@ impl Engine {
             config,
             progress: None,
         })
+    }
+
+    /// Writes a record (temp → fsync → rename). On a full disk the ballast file goes first, so
+    /// that deletes and commits — which free space — can always write their records.
+    pub(crate) fn write_record<T: serde::Serialize>(&self, path: &Path, value: &T) -> Result<()> {
+        match crate::state::fsutil::write_json_atomic(path, value) {
+            Err(e) if e.is_enospc() => {
+                let ballast = self.layout.ballast();
+                if std::fs::remove_file(&ballast).is_ok() {
+                    tracing::warn!(record = %path.display(), "the state dir's disk is full: the ballast was released so that this record can be written; it is made again when space allows");
+                }
+                crate::state::fsutil::write_json_atomic(path, value)
+            }
+            other => other,
+        }
     }
 
     /// Reports progress of long operations to `hook`.
@@ -160,18 +239,53 @@ impl Engine {
         })
     }
 
-    /// All volume records on this node.
+    /// All readable volume records on this node. A damaged one is skipped with a log line
+    /// (other volumes keep working); [`Engine::damaged_records`] names it.
     pub fn volume_records(&self) -> Result<Vec<VolumeRecord>> {
+        Ok(self.volume_records_checked()?.0)
+    }
+
+    /// The readable volume records, and the paths of the damaged ones.
+    pub(crate) fn volume_records_checked(&self) -> Result<(Vec<VolumeRecord>, Vec<PathBuf>)> {
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         let dir = self.layout.volumes();
         for e in std::fs::read_dir(&dir).at("read", &dir)? {
             let e = e.at("read", &dir)?;
             let id = e.file_name().to_string_lossy().into_owned();
-            if let Some(r) = read_json::<VolumeRecord>(&self.layout.volume_record(&id))? {
-                out.push(r);
+            let path = self.layout.volume_record(&id);
+            match read_json::<VolumeRecord>(&path) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(err) if err.kind() == ErrorKind::Corrupt => {
+                    tracing::error!(record = %path.display(), "{err}");
+                    damaged.push(path);
+                }
+                Err(err) => return Err(err),
             }
         }
         out.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok((out, damaged))
+    }
+
+    /// Records under the state dir that cannot be read (`doctor` reports each).
+    pub fn damaged_records(&self) -> Result<Vec<(PathBuf, String)>> {
+        let mut out = Vec::new();
+        let dir = self.layout.volumes();
+        for e in std::fs::read_dir(&dir).at("read", &dir)?.flatten() {
+            let p = self.layout.volume_record(&e.file_name().to_string_lossy());
+            if let Err(err) = read_json::<VolumeRecord>(&p) {
+                out.push((p, err.to_string()));
+            }
+        }
+        for id in self.cache_ids()? {
+            if let Err(err) = read_json::<CacheRecord>(&self.layout.cache_record(&id)) {
+                out.push((self.layout.cache_record(&id), err.to_string()));
+            }
+            if let Err(err) = read_json::<Generation>(&self.layout.current(&id)) {
+                out.push((self.layout.current(&id), err.to_string()));
+            }
+        }
         Ok(out)
     }
 
@@ -202,7 +316,18 @@ impl Engine {
     /// committed as. Read from the volume records: a crash cannot make this wrong.
     fn layers_in_use(&self, id: &CacheId) -> Result<std::collections::HashSet<String>> {
         let mut used = std::collections::HashSet::new();
-        for r in self.volume_records()? {
+        let (records, damaged) = self.volume_records_checked()?;
+        if !damaged.is_empty() {
+            // A damaged record may pin any layer: nothing can be proven unused.
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "volume record(s) {} cannot be read, so no layer of cache {id} can be proven unused: nothing is removed until they are repaired or removed (see `jobcachefs doctor`)",
+                    damaged.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        for r in records {
             if r.cache.as_ref() == Some(id) {
                 used.extend(r.layers.iter().cloned());
                 if let Some(l) = &r.commit_layer {

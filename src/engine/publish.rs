@@ -11,7 +11,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault;
 use crate::input::names::CacheId;
-use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
+use crate::state::fsutil::{self, ensure_dir, read_json};
 use crate::state::records::{Generation, LayerInfo, Provenance};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -58,9 +58,9 @@ impl Engine {
             provenance: Some(provenance),
         };
         ensure_dir(&self.layout.history_dir(id))?;
-        write_json_atomic(&self.layout.history_entry(id, next.generation), &next)?;
+        self.write_record(&self.layout.history_entry(id, next.generation), &next)?;
         fault::point("publish:history-written");
-        write_json_atomic(&self.layout.current(id), &next)?;
+        self.write_record(&self.layout.current(id), &next)?;
         Ok(next)
     }
 
@@ -160,7 +160,8 @@ impl Engine {
     /// they were created on, and the history shows it.
     pub fn cache_rollback(&self, id: &CacheId, to: u64) -> Result<Generation> {
         self.require_cache(id)?;
-        let _slock = crate::state::lock::lock(&self.layout.squash_lock(id))?;
+        // No squash lock: a squash running meanwhile publishes only if the generation still
+        // starts with the layers it folded, which keeps the rolled-back content either way.
         let _clock = self.lock_cache(id)?;
         let current = self.current(id)?;
         let target = if to == current.generation {

@@ -967,3 +967,52 @@ fn squash_and_clone_commits_are_in_the_history_too() {
     assert_eq!(h[0].kind, "commit");
     assert_eq!(h[0].details.get("volume").map(|v| v.len()), Some(20));
 }
+
+// ---- damaged state ----------------------------------------------------------------------------
+
+#[test]
+fn a_damaged_volume_record_stops_no_other_volume_and_gc_removes_nothing_it_could_pin() {
+    let r = Rig::with_config(Config {
+        keep_generations: 1,
+        ..Config::default()
+    });
+    r.job("w1", "c", "f", "1");
+    let pinned = r.create("reader", Some("c"), false);
+    r.job("w2", "c", "f", "2");
+    r.engine.squash(&cid("c")).unwrap();
+    std::fs::write(
+        r.engine.layout().volume_record(&pinned.id),
+        b"{\"id\": \"trunc",
+    )
+    .unwrap();
+    // Other volumes keep working.
+    r.create("other", Some("d"), false);
+    assert_eq!(r.delete("other"), DeleteOutcome::Discarded);
+    // gc reports the damage and removes no layer of the cache the record could pin.
+    let before = r.layer_files("c");
+    let report = r.engine.gc(false).unwrap();
+    assert!(
+        report.errors.iter().any(|e| e.contains("cannot be read")),
+        "{report:?}"
+    );
+    assert_eq!(r.layer_files("c"), before);
+    let damaged = r.engine.damaged_records().unwrap();
+    assert_eq!(damaged.len(), 1);
+    assert!(damaged[0].1.contains("is damaged"), "{}", damaged[0].1);
+}
+
+#[test]
+fn a_state_dir_of_a_newer_version_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("format"), "99\n").unwrap();
+    let host = Arc::new(FakeHost::new(tmp.path()));
+    let e = Engine::open_on(&state, Config::default(), host).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(
+        e.to_string()
+            .contains("written by a newer jobcachefs (format 99"),
+        "{e}"
+    );
+}

@@ -8,7 +8,7 @@ use crate::host::image;
 use crate::host::{mounts, ImageMount};
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
-use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
+use crate::state::fsutil::{self, ensure_dir, read_json};
 use crate::state::layout::volume_id;
 use crate::state::records::{
     CacheMode, CacheRecord, RootOwner, VolumeKind, VolumeRecord, VolumeState,
@@ -227,7 +227,7 @@ impl Engine {
                 let current = self.current(id)?;
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 touch(&self.layout.last_used(id));
                 match self.ensure_layers_mounted(id, &record.layers) {
@@ -241,7 +241,7 @@ impl Engine {
                 }
             }
             None => {
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 vec![self.layout.empty()]
             }
@@ -256,7 +256,7 @@ impl Engine {
         }
         fault::point("create:mounted");
         record.state = VolumeState::Ready;
-        write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+        self.write_record(&self.layout.volume_record(&vol), &record)?;
         tracing::info!(
             dir = %dir.display(),
             cache = record.cache.as_ref().map(|c| c.to_string()).unwrap_or_default(),
@@ -353,7 +353,7 @@ impl Engine {
             created: fsutil::now(),
         };
         ensure_dir(&self.layout.layers_dir(id))?;
-        write_json_atomic(&self.layout.cache_record(id), &record)?;
+        self.write_record(&self.layout.cache_record(id), &record)?;
         tracing::info!(cache = %id, cache_size, mode = %mode, "cache created");
         Ok(record)
     }
@@ -513,7 +513,10 @@ impl Engine {
         if let Some(id) = &record.cache {
             // Cheap GC on every delete: layers only this volume still held go now.
             let _clock = self.lock_cache(id)?;
-            self.collect_layers(id)?;
+            // Best effort: a damaged record elsewhere must not fail this delete.
+            if let Err(e) = self.collect_layers(id) {
+                tracing::warn!(cache = %id, error = %e, "layers not collected");
+            }
             self.remove_cache_dir_if_empty(id);
         }
         Ok(())
@@ -541,13 +544,13 @@ impl Engine {
                     || !record.write_back
                     || record.cache.is_none()
                     || (record.kind == VolumeKind::Clone && !record.lease);
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
             }
             VolumeState::Deleting => {
                 // A retry: the first decision stands, unless this call asks to discard.
                 if discard && !record.discard && record.commit_layer.is_none() {
                     record.discard = true;
-                    write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                    self.write_record(&self.layout.volume_record(&vol), &record)?;
                 }
             }
         }
@@ -585,7 +588,7 @@ impl Engine {
                 );
                 tracing::warn!(dir = %record.dir.display(), "{reason}");
                 record.discard = true;
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
                 not_committed = Some(reason);
             }
         }
@@ -603,7 +606,7 @@ impl Engine {
                     record.unchanged = true;
                 }
                 record.clean = false;
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
             }
             // The overlay's work dir is not part of the tree; empty it so the layer is tidy.
             let _ = std::fs::remove_dir_all(upper.join("work").join("work"));
@@ -611,7 +614,7 @@ impl Engine {
             if record.commit_layer.is_some() {
                 self.wait_released(&self.layout.volume_image(&vol))?;
                 record.clean = true;
-                write_json_atomic(&self.layout.volume_record(&vol), &record)?;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
             }
         }
         let _ = std::fs::remove_dir(&upper);

@@ -64,9 +64,13 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::io(
-                format!("parse {} (run `jobcachefs doctor`)", path.display()),
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            Error::new(
+                crate::error::ErrorKind::Corrupt,
+                format!(
+                    "record {} is damaged ({e}): it was truncated or not written by jobcachefs; \
+                     `jobcachefs doctor` lists damaged records and what depends on them (nothing that it names is deleted by gc meanwhile)",
+                    path.display()
+                ),
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -34,6 +34,8 @@
 //!     caches/<ns>/<name>/<layer>.img   a clone cache's generation image (one per generation)
 //!     volumes/<id>.img                 a clone volume (a FICLONE of its generation's image)
 //!   caches/<ns>/<name>/lease  clone caches: the volume id holding the write lease
+//!   ballast                 8 MiB allocated, given up when a delete's record meets a full disk
+//!   format                  the state dir's format version (a newer one is refused)
 //!   stats.json              counters for the agent's /metrics (commits, squashes, pushes, …)
 //! ```
 //!
@@ -150,6 +152,11 @@ impl Layout {
             .join("locks")
             .join("volumes")
             .join(format!("{vol}.lock"))
+    }
+
+    /// An allocated file released when a record cannot be written on a full disk.
+    pub fn ballast(&self) -> PathBuf {
+        self.root.join("ballast")
     }
 
     /// The node-wide lock held from a create's disk admission until its record (which makes it
