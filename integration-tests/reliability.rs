@@ -261,7 +261,7 @@ fn real_chaos_sigkill_campaign_loses_no_commit_and_leaks_nothing() {
     let mut serial = 0;
     // Runs `args` with a crash at a random step; a killed run is retried without it, as the
     // provisioner retries a helper pod, until it succeeds.
-    let mut run = |args: &[&str], rng: &mut Rng, killed: &mut usize| -> common::Run {
+    let run = |args: &[&str], rng: &mut Rng, killed: &mut usize| -> common::Run {
         let step = *rng.pick(STEPS);
         let r = node.run_env(args, &[("JOBCACHEFS_CRASH_AT", step)]);
         if r.code != -9 && r.code != 137 {
@@ -311,7 +311,7 @@ fn real_chaos_sigkill_campaign_loses_no_commit_and_leaks_nothing() {
                 assert_eq!(r.code, 0, "create: {}", r.stderr);
                 let file = format!("f{serial}");
                 std::fs::write(dir.join(&file), &file).unwrap();
-                let discard = rng.next() % 4 == 0;
+                let discard = rng.next().is_multiple_of(4);
                 let mut args = vec!["volume", "delete", d.as_str(), "-o", "json"];
                 if discard {
                     args.push("--discard");
