@@ -11,9 +11,6 @@ use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-/// One layer as `cache show` prints it.
-pub type LayerView = LayerInfo;
-
 /// A cache as `cache ls` / `cache show` print it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheInfo {
@@ -28,7 +25,7 @@ pub struct CacheInfo {
     /// Number of layers in the current generation.
     pub depth: usize,
     /// The layers, base first.
-    pub layers: Vec<LayerView>,
+    pub layers: Vec<LayerInfo>,
     /// Allocated bytes of the current layers.
     pub allocated: u64,
     /// The cache-size limit.
@@ -120,11 +117,7 @@ impl Engine {
         let before = self.cache_show(id)?.on_disk;
         // The record goes first: a crash after it leaves a cache nobody lists, which gc cleans.
         for p in [self.layout.cache_record(id), self.layout.current(id)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("remove {}", p.display()), e)),
-            }
+            fsutil::remove_file_if_exists(&p)?;
         }
         fsutil::fsync_dir(&self.layout.cache_dir(id))?;
         let _ = std::fs::remove_file(self.layout.squash_due(id));

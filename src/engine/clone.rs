@@ -104,9 +104,7 @@ impl Engine {
                         let path = self.layout.clone_backend();
                         let tmp = path.with_extension("tmp");
                         std::fs::write(&tmp, kind.as_str()).at("write", &tmp)?;
-                        std::fs::File::open(&tmp)
-                            .and_then(|f| f.sync_all())
-                            .at("fsync", &tmp)?;
+                        fsutil::fsync_file(&tmp)?;
                         std::fs::rename(&tmp, &path).at("rename", &path)?;
                         fsutil::fsync_dir(self.layout.root())?;
                         tracing::info!(backend = kind.as_str(), "clone backend chosen");
@@ -510,9 +508,7 @@ impl Engine {
         let src = clone_store::volume_image(store, &record.id);
         let dst = clone_store::layer_image(store, id, layer);
         if src.exists() {
-            std::fs::File::open(&src)
-                .and_then(|f| f.sync_all())
-                .at("fsync", &src)?;
+            fsutil::fsync_file(&src)?;
         }
         let _clock = self.lock_cache(id)?;
         let Some(_cache) = self.cache_record(id)? else {
@@ -566,17 +562,9 @@ impl Engine {
     /// Removes a clone volume's image and record, its lease, and collects the cache.
     fn clone_forget(&self, record: &VolumeRecord, store: &Path) -> Result<()> {
         let image = clone_store::volume_image(store, &record.id);
-        match std::fs::remove_file(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", image.display()), e)),
-        }
+        fsutil::remove_file_if_exists(&image)?;
         let rec = self.layout.volume_record(&record.id);
-        match std::fs::remove_file(&rec) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", rec.display()), e)),
-        }
+        fsutil::remove_file_if_exists(&rec)?;
         fsutil::fsync_dir(&self.layout.volume_dir(&record.id))?;
         let _ = std::fs::remove_dir(self.layout.volume_dir(&record.id));
         if let Some(id) = &record.cache {

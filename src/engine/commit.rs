@@ -26,9 +26,7 @@ impl Engine {
         let dst = self.layout.layer_image(id, layer);
         if src.exists() {
             // The image's blocks reach the disk before any name points at them.
-            std::fs::File::open(&src)
-                .and_then(|f| f.sync_all())
-                .at("fsync", &src)?;
+            fsutil::fsync_file(&src)?;
         }
         let clock = self.lock_cache(id)?;
         let Some(cache) = self.cache_record(id)? else {
@@ -102,14 +100,7 @@ impl Engine {
                 })
             }
             Err(e) if e.kind() == ErrorKind::Quota => {
-                let reason = format!(
-                    "commit of {} into cache {id} rejected: the cache would hold {} (unsquashed {}) but its cache-size is {}; \
-                     the previous generation stays. Raise the limit (`jobcachefs cache resize`) or write less",
-                    record.dir.display(),
-                    e,
-                    human_bytes(total),
-                    human_bytes(limit)
-                );
+                let reason = rejection(&record.dir, id, total, limit, &e.to_string());
                 tracing::error!(cache = %id, "{reason}");
                 Ok(DeleteOutcome::Rejected { reason })
             }
@@ -137,6 +128,25 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Why an over-size commit was rejected: the sizes, what squashing found, and the fixes.
+pub(crate) fn rejection(
+    dir: &std::path::Path,
+    id: &CacheId,
+    total: u64,
+    limit: u64,
+    squash_error: &str,
+) -> String {
+    format!(
+        "commit of {} into cache {id} rejected: the cache and this volume's changes allocate {}, over the cache-size of {}, \
+         and squashed they still do not fit ({squash_error}); the previous generation stays. \
+         Raise the limit (`jobcachefs cache resize {} SIZE`) or write less",
+        dir.display(),
+        human_bytes(total),
+        human_bytes(limit),
+        id.name
+    )
 }
 
 /// Whether `g` needs a squash under `config`: deeper than `max_depth`, or its layers above the
@@ -168,6 +178,23 @@ mod tests {
             published: 0,
             provenance: None,
         }
+    }
+
+    #[test]
+    fn a_rejected_commit_says_sizes_cause_and_fix() {
+        let id = CacheId::new("default", "q").unwrap();
+        assert_eq!(
+            rejection(
+                std::path::Path::new("/v/over"),
+                &id,
+                50 << 20,
+                48 << 20,
+                "the merged tree does not fit in 48.0 MiB"
+            ),
+            "commit of /v/over into cache default/q rejected: the cache and this volume's changes allocate 50.0 MiB, over the cache-size of 48.0 MiB, \
+             and squashed they still do not fit (the merged tree does not fit in 48.0 MiB); the previous generation stays. \
+             Raise the limit (`jobcachefs cache resize q SIZE`) or write less"
+        );
     }
 
     #[test]

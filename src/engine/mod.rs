@@ -14,7 +14,7 @@ mod squash;
 mod volume;
 
 pub use admission::DiskBudget;
-pub use cache::{CacheInfo, LayerView, PruneCandidate};
+pub use cache::{CacheInfo, PruneCandidate};
 pub use clone::CloneStoreKind;
 pub use gc::GcReport;
 pub use publish::HistoryEntry;

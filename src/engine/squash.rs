@@ -12,7 +12,7 @@
 use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
-use crate::files::copy::{copy_tree, CopyOptions};
+use crate::files::copy::copy_tree;
 use crate::host::ImageMount;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
@@ -171,7 +171,7 @@ impl Engine {
             Box::new(move |s: &crate::files::copy::CopyStats| (h.0)(&name, s))
                 as crate::files::copy::Progress
         });
-        let stats = copy_tree(&view, &target, CopyOptions::default(), progress).map_err(|e| {
+        let stats = copy_tree(&view, &target, progress).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 Error::new(
                     ErrorKind::Quota,
@@ -186,9 +186,7 @@ impl Engine {
         for m in scratch.mounts.drain(..).rev() {
             self.host.unmount(&m, false)?;
         }
-        std::fs::File::open(&image_path)
-            .and_then(|f| f.sync_all())
-            .at("fsync", &image_path)?;
+        fsutil::fsync_file(&image_path)?;
         let allocated = fsutil::allocated_bytes(&image_path)?;
         if allocated > limit {
             return Err(Error::new(

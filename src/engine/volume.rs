@@ -497,17 +497,9 @@ impl Engine {
     /// of layer mounts nobody uses any more.
     fn forget(&self, record: &VolumeRecord) -> Result<()> {
         let image_path = self.layout.volume_image(&record.id);
-        match std::fs::remove_file(&image_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", image_path.display()), e)),
-        }
+        fsutil::remove_file_if_exists(&image_path)?;
         let rec = self.layout.volume_record(&record.id);
-        match std::fs::remove_file(&rec) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", rec.display()), e)),
-        }
+        fsutil::remove_file_if_exists(&rec)?;
         fsutil::fsync_dir(&self.layout.volume_dir(&record.id))?;
         let _ = std::fs::remove_dir(self.layout.volume_dir(&record.id));
         if let Some(id) = &record.cache {

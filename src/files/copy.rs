@@ -19,12 +19,6 @@ use super::is_overlay_xattr;
 use super::sparse::data_extents;
 use super::walk::{walk_sorted, Entry, Step};
 
-/// Options of a copy: none today. The copy reads a merged overlay view, where the kernel has
-/// already applied the `trusted.overlay.*` xattrs, so it always drops them. (Kept as an argument
-/// only until the engine's call stops passing it.)
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CopyOptions {}
-
 /// Counters of one copy.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CopyStats {
@@ -45,12 +39,7 @@ struct Ctx {
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
 /// mode, xattrs and times of `src`.
-pub(crate) fn copy_tree(
-    src: &Path,
-    dst: &Path,
-    _opts: CopyOptions,
-    progress: Option<Progress>,
-) -> Result<CopyStats> {
+pub(crate) fn copy_tree(src: &Path, dst: &Path, progress: Option<Progress>) -> Result<CopyStats> {
     let mut ctx = Ctx {
         links: HashMap::new(),
         stats: CopyStats::default(),
@@ -196,7 +185,7 @@ mod tests {
         sparse.set_len(4 << 20).unwrap();
         sparse.write_all_at(b"x", 2 << 20).unwrap();
         fs::set_permissions(src.join("b"), fs::Permissions::from_mode(0o750)).unwrap();
-        let stats = copy_tree(&src, &dst, CopyOptions::default(), None).unwrap();
+        let stats = copy_tree(&src, &dst, None).unwrap();
         assert_eq!(stats.entries, 6);
         assert!(stats.bytes >= 6, "{stats:?}");
         let problems = diff(&snapshot(&src).unwrap(), &snapshot(&dst).unwrap());
