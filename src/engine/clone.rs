@@ -269,27 +269,7 @@ impl Engine {
             self.admit_clone_in_pool(&store, size)?;
         }
         let admission = self.admit(self.host_promise(CacheMode::Clone, size))?;
-        let mut record = VolumeRecord {
-            id: vol.to_string(),
-            kind: VolumeKind::Clone,
-            lease: false,
-            note: None,
-            dir: dir.to_path_buf(),
-            cache: Some(id.clone()),
-            generation: 0,
-            layers: Vec::new(),
-            size,
-            write_back: req.write_back,
-            root: req.root,
-            created: fsutil::now(),
-            state: VolumeState::Creating,
-            discard: false,
-            clean: false,
-            commit_layer: None,
-            unchanged: false,
-            made_dir: !dir.exists(),
-            labels: req.labels.clone(),
-        };
+        let mut record = super::volume::new_record(req, dir, vol, size, VolumeKind::Clone);
         let image = clone_store::volume_image(&store, vol);
         ensure_dir(&self.layout.volume_dir(vol))?;
         {

@@ -194,27 +194,7 @@ impl Engine {
         if mode == CacheMode::Clone {
             return self.clone_create(req, &dir, &vol, size);
         }
-        let mut record = VolumeRecord {
-            id: vol.clone(),
-            kind: VolumeKind::Overlay,
-            lease: false,
-            note: None,
-            dir: dir.clone(),
-            cache: req.cache.clone(),
-            generation: 0,
-            layers: Vec::new(),
-            size,
-            write_back: req.write_back,
-            root: req.root,
-            created: fsutil::now(),
-            state: VolumeState::Creating,
-            discard: false,
-            clean: false,
-            commit_layer: None,
-            unchanged: false,
-            made_dir: !dir.exists(),
-            labels: req.labels.clone(),
-        };
+        let mut record = new_record(req, &dir, &vol, size, VolumeKind::Overlay);
         // Admitted until the record is written: from then on it counts in the disk budget.
         let admission = self.admit(size)?;
         ensure_dir(&self.layout.volume_dir(&vol))?;
@@ -688,6 +668,37 @@ impl Engine {
                 && m.super_options
                     .contains(&format!("upperdir={}", upper.display()))
         })
+    }
+}
+
+/// The record of a volume about to be made (state `creating`).
+pub(crate) fn new_record(
+    req: &CreateRequest,
+    dir: &Path,
+    vol: &str,
+    size: u64,
+    kind: VolumeKind,
+) -> VolumeRecord {
+    VolumeRecord {
+        id: vol.to_string(),
+        kind,
+        lease: false,
+        note: None,
+        dir: dir.to_path_buf(),
+        cache: req.cache.clone(),
+        generation: 0,
+        layers: Vec::new(),
+        size,
+        write_back: req.write_back,
+        root: req.root,
+        created: fsutil::now(),
+        state: VolumeState::Creating,
+        discard: false,
+        clean: false,
+        commit_layer: None,
+        unchanged: false,
+        made_dir: !dir.exists(),
+        labels: req.labels.clone(),
     }
 }
 
