@@ -818,6 +818,130 @@ fn real_hook_retries_transient_api_errors_within_a_bound() {
     );
 }
 
+/// A class with `userPattern`/`groupPattern` makes the provisioner pass whatever they render to in
+/// `VOL_USER`/`VOL_GROUP`: names the helper pod knows are resolved, anything else leaves the root
+/// to root with a log line, and the setup succeeds either way.
+#[test]
+fn real_hook_owner_names_from_user_and_group_patterns() {
+    if !root_or_skip("real_hook_owner_names_from_user_and_group_patterns") {
+        return;
+    }
+    let (api, p) = world();
+    // `daemon` is 1:1 in every Debian /etc/passwd and /etc/group (base-passwd).
+    let id_of = |file: &str, name: &str| -> u32 {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f[0] == name).then(|| f[2].parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {file}"))
+    };
+    let (uid, gid) = (
+        id_of("/etc/passwd", "daemon"),
+        id_of("/etc/group", "daemon"),
+    );
+    use std::os::unix::fs::MetadataExt;
+    for (pv, pvc, user, group, want, log) in [
+        (PV1, "named", "daemon", "daemon", (uid, gid), None),
+        (
+            PV2,
+            "unknown",
+            "no-such-user-here",
+            "team-{{ .PVC.Name }}",
+            (0, 0),
+            // The log is JSON: the quotes around the values come escaped.
+            Some([
+                r#"VOL_USER=\"no-such-user-here\""#,
+                r#"VOL_GROUP=\"team-{{ .PVC.Name }}\""#,
+            ]),
+        ),
+    ] {
+        api.pvc("ci", pvc, "jobcache", &[], "16Mi");
+        let path = p.path(pv, "ci", pvc);
+        let r = p
+            .run(
+                "setup",
+                &path,
+                16 * MI,
+                "Filesystem",
+                &[
+                    ("VOL_USER", user),
+                    ("VOL_GROUP", group),
+                    ("VOL_PERM", "0770"),
+                ],
+            )
+            .ok();
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (want.0, want.1, 0o770)
+        );
+        for needle in log.into_iter().flatten() {
+            assert!(
+                r.stderr.contains(needle) && r.stderr.contains("ignored"),
+                "no log line about {needle}: {}",
+                r.stderr
+            );
+        }
+        p.teardown(&path, 16 * MI).ok();
+    }
+    p.node.assert_clean();
+}
+
+/// `pull_on_create` on a cold cache, against a registry that accepts connections and never
+/// answers: the setup gives up the pull at `kubernetes.setup_deadline` and makes the volume
+/// cold, inside the provisioner's timeout, instead of hanging until the helper pod is deleted.
+#[test]
+fn real_hook_cold_pull_ends_at_the_setup_deadline() {
+    if !root_or_skip("real_hook_cold_pull_ends_at_the_setup_deadline") {
+        return;
+    }
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    // Accepts and holds every connection, never writing a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming() {
+            held.push(c);
+        }
+    });
+    let api = Api::start();
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(
+        &api,
+        &format!(
+            "setup_deadline = \"4s\"\n[[registry]]\nimage = \"127.0.0.1:{port}/caches\"\ntls_verify = false\npull_on_create = true\ntimeout = \"300s\"\n"
+        ),
+    );
+    api.pvc(
+        "ci",
+        "cold",
+        "jobcache",
+        &[("jobcachefs.io/cache", "maven")],
+        "16Mi",
+    );
+    let path = p.path(PV1, "ci", "cold");
+    let t = Instant::now();
+    let r = p.setup(&path, 16 * MI).ok();
+    let took = t.elapsed();
+    eprintln!("setup with a hung registry and setup_deadline 4s took {took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(
+        r.stdout.contains("cache ci/maven generation 0"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("setup deadline") && r.stderr.contains("starts cold"),
+        "{}",
+        r.stderr
+    );
+    p.teardown(&path, 16 * MI).ok();
+    p.node.assert_clean();
+}
+
 /// `kubectl kustomize deploy/` (and deploy/examples/) renders, every object validates offline
 /// against the Kubernetes schemas, and the helper pod is what the hook needs (scripts/validate-deploy
 /// says what it checks). Needs no root; needs what scripts/setup installs.
