@@ -35,72 +35,111 @@ fn openssl(args: &[&str], cwd: &Path) {
     );
 }
 
+/// How the stand-in's certificate is made.
+#[derive(Clone, Copy, PartialEq)]
+enum ServerCert {
+    /// Signed by a CA of the test's (the kubeconfig's CA).
+    SignedByCa,
+    /// Self-signed (a CA certificate itself, as `openssl req -x509` makes it) and given to the
+    /// client as the CA, as single-node clusters and kubeadm-less setups often do.
+    SelfSigned,
+}
+
 impl Api {
     fn start() -> Api {
+        Api::start_with(ServerCert::SignedByCa)
+    }
+
+    fn start_with(cert: ServerCert) -> Api {
         let dir = tempfile::Builder::new()
             .prefix("jcfs-api-")
             .tempdir()
             .unwrap();
         let d = dir.path();
+        if cert == ServerCert::SelfSigned {
+            openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kube-apiserver",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                ],
+                d,
+            );
+            std::fs::copy(d.join("server.crt"), d.join("ca.crt")).unwrap();
+        }
         // A CA of our own and a server certificate for 127.0.0.1 signed by it.
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=jobcachefs-test-ca",
-            ],
-            d,
-        );
-        openssl(
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=kube-apiserver",
-            ],
-            d,
-        );
-        std::fs::write(
-            d.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-            d,
-        );
+        if cert == ServerCert::SignedByCa {
+            openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=jobcachefs-test-ca",
+                ],
+                d,
+            );
+            openssl(
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=kube-apiserver",
+                ],
+                d,
+            );
+            std::fs::write(
+                d.join("san.ext"),
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            )
+            .unwrap();
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "san.ext",
+                ],
+                d,
+            );
+        }
         let root = d.join("root");
         std::fs::create_dir(&root).unwrap();
         let child = Command::new("python3")
@@ -132,13 +171,19 @@ impl Api {
 
     /// A kubeconfig for `server` with `token`, trusting the test CA.
     fn write_kubeconfig(&self, server: &str, token: &str) -> PathBuf {
+        self.write_kubeconfig_with_ca(server, token, &self.dir.path().join("ca.crt"))
+    }
+
+    /// A kubeconfig for `server` with `token`, trusting the CA in the PEM file `ca`.
+    fn write_kubeconfig_with_ca(&self, server: &str, token: &str, ca: &Path) -> PathBuf {
         use base64::Engine as _;
-        let ca = std::fs::read(self.dir.path().join("ca.crt")).unwrap();
+        let ca = std::fs::read(ca).unwrap();
         let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-        let path = self
-            .dir
-            .path()
-            .join(format!("kubeconfig-{}", server.len() + token.len()));
+        let path = self.dir.path().join(format!(
+            "kubeconfig-{}-{}",
+            server.len() + token.len(),
+            ca.len()
+        ));
         std::fs::write(
             &path,
             format!(
@@ -939,6 +984,79 @@ fn real_hook_cold_pull_ends_at_the_setup_deadline() {
         r.stderr
     );
     p.teardown(&path, 16 * MI).ok();
+    p.node.assert_clean();
+}
+
+/// API TLS as kubectl does it: a self-signed server certificate given as the CA is accepted
+/// (webpki alone refuses it as CaUsedAsEndEntity); a server certificate that the kubeconfig's CA
+/// did not sign fails at once — no retries of what no retry can fix — with a message that names
+/// the cause and the kubeconfig field to fix.
+#[test]
+fn real_hook_api_tls_like_kubectl() {
+    if !root_or_skip("real_hook_api_tls_like_kubectl") {
+        return;
+    }
+    let api = Api::start_with(ServerCert::SelfSigned);
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(&api, "");
+    api.pvc("ci", "self-signed", "jobcache", &[], "16Mi");
+    let path = p.path(PV1, "ci", "self-signed");
+    let r = p.setup(&path, 16 * MI).ok();
+    assert!(r.stdout.contains("no cache (plain volume)"), "{}", r.stdout);
+    p.teardown(&path, 16 * MI).ok();
+
+    // A kubeconfig naming another CA, for the self-signed server and for a CA-signed one.
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=some-other-ca",
+        ],
+        api.dir.path(),
+    );
+    let other_ca = api.dir.path().join("other-ca.crt");
+    let signed = Api::start();
+    for server in [&api, &signed] {
+        let port = std::fs::read_to_string(server.dir.path().join("port")).unwrap();
+        let wrong = Provisioner {
+            kubeconfig: server.write_kubeconfig_with_ca(
+                &format!("https://127.0.0.1:{port}"),
+                TOKEN,
+                &other_ca,
+            ),
+            ..Provisioner::new(server, "")
+        };
+        let wrong_path = wrong.path(PV2, "ci", "self-signed");
+        let t = Instant::now();
+        let r = wrong.setup(&wrong_path, 16 * MI);
+        let took = t.elapsed();
+        eprintln!("setup with a kubeconfig naming the wrong CA failed in {took:?}");
+        assert_ne!(r.code, 0, "{}", r.stdout);
+        for needle in [
+            "certificate that does not verify",
+            "not signed by a CA",
+            "certificate-authority-data",
+            &format!("127.0.0.1:{port}"),
+        ] {
+            assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+        }
+        assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        wrong.assert_untouched(&wrong_path);
+    }
+    // No request got past a failed handshake: only the good setup's two reads were served.
+    assert_eq!(api.requests().len(), 2, "{:?}", api.requests());
+    assert_eq!(signed.requests(), Vec::<String>::new());
     p.node.assert_clean();
 }
 
