@@ -1060,6 +1060,80 @@ fn real_hook_api_tls_like_kubectl() {
     p.node.assert_clean();
 }
 
+/// When a PV's Node object is gone the provisioner deletes the PV without a teardown. The node
+/// agent, with API access, finds the hook's volumes whose PV the API answers 404 for and
+/// discards them (a log line each); a volume whose PV exists is kept; without API access
+/// nothing is touched.
+#[test]
+fn real_agent_discards_volumes_whose_pv_is_gone() {
+    if !root_or_skip("real_agent_discards_volumes_whose_pv_is_gone") {
+        return;
+    }
+    let api = Api::start();
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(&api, "[agent]\norphan_after = \"1s\"\n");
+    let cache = [("jobcachefs.io/cache", "maven")];
+    api.pvc("ci", "kept", "jobcache-writeback", &cache, "16Mi");
+    api.pvc("ci", "orphan", "jobcache-writeback", &cache, "16Mi");
+    let kept = p.path(PV1, "ci", "kept");
+    let orphan = p.path(PV2, "ci", "orphan");
+    p.setup(&kept, 16 * MI).ok();
+    p.setup(&orphan, 16 * MI).ok();
+    write(&orphan, "m2/x.jar", "never committed");
+    // The provisioner made PV1; PV2 was deleted with its node, the PVC too.
+    api.put(
+        &format!("/api/v1/persistentvolumes/{PV1}"),
+        &json!({"kind": "PersistentVolume", "apiVersion": "v1", "metadata": {"name": PV1},
+                "spec": {"storageClassName": "jobcache-writeback"}, "status": {"phase": "Bound"}}),
+    );
+    api.remove(&pvc_path("ci", "orphan"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let agent = |kubeconfig: Option<&Path>| {
+        let mut c = p.node.command();
+        c.args(["agent", "--rounds", "1", "--metrics-addr", "off"]);
+        c.env_remove("KUBERNETES_SERVICE_HOST");
+        match kubeconfig {
+            Some(k) => c.env("KUBECONFIG", k),
+            None => c.env_remove("KUBECONFIG"),
+        };
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    // No API access: nothing is looked for, and it says so.
+    let log = agent(None);
+    assert!(log.contains("no Kubernetes API access"), "{log}");
+    assert_eq!(p.volumes().len(), 2);
+
+    let before = api.requests().len();
+    let log = agent(Some(&api.kubeconfig));
+    assert!(
+        log.contains("PV no longer exists") && log.contains(PV2),
+        "{log}"
+    );
+    let asked: Vec<String> = api.requests()[before..].to_vec();
+    assert!(
+        asked.iter().any(|l| l.contains(PV1) && l.ends_with(" 200")),
+        "{asked:?}"
+    );
+    assert!(
+        asked.iter().any(|l| l.contains(PV2) && l.ends_with(" 404")),
+        "{asked:?}"
+    );
+    let left = p.volumes();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["dir"], kept.to_str().unwrap());
+    assert!(!orphan.exists(), "the orphan's folder is still there");
+    assert_eq!(
+        p.generation("ci", "maven"),
+        0,
+        "an orphan must never commit"
+    );
+    p.teardown(&kept, 16 * MI).ok();
+    p.node.assert_clean();
+}
+
 /// `kubectl kustomize deploy/` (and deploy/examples/) renders, every object validates offline
 /// against the Kubernetes schemas, and the helper pod is what the hook needs (scripts/validate-deploy
 /// says what it checks). Needs no root; needs what scripts/setup installs.

@@ -49,6 +49,7 @@ struct RawAgent {
     interval: Option<String>,
     metrics_addr: Option<String>,
     prefetch: Option<Vec<String>>,
+    orphan_after: Option<String>,
 }
 
 /// Where the caches matching a prefix live in a registry (`[[registry]]`).
@@ -77,6 +78,9 @@ pub struct AgentConfig {
     pub metrics_addr: String,
     /// Caches (`<namespace>/<name>`) to pull even before this node used them.
     pub prefetch: Vec<String>,
+    /// Seconds a hook volume must exist before the agent may discard it because the API no
+    /// longer has its PV (the provisioner creates the PV only after the setup succeeded).
+    pub orphan_after: u64,
 }
 
 impl Default for AgentConfig {
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
             interval: 30,
             metrics_addr: "127.0.0.1:9477".into(),
             prefetch: Vec::new(),
+            orphan_after: 600,
         }
     }
 }
@@ -358,6 +363,13 @@ fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
         },
         metrics_addr: raw.metrics_addr.unwrap_or(d.metrics_addr),
         prefetch: raw.prefetch.unwrap_or_default(),
+        orphan_after: match raw.orphan_after {
+            Some(s) => crate::input::quantity::parse_duration(
+                &format!("agent.orphan_after in {origin}"),
+                &s,
+            )?,
+            None => d.orphan_after,
+        },
     })
 }
 

@@ -152,6 +152,18 @@ impl Client {
         )
     }
 
+    /// Whether PersistentVolume `name` exists (`Ok(false)`: the API answered 404).
+    pub fn pv_exists(&self, name: &str) -> Result<bool> {
+        match self.get::<serde_json::Value>(
+            &format!("/api/v1/persistentvolumes/{name}"),
+            &format!("PV {name}"),
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{}", self.target.server, path);
         let started = Instant::now();

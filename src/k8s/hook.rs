@@ -208,7 +208,7 @@ fn delete(engine: &Engine, req: &HookRequest) -> Result<HookOutcome> {
 /// Removes the volume's folder, as the provisioner's stock teardown (`rm -rf`) does. A folder
 /// that is still a mount point is left alone and reported: removing it would delete through
 /// the mount.
-fn remove_folder(path: &Path) -> Result<()> {
+pub(crate) fn remove_folder(path: &Path) -> Result<()> {
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
