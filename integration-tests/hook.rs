@@ -35,72 +35,111 @@ fn openssl(args: &[&str], cwd: &Path) {
     );
 }
 
+/// How the stand-in's certificate is made.
+#[derive(Clone, Copy, PartialEq)]
+enum ServerCert {
+    /// Signed by a CA of the test's (the kubeconfig's CA).
+    SignedByCa,
+    /// Self-signed (a CA certificate itself, as `openssl req -x509` makes it) and given to the
+    /// client as the CA, as single-node clusters and kubeadm-less setups often do.
+    SelfSigned,
+}
+
 impl Api {
     fn start() -> Api {
+        Api::start_with(ServerCert::SignedByCa)
+    }
+
+    fn start_with(cert: ServerCert) -> Api {
         let dir = tempfile::Builder::new()
             .prefix("jcfs-api-")
             .tempdir()
             .unwrap();
         let d = dir.path();
+        if cert == ServerCert::SelfSigned {
+            openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kube-apiserver",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                ],
+                d,
+            );
+            std::fs::copy(d.join("server.crt"), d.join("ca.crt")).unwrap();
+        }
         // A CA of our own and a server certificate for 127.0.0.1 signed by it.
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=jobcachefs-test-ca",
-            ],
-            d,
-        );
-        openssl(
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=kube-apiserver",
-            ],
-            d,
-        );
-        std::fs::write(
-            d.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-            d,
-        );
+        if cert == ServerCert::SignedByCa {
+            openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=jobcachefs-test-ca",
+                ],
+                d,
+            );
+            openssl(
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=kube-apiserver",
+                ],
+                d,
+            );
+            std::fs::write(
+                d.join("san.ext"),
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            )
+            .unwrap();
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "san.ext",
+                ],
+                d,
+            );
+        }
         let root = d.join("root");
         std::fs::create_dir(&root).unwrap();
         let child = Command::new("python3")
@@ -132,13 +171,19 @@ impl Api {
 
     /// A kubeconfig for `server` with `token`, trusting the test CA.
     fn write_kubeconfig(&self, server: &str, token: &str) -> PathBuf {
+        self.write_kubeconfig_with_ca(server, token, &self.dir.path().join("ca.crt"))
+    }
+
+    /// A kubeconfig for `server` with `token`, trusting the CA in the PEM file `ca`.
+    fn write_kubeconfig_with_ca(&self, server: &str, token: &str, ca: &Path) -> PathBuf {
         use base64::Engine as _;
-        let ca = std::fs::read(self.dir.path().join("ca.crt")).unwrap();
+        let ca = std::fs::read(ca).unwrap();
         let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-        let path = self
-            .dir
-            .path()
-            .join(format!("kubeconfig-{}", server.len() + token.len()));
+        let path = self.dir.path().join(format!(
+            "kubeconfig-{}-{}",
+            server.len() + token.len(),
+            ca.len()
+        ));
         std::fs::write(
             &path,
             format!(
@@ -816,6 +861,277 @@ fn real_hook_retries_transient_api_errors_within_a_bound() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+/// A class with `userPattern`/`groupPattern` makes the provisioner pass whatever they render to in
+/// `VOL_USER`/`VOL_GROUP`: names the helper pod knows are resolved, anything else leaves the root
+/// to root with a log line, and the setup succeeds either way.
+#[test]
+fn real_hook_owner_names_from_user_and_group_patterns() {
+    if !root_or_skip("real_hook_owner_names_from_user_and_group_patterns") {
+        return;
+    }
+    let (api, p) = world();
+    // `daemon` is 1:1 in every Debian /etc/passwd and /etc/group (base-passwd).
+    let id_of = |file: &str, name: &str| -> u32 {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f[0] == name).then(|| f[2].parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {file}"))
+    };
+    let (uid, gid) = (
+        id_of("/etc/passwd", "daemon"),
+        id_of("/etc/group", "daemon"),
+    );
+    use std::os::unix::fs::MetadataExt;
+    for (pv, pvc, user, group, want, log) in [
+        (PV1, "named", "daemon", "daemon", (uid, gid), None),
+        (
+            PV2,
+            "unknown",
+            "no-such-user-here",
+            "team-{{ .PVC.Name }}",
+            (0, 0),
+            // The log is JSON: the quotes around the values come escaped.
+            Some([
+                r#"VOL_USER=\"no-such-user-here\""#,
+                r#"VOL_GROUP=\"team-{{ .PVC.Name }}\""#,
+            ]),
+        ),
+    ] {
+        api.pvc("ci", pvc, "jobcache", &[], "16Mi");
+        let path = p.path(pv, "ci", pvc);
+        let r = p
+            .run(
+                "setup",
+                &path,
+                16 * MI,
+                "Filesystem",
+                &[
+                    ("VOL_USER", user),
+                    ("VOL_GROUP", group),
+                    ("VOL_PERM", "0770"),
+                ],
+            )
+            .ok();
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (want.0, want.1, 0o770)
+        );
+        for needle in log.into_iter().flatten() {
+            assert!(
+                r.stderr.contains(needle) && r.stderr.contains("ignored"),
+                "no log line about {needle}: {}",
+                r.stderr
+            );
+        }
+        p.teardown(&path, 16 * MI).ok();
+    }
+    p.node.assert_clean();
+}
+
+/// `pull_on_create` on a cold cache, against a registry that accepts connections and never
+/// answers: the setup gives up the pull at `kubernetes.setup_deadline` and makes the volume
+/// cold, inside the provisioner's timeout, instead of hanging until the helper pod is deleted.
+#[test]
+fn real_hook_cold_pull_ends_at_the_setup_deadline() {
+    if !root_or_skip("real_hook_cold_pull_ends_at_the_setup_deadline") {
+        return;
+    }
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    // Accepts and holds every connection, never writing a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming() {
+            held.push(c);
+        }
+    });
+    let api = Api::start();
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(
+        &api,
+        &format!(
+            "setup_deadline = \"4s\"\n[[registry]]\nimage = \"127.0.0.1:{port}/caches\"\ntls_verify = false\npull_on_create = true\ntimeout = \"300s\"\n"
+        ),
+    );
+    api.pvc(
+        "ci",
+        "cold",
+        "jobcache",
+        &[("jobcachefs.io/cache", "maven")],
+        "16Mi",
+    );
+    let path = p.path(PV1, "ci", "cold");
+    let t = Instant::now();
+    let r = p.setup(&path, 16 * MI).ok();
+    let took = t.elapsed();
+    eprintln!("setup with a hung registry and setup_deadline 4s took {took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(
+        r.stdout.contains("cache ci/maven generation 0"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("setup deadline") && r.stderr.contains("starts cold"),
+        "{}",
+        r.stderr
+    );
+    p.teardown(&path, 16 * MI).ok();
+    p.node.assert_clean();
+}
+
+/// API TLS as kubectl does it: a self-signed server certificate given as the CA is accepted
+/// (webpki alone refuses it as CaUsedAsEndEntity); a server certificate that the kubeconfig's CA
+/// did not sign fails at once — no retries of what no retry can fix — with a message that names
+/// the cause and the kubeconfig field to fix.
+#[test]
+fn real_hook_api_tls_like_kubectl() {
+    if !root_or_skip("real_hook_api_tls_like_kubectl") {
+        return;
+    }
+    let api = Api::start_with(ServerCert::SelfSigned);
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(&api, "");
+    api.pvc("ci", "self-signed", "jobcache", &[], "16Mi");
+    let path = p.path(PV1, "ci", "self-signed");
+    let r = p.setup(&path, 16 * MI).ok();
+    assert!(r.stdout.contains("no cache (plain volume)"), "{}", r.stdout);
+    p.teardown(&path, 16 * MI).ok();
+
+    // A kubeconfig naming another CA, for the self-signed server and for a CA-signed one.
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=some-other-ca",
+        ],
+        api.dir.path(),
+    );
+    let other_ca = api.dir.path().join("other-ca.crt");
+    let signed = Api::start();
+    for server in [&api, &signed] {
+        let port = std::fs::read_to_string(server.dir.path().join("port")).unwrap();
+        let wrong = Provisioner {
+            kubeconfig: server.write_kubeconfig_with_ca(
+                &format!("https://127.0.0.1:{port}"),
+                TOKEN,
+                &other_ca,
+            ),
+            ..Provisioner::new(server, "")
+        };
+        let wrong_path = wrong.path(PV2, "ci", "self-signed");
+        let t = Instant::now();
+        let r = wrong.setup(&wrong_path, 16 * MI);
+        let took = t.elapsed();
+        eprintln!("setup with a kubeconfig naming the wrong CA failed in {took:?}");
+        assert_ne!(r.code, 0, "{}", r.stdout);
+        for needle in [
+            "certificate that does not verify",
+            "not signed by a CA",
+            "certificate-authority-data",
+            &format!("127.0.0.1:{port}"),
+        ] {
+            assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+        }
+        assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        wrong.assert_untouched(&wrong_path);
+    }
+    // No request got past a failed handshake: only the good setup's two reads were served.
+    assert_eq!(api.requests().len(), 2, "{:?}", api.requests());
+    assert_eq!(signed.requests(), Vec::<String>::new());
+    p.node.assert_clean();
+}
+
+/// When a PV's Node object is gone the provisioner deletes the PV without a teardown. The node
+/// agent, with API access, finds the hook's volumes whose PV the API answers 404 for and
+/// discards them (a log line each); a volume whose PV exists is kept; without API access
+/// nothing is touched.
+#[test]
+fn real_agent_discards_volumes_whose_pv_is_gone() {
+    if !root_or_skip("real_agent_discards_volumes_whose_pv_is_gone") {
+        return;
+    }
+    let api = Api::start();
+    api.storage_classes_from_deploy();
+    let p = Provisioner::new(&api, "[agent]\norphan_after = \"1s\"\n");
+    let cache = [("jobcachefs.io/cache", "maven")];
+    api.pvc("ci", "kept", "jobcache-writeback", &cache, "16Mi");
+    api.pvc("ci", "orphan", "jobcache-writeback", &cache, "16Mi");
+    let kept = p.path(PV1, "ci", "kept");
+    let orphan = p.path(PV2, "ci", "orphan");
+    p.setup(&kept, 16 * MI).ok();
+    p.setup(&orphan, 16 * MI).ok();
+    write(&orphan, "m2/x.jar", "never committed");
+    // The provisioner made PV1; PV2 was deleted with its node, the PVC too.
+    api.put(
+        &format!("/api/v1/persistentvolumes/{PV1}"),
+        &json!({"kind": "PersistentVolume", "apiVersion": "v1", "metadata": {"name": PV1},
+                "spec": {"storageClassName": "jobcache-writeback"}, "status": {"phase": "Bound"}}),
+    );
+    api.remove(&pvc_path("ci", "orphan"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let agent = |kubeconfig: Option<&Path>| {
+        let mut c = p.node.command();
+        c.args(["agent", "--rounds", "1", "--metrics-addr", "off"]);
+        c.env_remove("KUBERNETES_SERVICE_HOST");
+        match kubeconfig {
+            Some(k) => c.env("KUBECONFIG", k),
+            None => c.env_remove("KUBECONFIG"),
+        };
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    // No API access: nothing is looked for, and it says so.
+    let log = agent(None);
+    assert!(log.contains("no Kubernetes API access"), "{log}");
+    assert_eq!(p.volumes().len(), 2);
+
+    let before = api.requests().len();
+    let log = agent(Some(&api.kubeconfig));
+    assert!(
+        log.contains("PV no longer exists") && log.contains(PV2),
+        "{log}"
+    );
+    let asked: Vec<String> = api.requests()[before..].to_vec();
+    assert!(
+        asked.iter().any(|l| l.contains(PV1) && l.ends_with(" 200")),
+        "{asked:?}"
+    );
+    assert!(
+        asked.iter().any(|l| l.contains(PV2) && l.ends_with(" 404")),
+        "{asked:?}"
+    );
+    let left = p.volumes();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["dir"], kept.to_str().unwrap());
+    assert!(!orphan.exists(), "the orphan's folder is still there");
+    assert_eq!(
+        p.generation("ci", "maven"),
+        0,
+        "an orphan must never commit"
+    );
+    p.teardown(&kept, 16 * MI).ok();
+    p.node.assert_clean();
 }
 
 /// `kubectl kustomize deploy/` (and deploy/examples/) renders, every object validates offline

@@ -6,7 +6,7 @@ use super::exit;
 use super::output::{describe_delete, print_json};
 use anyhow::Result;
 use clap::Args;
-use jobcachefs::input::hook_args::{env_from, resolve, RawInputs};
+use jobcachefs::input::hook_args::{env_from, resolve, Accounts, RawInputs};
 use jobcachefs::input::quantity::human_bytes;
 use jobcachefs::k8s::hook::{self, HookOutcome};
 use jobcachefs::k8s::{client::Client, kubeconfig};
@@ -30,13 +30,16 @@ pub(super) struct HookArgs {
 }
 
 pub(super) fn run(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
-    let req = resolve(&RawInputs {
-        path: args.path.clone(),
-        size: args.size.clone(),
-        mode: args.mode.clone(),
-        actions: args.action.clone(),
-        env: env_from(|k| std::env::var(k).ok()),
-    })?;
+    let req = resolve(
+        &RawInputs {
+            path: args.path.clone(),
+            size: args.size.clone(),
+            mode: args.mode.clone(),
+            actions: args.action.clone(),
+            env: env_from(|k| std::env::var(k).ok()),
+        },
+        &Accounts::from_system(),
+    )?;
     let budget = std::time::Duration::from_secs(engine.config().kubernetes.api_timeout);
     let outcome = hook::run(engine, &req, || {
         Client::new(kubeconfig::discover()?, budget)

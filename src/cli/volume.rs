@@ -117,7 +117,8 @@ fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
 fn create(engine: &Engine, a: &CreateArgs, json: bool) -> Result<u8> {
     let req = request(a)?;
     if let Some(id) = &req.cache {
-        jobcachefs::sync::ops::pull_if_cold(engine, id);
+        // No provisioner waits here: the registry's own timeout bounds the pull.
+        jobcachefs::sync::ops::pull_if_cold(engine, id, None);
     }
     let record = engine.volume_create(&req)?;
     if json {

@@ -50,6 +50,7 @@ struct RawAgent {
     interval: Option<String>,
     metrics_addr: Option<String>,
     prefetch: Option<Vec<String>>,
+    orphan_after: Option<String>,
 }
 
 /// Where the caches matching a prefix live in a registry (`[[registry]]`).
@@ -78,6 +79,9 @@ pub struct AgentConfig {
     pub metrics_addr: String,
     /// Caches (`<namespace>/<name>`) to pull even before this node used them.
     pub prefetch: Vec<String>,
+    /// Seconds a hook volume must exist before the agent may discard it because the API no
+    /// longer has its PV (the provisioner creates the PV only after the setup succeeded).
+    pub orphan_after: u64,
 }
 
 impl Default for AgentConfig {
@@ -86,6 +90,7 @@ impl Default for AgentConfig {
             interval: 30,
             metrics_addr: "127.0.0.1:9477".into(),
             prefetch: Vec::new(),
+            orphan_after: 600,
         }
     }
 }
@@ -95,6 +100,7 @@ impl Default for AgentConfig {
 struct RawKubernetes {
     node_paths: Option<Vec<std::path::PathBuf>>,
     api_timeout: Option<String>,
+    setup_deadline: Option<String>,
 }
 
 /// Settings of the Kubernetes hook (`[kubernetes]`).
@@ -105,6 +111,10 @@ pub struct KubernetesConfig {
     pub node_paths: Vec<std::path::PathBuf>,
     /// Time one API read may take, retries included, in seconds.
     pub api_timeout: u64,
+    /// Seconds from the start of a setup by which a `pull_on_create` pull must have given up,
+    /// so that the setup ends inside the provisioner's `cmdTimeoutSeconds` (120 by default,
+    /// counted from when it created the helper pod).
+    pub setup_deadline: u64,
 }
 
 impl Default for KubernetesConfig {
@@ -112,6 +122,8 @@ impl Default for KubernetesConfig {
         KubernetesConfig {
             node_paths: Vec::new(),
             api_timeout: 20,
+            // 120 s of cmdTimeoutSeconds less the helper pod's start and the volume's creation.
+            setup_deadline: 90,
         }
     }
 }
@@ -365,6 +377,13 @@ fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
         },
         metrics_addr: raw.metrics_addr.unwrap_or(d.metrics_addr),
         prefetch: raw.prefetch.unwrap_or_default(),
+        orphan_after: match raw.orphan_after {
+            Some(s) => crate::input::quantity::parse_duration(
+                &format!("agent.orphan_after in {origin}"),
+                &s,
+            )?,
+            None => d.orphan_after,
+        },
     })
 }
 
@@ -392,9 +411,22 @@ fn kubernetes(raw: RawKubernetes, origin: &str) -> Result<KubernetesConfig> {
             "kubernetes.api_timeout in {origin} is {api_timeout}s: use 1s to 110s (the provisioner gives a setup 120 s)"
         )));
     }
+    let setup_deadline = match raw.setup_deadline {
+        Some(s) => crate::input::quantity::parse_duration(
+            &format!("kubernetes.setup_deadline in {origin}"),
+            &s,
+        )?,
+        None => d.setup_deadline,
+    };
+    if !(1..=3600).contains(&setup_deadline) {
+        return Err(Error::invalid(format!(
+            "kubernetes.setup_deadline in {origin} is {setup_deadline}s: use 1s to 3600s, and keep it below the provisioner's cmdTimeoutSeconds (config.json) less the helper pod's start-up"
+        )));
+    }
     Ok(KubernetesConfig {
         node_paths,
         api_timeout,
+        setup_deadline,
     })
 }
 
@@ -423,6 +455,10 @@ mod tests {
         );
         let e = Config::from_toml("max_depth = 1", "f").unwrap_err();
         assert!(e.to_string().contains("max_depth"), "{e}");
+        let e = Config::from_toml("[kubernetes]\nsetup_deadline = \"0s\"", "f").unwrap_err();
+        assert!(e.to_string().contains("kubernetes.setup_deadline"), "{e}");
+        let c = Config::from_toml("[kubernetes]\nsetup_deadline = \"45s\"", "f").unwrap();
+        assert_eq!(c.kubernetes.setup_deadline, 45);
         let e = Config::from_toml("nope = 1", "f").unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }

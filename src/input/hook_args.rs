@@ -1,7 +1,8 @@
 //! The hook's inputs, checked once for every caller: what local-path-provisioner passes
 //! (`-p PATH -s BYTES -m MODE -a create|delete`, and `VOL_DIR`, `VOL_SIZE_BYTES`, `VOL_MODE`,
 //! `VOL_USER`, `VOL_GROUP`, `VOL_PERM` in the environment) into a [`HookRequest`]. Pure: the
-//! caller reads the environment and passes it in.
+//! caller reads the environment and the helper pod's `/etc/passwd` and `/etc/group` and passes
+//! them in ([`Accounts`]).
 
 use crate::error::{Error, Result};
 use crate::input::quantity::parse_size;
@@ -99,16 +100,67 @@ fn pick(
     }
 }
 
-fn parse_id(var: &str, value: &str) -> Result<u32> {
-    value.parse().map_err(|_| {
-        Error::invalid(format!(
-            "{var}={value:?} is not a numeric id: the provisioner passes numbers (e.g. 1000)"
-        ))
-    })
+/// The helper pod's users and groups (`/etc/passwd`, `/etc/group`), to resolve the names a
+/// class's `userPattern`/`groupPattern` may put into `VOL_USER`/`VOL_GROUP`.
+#[derive(Debug, Clone, Default)]
+pub struct Accounts {
+    users: BTreeMap<String, u32>,
+    groups: BTreeMap<String, u32>,
 }
 
-/// Checks the inputs (pure): arguments win over the environment.
-pub fn resolve(raw: &RawInputs) -> Result<HookRequest> {
+impl Accounts {
+    /// From the text of `/etc/passwd` and `/etc/group` (name:x:id:...; malformed lines skipped).
+    pub fn parse(passwd: &str, group: &str) -> Accounts {
+        let table = |text: &str| {
+            text.lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next().filter(|n| !n.is_empty() && !n.starts_with('#'))?;
+                    let id = f.nth(1)?.trim().parse().ok()?;
+                    Some((name.to_string(), id))
+                })
+                .collect()
+        };
+        Accounts {
+            users: table(passwd),
+            groups: table(group),
+        }
+    }
+
+    /// This machine's (the helper pod's) accounts; an unreadable file counts as empty.
+    pub fn from_system() -> Accounts {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        Accounts::parse(&read("/etc/passwd"), &read("/etc/group"))
+    }
+}
+
+/// `VOL_USER`/`VOL_GROUP` → an id. The provisioner passes whatever the class's
+/// `userPattern`/`groupPattern` renders to: a number, a name, or anything else. A number is
+/// taken as is, a name is resolved in `table`; anything unresolvable is ignored (root keeps the
+/// folder) with a warning that says so, because refusing it would fail every setup of the class.
+fn owner_id(
+    var: &str,
+    value: &str,
+    table: &BTreeMap<String, u32>,
+    file: &str,
+    warnings: &mut Vec<String>,
+) -> Option<u32> {
+    let value = value.trim();
+    if let Ok(id) = value.parse() {
+        return Some(id);
+    }
+    if let Some(id) = table.get(value) {
+        return Some(*id);
+    }
+    warnings.push(format!(
+        "{var}={value:?} is neither a number nor a name in the helper pod's {file}: ignored, the volume's root stays owned by 0; give the class's pattern a numeric id, or a name the helper image knows"
+    ));
+    None
+}
+
+/// Checks the inputs (pure): arguments win over the environment; owner names are resolved in
+/// `accounts`.
+pub fn resolve(raw: &RawInputs, accounts: &Accounts) -> Result<HookRequest> {
     if raw.actions.windows(2).any(|w| w[0] != w[1]) {
         return Err(Error::invalid(format!(
             "-a is given as {}: a hook run is either -a create or -a delete",
@@ -163,10 +215,16 @@ pub fn resolve(raw: &RawInputs) -> Result<HookRequest> {
     let var = |k: &str| env.get(k).filter(|v| !v.is_empty());
     let mut root = DEFAULT_ROOT;
     if let Some(u) = var("VOL_USER") {
-        root.uid = parse_id("VOL_USER", u)?;
+        let users = &accounts.users;
+        if let Some(uid) = owner_id("VOL_USER", u, users, "/etc/passwd", &mut warnings) {
+            root.uid = uid;
+        }
     }
     if let Some(g) = var("VOL_GROUP") {
-        root.gid = parse_id("VOL_GROUP", g)?;
+        let groups = &accounts.groups;
+        if let Some(gid) = owner_id("VOL_GROUP", g, groups, "/etc/group", &mut warnings) {
+            root.gid = gid;
+        }
     }
     if let Some(p) = var("VOL_PERM") {
         let digits = p.trim_start_matches("0o");
@@ -208,15 +266,18 @@ mod tests {
 
     #[test]
     fn args_win_and_say_so() {
-        let r = resolve(&raw(
-            [
-                Some("/n/a_b_c"),
-                Some("1024"),
-                Some("Filesystem"),
-                Some("create"),
-            ],
-            &[("VOL_DIR", "/n/x_y_z"), ("VOL_SIZE_BYTES", "1024")],
-        ))
+        let r = resolve(
+            &raw(
+                [
+                    Some("/n/a_b_c"),
+                    Some("1024"),
+                    Some("Filesystem"),
+                    Some("create"),
+                ],
+                &[("VOL_DIR", "/n/x_y_z"), ("VOL_SIZE_BYTES", "1024")],
+            ),
+            &Accounts::default(),
+        )
         .unwrap();
         assert_eq!(r.path, PathBuf::from("/n/a_b_c"));
         assert_eq!(r.size, 1024);
@@ -227,17 +288,20 @@ mod tests {
 
     #[test]
     fn env_fills_in() {
-        let r = resolve(&raw(
-            [None, None, None, Some("create")],
-            &[
-                ("VOL_DIR", "/n/a_b_c"),
-                ("VOL_SIZE_BYTES", "2147483648"),
-                ("VOL_MODE", "Filesystem"),
-                ("VOL_USER", "1000"),
-                ("VOL_GROUP", "2000"),
-                ("VOL_PERM", "0750"),
-            ],
-        ))
+        let r = resolve(
+            &raw(
+                [None, None, None, Some("create")],
+                &[
+                    ("VOL_DIR", "/n/a_b_c"),
+                    ("VOL_SIZE_BYTES", "2147483648"),
+                    ("VOL_MODE", "Filesystem"),
+                    ("VOL_USER", "1000"),
+                    ("VOL_GROUP", "2000"),
+                    ("VOL_PERM", "0750"),
+                ],
+            ),
+            &Accounts::default(),
+        )
         .unwrap();
         assert_eq!(r.size, 2 << 30);
         assert_eq!(
@@ -250,15 +314,18 @@ mod tests {
         );
         assert!(r.warnings.is_empty());
         // On delete the provisioner leaves VOL_USER & co empty.
-        let r = resolve(&raw(
-            [
-                Some("/n/a_b_c"),
-                Some("0"),
-                Some("Filesystem"),
-                Some("delete"),
-            ],
-            &[("VOL_USER", ""), ("VOL_PERM", "")],
-        ))
+        let r = resolve(
+            &raw(
+                [
+                    Some("/n/a_b_c"),
+                    Some("0"),
+                    Some("Filesystem"),
+                    Some("delete"),
+                ],
+                &[("VOL_USER", ""), ("VOL_PERM", "")],
+            ),
+            &Accounts::default(),
+        )
         .unwrap();
         assert_eq!(r.action, Action::Delete);
     }
@@ -304,11 +371,6 @@ mod tests {
             ),
             (
                 [Some("/n/a_b_c"), Some("1"), None, Some("create")],
-                &[("VOL_USER", "bob")][..],
-                "VOL_USER=\"bob\"",
-            ),
-            (
-                [Some("/n/a_b_c"), Some("1"), None, Some("create")],
                 &[("VOL_PERM", "0999")][..],
                 "VOL_PERM",
             ),
@@ -318,20 +380,62 @@ mod tests {
                 "VOL_PERM",
             ),
         ] {
-            let e = resolve(&raw(args, env)).unwrap_err();
+            let e = resolve(&raw(args, env), &Accounts::default()).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput);
             assert!(e.to_string().contains(needle), "{needle}: {e}");
         }
     }
 
     #[test]
+    fn owner_names_resolve_or_are_ignored_with_a_warning() {
+        let accounts = Accounts::parse(
+            "root:x:0:0:root:/root:/bin/bash\n# comment\nbroken\nbuilder:x:1001:1001::/home/builder:/bin/sh\n",
+            "root:x:0:\nci:x:2002:builder\n",
+        );
+        let req = |user: &str, group: &str| {
+            resolve(
+                &raw(
+                    [Some("/n/a_b_c"), Some("1"), None, Some("create")],
+                    &[("VOL_USER", user), ("VOL_GROUP", group)],
+                ),
+                &accounts,
+            )
+            .unwrap()
+        };
+        let r = req("builder", "ci");
+        assert_eq!((r.root.uid, r.root.gid), (1001, 2002));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let r = req("1000", "ci");
+        assert_eq!((r.root.uid, r.root.gid), (1000, 2002));
+        // What a userPattern such as "{{ .PVC.Annotations.owner }}" may render to.
+        let r = req("bob", "team-{{x}}");
+        assert_eq!((r.root.uid, r.root.gid), (0, 0));
+        assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("VOL_USER=\"bob\"")
+                && r.warnings[0].contains("/etc/passwd")
+                && r.warnings[0].contains("owned by 0"),
+            "{}",
+            r.warnings[0]
+        );
+        assert!(
+            r.warnings[1].contains("VOL_GROUP=\"team-{{x}}\""),
+            "{}",
+            r.warnings[1]
+        );
+    }
+
+    #[test]
     fn actions_must_agree() {
         let mut r = raw([Some("/n/a_b_c"), Some("1"), None, Some("create")], &[]);
         r.actions.push("create".into());
-        assert_eq!(resolve(&r).unwrap().action, Action::Create);
+        assert_eq!(
+            resolve(&r, &Accounts::default()).unwrap().action,
+            Action::Create
+        );
         r.actions.push("delete".into());
         assert_eq!(
-            resolve(&r).unwrap_err().to_string(),
+            resolve(&r, &Accounts::default()).unwrap_err().to_string(),
             "-a is given as create and create and delete: a hook run is either -a create or -a delete"
         );
     }

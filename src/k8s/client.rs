@@ -1,6 +1,14 @@
 //! Reads PVCs and StorageClasses from the Kubernetes API: two GETs per volume setup, with a short,
 //! bounded retry on what is transient (connection errors, timeouts, 429, 5xx) and none on what is
-//! not (404, 401/403, other 4xx).
+//! not (404, 401/403, other 4xx, and a server certificate that fails verification: no retry
+//! can fix a kubeconfig).
+//!
+//! TLS is verified as kubectl (Go's crypto/x509) verifies it: against the kubeconfig's (or the
+//! service account's) CA bundle, and a server certificate that is byte-identical to a
+//! certificate of that bundle is trusted as it is — the self-signed certificate of a
+//! single-node cluster, given as its own CA, which webpki alone refuses (`CaUsedAsEndEntity`).
+//! Its names and validity period are still checked, and the handshake still proves that the
+//! server holds its key.
 //!
 //! Why not `kube` + `k8s-openapi`: the hook is a short-lived synchronous process that makes two
 //! GETs; `kube` would bring an async runtime, hyper, tower and the generated API types of every
@@ -12,6 +20,9 @@
 
 use super::kubeconfig::ApiTarget;
 use crate::error::{Error, ErrorKind, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,6 +152,18 @@ impl Client {
         )
     }
 
+    /// Whether PersistentVolume `name` exists (`Ok(false)`: the API answered 404).
+    pub fn pv_exists(&self, name: &str) -> Result<bool> {
+        match self.get::<serde_json::Value>(
+            &format!("/api/v1/persistentvolumes/{name}"),
+            &format!("PV {name}"),
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{}", self.target.server, path);
         let started = Instant::now();
@@ -203,7 +226,17 @@ impl Client {
                         }
                     }
                 }
-                Err(ureq::Error::Transport(t)) => t.to_string(),
+                Err(ureq::Error::Transport(t)) => {
+                    if let Some(cert) = certificate_error(&t) {
+                        return Err(Error::invalid(format!(
+                        "the Kubernetes API at {} ({}) presented a certificate that does not verify: {}",
+                        self.target.server,
+                        self.target.origin,
+                        explain_certificate_error(&cert, &self.target)
+                    )));
+                    }
+                    t.to_string()
+                }
             };
             let pause = backoff(attempt);
             if started.elapsed() + pause >= self.budget {
@@ -223,26 +256,217 @@ impl Client {
     }
 }
 
+/// The certificate verification failure behind a transport error, if that is what it is.
+fn certificate_error(t: &ureq::Transport) -> Option<CertificateError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
+    while let Some(e) = cur {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(c)) = tls {
+            return Some(c.clone());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// What is wrong with the server's certificate and how to fix the kubeconfig (pure).
+fn explain_certificate_error(e: &CertificateError, target: &ApiTarget) -> String {
+    let ca_source = if target.origin.starts_with("service account") {
+        "the service account's ca.crt"
+    } else {
+        "the cluster's certificate-authority-data (or certificate-authority) in the kubeconfig"
+    };
+    match e {
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+            "it is not signed by a CA in {ca_source}; put the cluster's CA there (the one kubectl uses: `kubectl config view --raw --minify`), or the server's own certificate if it is self-signed"
+        ),
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!(
+                "it is not issued for the address in `server` ({}); use a host name or IP address the certificate lists in its subjectAltName",
+                target.server
+            )
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "it has expired; renew the API server's certificate, or check this node's clock"
+                .to_string()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "it is not valid yet; check this node's clock".to_string()
+        }
+        // webpki's word for a CA certificate presented as the server's: a self-signed server
+        // certificate that is not itself in the bundle.
+        other if format!("{other:?}").contains("CaUsedAsEndEntity") => format!(
+            "it is a self-signed CA certificate, not signed by a CA in {ca_source}; if the API server's certificate is self-signed, put that very certificate there (kubectl accepts it as its own CA)"
+        ),
+        other => format!(
+            "{other:?}; check that {ca_source} is the CA that signed the API server's certificate"
+        ),
+    }
+}
+
+/// Verifies the API server's certificate the way kubectl does (see the module's comment).
+#[derive(Debug)]
+struct KubeVerifier {
+    /// The chain verification against the CA bundle.
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    /// The CA bundle's certificates, trusted as they are when the server presents one of them.
+    given: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for KubeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if !self.given.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return self.webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        // Trusted by identity, like a leaf found in Go's root pool: its names and dates still
+        // have to fit.
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, server_name)?;
+        let (not_before, not_after) = validity(end_entity.as_ref()).ok_or(
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+        )?;
+        let t = now.as_secs() as i64;
+        if t < not_before {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet,
+            ));
+        }
+        if t > not_after {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// One DER element at the start of `d`: (tag, contents, rest).
+fn der(d: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, d) = d.split_first()?;
+    let (&first, mut d) = d.split_first()?;
+    let len = if first < 0x80 {
+        first as usize
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || d.len() < n {
+            return None;
+        }
+        let len = d[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
+        d = &d[n..];
+        len
+    };
+    (d.len() >= len).then(|| (tag, &d[..len], &d[len..]))
+}
+
+/// Seconds since the epoch of an X.509 UTCTime (tag 0x17) or GeneralizedTime (0x18) in UTC.
+fn x509_time(tag: u8, v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match (tag, s.len()) {
+        (0x17, 12) => {
+            let yy: i64 = s[..2].parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &s[2..])
+        }
+        (0x18, 14) => (s[..4].parse().ok()?, &s[4..]),
+        _ => return None,
+    };
+    let n = |i: usize| -> Option<i64> { rest.get(i..i + 2)?.parse().ok() };
+    let (m, d, hh, mm, ss) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// A certificate's (notBefore, notAfter), in seconds since the epoch.
+fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+    let (_, certificate, _) = der(cert)?;
+    let (_, mut tbs, _) = der(certificate)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der(tbs)?.2; // [0] version
+    }
+    let (_, _, rest) = der(tbs)?; // serial
+    let (_, _, rest) = der(rest)?; // signature algorithm
+    let (_, _, rest) = der(rest)?; // issuer
+    let (_, validity, _) = der(rest)?;
+    let (t1, v1, rest) = der(validity)?;
+    let (t2, v2, _) = der(rest)?;
+    Some((x509_time(t1, v1)?, x509_time(t2, v2)?))
+}
+
 fn tls_config(target: &ApiTarget) -> Result<rustls::ClientConfig> {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
         Error::invalid(format!("{what} of {} is unusable: {e}", target.origin))
     };
     let mut roots = rustls::RootCertStore::empty();
+    let mut given = Vec::new();
     match &target.ca_pem {
         Some(pem) => {
-            let mut n = 0;
             for cert in rustls_pemfile::certs(&mut &pem[..]) {
                 let cert = cert.map_err(|e| bad("the CA bundle", &e))?;
-                roots.add(cert).map_err(|e| bad("the CA bundle", &e))?;
-                n += 1;
+                roots
+                    .add(cert.clone())
+                    .map_err(|e| bad("the CA bundle", &e))?;
+                given.push(cert);
             }
-            if n == 0 {
+            if given.is_empty() {
                 return Err(bad("the CA bundle", &"no PEM certificate in it"));
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| bad("the CA bundle", &e))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("the TLS settings", &e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(KubeVerifier { webpki, given }));
     match &target.client_cert {
         Some((cert, key)) => {
             let certs = rustls_pemfile::certs(&mut &cert[..])
@@ -282,6 +506,38 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         let d: Vec<u64> = (1..8).map(|n| backoff(n).as_millis() as u64).collect();
         assert_eq!(d, [200, 400, 800, 1600, 1600, 1600, 1600]);
+    }
+
+    #[test]
+    fn x509_times_are_read() {
+        assert_eq!(x509_time(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(x509_time(0x17, b"261125102240Z"), Some(1_795_602_160));
+        assert_eq!(x509_time(0x18, b"20261125102240Z"), Some(1_795_602_160));
+        assert_eq!(x509_time(0x18, b"20000301000000Z"), Some(951_868_800));
+        assert_eq!(x509_time(0x17, b"2611251022Z"), None);
+        assert_eq!(validity(b"\x30\x00"), None);
+    }
+
+    #[test]
+    fn certificate_errors_say_how_to_fix_the_kubeconfig() {
+        let kc = ApiTarget {
+            server: "https://10.0.0.1:6443".into(),
+            origin: "kubeconfig /k, context \"ci\"".into(),
+            ..Default::default()
+        };
+        let m = explain_certificate_error(&CertificateError::UnknownIssuer, &kc);
+        assert!(m.contains("certificate-authority-data"), "{m}");
+        let m = explain_certificate_error(&CertificateError::NotValidForName, &kc);
+        assert!(
+            m.contains("https://10.0.0.1:6443") && m.contains("subjectAltName"),
+            "{m}"
+        );
+        let sa = ApiTarget {
+            origin: "service account in /var/run/secrets".into(),
+            ..kc
+        };
+        let m = explain_certificate_error(&CertificateError::UnknownIssuer, &sa);
+        assert!(m.contains("service account's ca.crt"), "{m}");
     }
 
     #[test]

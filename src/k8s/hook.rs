@@ -63,12 +63,16 @@ pub fn run(
     req: &HookRequest,
     api: impl FnOnce() -> Result<Client>,
 ) -> Result<HookOutcome> {
+    // The provisioner's clock started before this process did (it created the pod); the
+    // configured deadline leaves room for that.
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs(engine.config().kubernetes.setup_deadline);
     for w in &req.warnings {
         tracing::warn!("{w}");
     }
     let id = parse_volume_path(&req.path, &engine.config().kubernetes.node_paths)?;
     match req.action {
-        Action::Create => create(engine, req, &id, api),
+        Action::Create => create(engine, req, &id, api, deadline),
         Action::Delete => delete(engine, req),
     }
 }
@@ -78,6 +82,7 @@ fn create(
     req: &HookRequest,
     id: &VolumeIdentity,
     api: impl FnOnce() -> Result<Client>,
+    deadline: std::time::Instant,
 ) -> Result<HookOutcome> {
     // A retried setup: the volume exists; the API need not be asked again (and the answer could
     // have changed since). The engine remounts it if the node rebooted in between.
@@ -163,7 +168,7 @@ fn create(
     }
     l.insert(labels::STORAGE_CLASS.to_string(), class_name);
     if let Some(id) = &decision.cache {
-        crate::sync::ops::pull_if_cold(engine, id);
+        crate::sync::ops::pull_if_cold(engine, id, Some(deadline));
     }
     let volume = engine.volume_create(&CreateRequest {
         dir: req.path.clone(),
@@ -203,7 +208,7 @@ fn delete(engine: &Engine, req: &HookRequest) -> Result<HookOutcome> {
 /// Removes the volume's folder, as the provisioner's stock teardown (`rm -rf`) does. A folder
 /// that is still a mount point is left alone and reported: removing it would delete through
 /// the mount.
-fn remove_folder(path: &Path) -> Result<()> {
+pub(crate) fn remove_folder(path: &Path) -> Result<()> {
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(());
     }

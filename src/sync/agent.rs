@@ -2,7 +2,9 @@
 //! the caches this node holds (and of the configured `prefetch` caches), pushes what was
 //! committed here, and drains the squash queue (the hook leaves squashes to it). It serves
 //! Prometheus metrics meanwhile. A failing registry is retried with a growing backoff per cache;
-//! volume create and delete never wait for any of this.
+//! volume create and delete never wait for any of this. With API access it also discards the
+//! hook's volumes whose PV is gone: local-path-provisioner deletes a PV without a teardown when
+//! the PV's Node object no longer exists, and nothing else would ever free such a volume.
 
 use super::ops;
 use super::transport::remote_for;
@@ -10,6 +12,8 @@ use crate::error::{ErrorKind, Result};
 use crate::host::cmd::{self, Tool};
 use crate::input::config::Config;
 use crate::input::names::CacheId;
+use crate::k8s::client::Client;
+use crate::k8s::hook::labels;
 use crate::state::stats::{self, names};
 use crate::Engine;
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,15 +72,80 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
         let (dir, cfg, rounds) = (state_dir.clone(), config.clone(), rounds.clone());
         std::thread::spawn(move || serve(listener, dir, cfg, rounds));
     }
+    let api = pv_api(&config);
     let mut backoff: BTreeMap<CacheId, Backoff> = BTreeMap::new();
     loop {
         let started = Instant::now();
+        if let Some(api) = &api {
+            discard_orphans(&engine, api, Duration::from_secs(config.agent.orphan_after));
+        }
         round(&engine, &mut backoff, opts.interval);
         let n = rounds.fetch_add(1, Ordering::Relaxed) + 1;
         if opts.rounds.is_some_and(|r| n >= r) {
             return Ok(());
         }
         std::thread::sleep(opts.interval.saturating_sub(started.elapsed()));
+    }
+}
+
+/// The API client of the orphan check, when API access is configured: a service account (in a
+/// pod) or an explicit `KUBECONFIG`. Never `~/.kube/config`: a kubeconfig that happens to be
+/// there may name another cluster, whose 404s would discard this node's volumes.
+fn pv_api(config: &Config) -> Option<Client> {
+    let configured = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if !configured {
+        tracing::info!("agent: no Kubernetes API access (no service account, no KUBECONFIG): volumes whose PV was deleted without a teardown are not looked for");
+        return None;
+    }
+    let budget = Duration::from_secs(config.kubernetes.api_timeout);
+    match crate::k8s::kubeconfig::discover().and_then(|t| Client::new(t, budget)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "agent: the Kubernetes API is configured but unusable: volumes whose PV was deleted without a teardown are not looked for");
+            None
+        }
+    }
+}
+
+/// Discards the hook's volumes (those with a PV label) older than `grace` whose PV the API
+/// answers 404 for. Any other answer (an error, a timeout) leaves everything as it is until the
+/// next round: only the API's "not found" is proof.
+fn discard_orphans(engine: &Engine, api: &Client, grace: Duration) {
+    let volumes = match engine.volume_list() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "agent: could not list volumes for the PV check");
+            return;
+        }
+    };
+    let now = crate::state::fsutil::now();
+    for v in volumes {
+        let r = &v.record;
+        let Some(pv) = r.labels.get(labels::PV) else {
+            continue;
+        };
+        if r.state != crate::state::records::VolumeState::Ready
+            || now.saturating_sub(r.created) < grace.as_secs()
+        {
+            continue;
+        }
+        match api.pv_exists(pv) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(pv = %pv, dir = %r.dir.display(), cache = ?r.cache.as_ref().map(|c| c.to_string()), "agent: the volume's PV no longer exists (deleted without a teardown, as the provisioner does when the PV's node object is gone): discarding the volume");
+                let done = engine
+                    .volume_delete(&r.dir, true)
+                    .and_then(|_| crate::k8s::hook::remove_folder(&r.dir));
+                if let Err(e) = done {
+                    tracing::warn!(pv = %pv, dir = %r.dir.display(), error = %e, "agent: could not discard the volume of a deleted PV; trying again next round");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent: could not ask the API for PVs; checking again next round");
+                return;
+            }
+        }
     }
 }
 

@@ -519,11 +519,13 @@ fn import_inner(
             remote.pull(&digest, store.dir(), "pull")?;
         }
         // Nothing is created before every new layer has been checked.
+        remote.time_left("check and build the layers pulled from")?;
         let mut checked = Vec::new();
         for &i in &missing {
             checked.push(scan(&store, &r.layers[i], &r.diff_ids[i], &policy)?);
         }
         for (&i, stats) in missing.iter().zip(checked) {
+            remote.time_left("build the layers pulled from")?;
             let (img, info) = build_layer(
                 engine,
                 &store,
@@ -631,7 +633,10 @@ fn import_inner(
 /// With `pull_on_create` set for its registry, pulls a cold cache (no layers on this node)
 /// before a volume is made on it. A failure is logged, never fatal: the volume starts cold. It
 /// does not queue behind another export or import (which may take minutes): then it skips.
-pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
+/// `deadline`: when the pull must have given up (the hook's setup must end inside the
+/// provisioner's `cmdTimeoutSeconds`, or the helper pod is deleted mid-setup); past it the
+/// volume starts cold and a log line says why.
+pub fn pull_if_cold(engine: &Engine, id: &CacheId, deadline: Option<Instant>) {
     let Some(rule) = engine.config().registry_for(id) else {
         return;
     };
@@ -645,9 +650,21 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId) {
     }
     match super::transport::remote_for(engine.config(), id, None, None) {
         Ok(Some((remote, allow_devices))) => {
+            let remote = match deadline {
+                Some(d) => remote.with_deadline(d),
+                None => remote,
+            };
+            let started = Instant::now();
             match import_with(engine, id, &remote, None, allow_devices, false) {
                 Ok(r) => {
                     tracing::info!(cache = %id, outcome = r.outcome, generation = r.generation, "pulled a cold cache before creating the volume")
+                }
+                Err(e)
+                    if deadline.is_some_and(|d| {
+                        Instant::now() + std::time::Duration::from_secs(1) >= d
+                    }) =>
+                {
+                    tracing::warn!(cache = %id, error = %e, waited_s = started.elapsed().as_secs(), "the pull of the cold cache did not finish before the setup deadline (kubernetes.setup_deadline); the volume starts cold and the agent pulls later")
                 }
                 Err(e) => {
                     tracing::warn!(cache = %id, error = %e, "could not pull the cold cache; the volume starts cold")

@@ -10,7 +10,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::cmd::{self, ToolError, SKOPEO};
 use crate::input::names::name_chars;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A repository in a registry (`host[:port]/path`, no tag) and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,9 @@ pub struct Remote {
     pub timeout: Duration,
     /// Where skopeo keeps temporary files.
     pub tmpdir: Option<std::path::PathBuf>,
+    /// When everything done through this remote must have ended (a setup inside the
+    /// provisioner's timeout): each skopeo run gets what is left of it, at most `timeout`.
+    pub deadline: Option<Instant>,
 }
 
 /// The registry of cache `id` and whether its imports accept device nodes: the repository
@@ -78,14 +81,40 @@ impl Remote {
             tls_verify,
             timeout,
             tmpdir: None,
+            deadline: None,
         })
     }
 
+    /// Ends everything done through this remote by `deadline`.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// What one step may still take: `timeout`, or less if the deadline is nearer. An error
+    /// once the deadline has passed (a step is never started without time to finish).
+    pub fn time_left(&self, what: &str) -> Result<Duration> {
+        let Some(deadline) = self.deadline else {
+            return Ok(self.timeout);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_secs(1) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no time left to {what} {}: the deadline of this operation has passed",
+                    self.repo
+                ),
+            ));
+        }
+        Ok(left.min(self.timeout))
+    }
+
     /// skopeo's global flags: the time limit, and temporary files under the state dir.
-    fn global_args(&self) -> Vec<String> {
+    fn global_args(&self, limit: Duration) -> Vec<String> {
         let mut a = vec![
             "--command-timeout".to_string(),
-            format!("{}s", self.timeout.as_secs().max(1)),
+            format!("{}s", limit.as_secs().max(1)),
         ];
         if let Some(t) = &self.tmpdir {
             a.push("--tmpdir".into());
@@ -121,7 +150,7 @@ impl Remote {
 
     /// Runs skopeo with the global flags, then `args`; a failure says what was being done.
     fn skopeo(&self, what: &str, args: &[String]) -> Result<String> {
-        let mut all = self.global_args();
+        let mut all = self.global_args(self.time_left(what)?);
         all.extend_from_slice(args);
         cmd::run(&SKOPEO, &all).map_err(|e| self.failed(what, e))
     }
