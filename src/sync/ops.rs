@@ -10,6 +10,9 @@
 //! Import downloads only the blobs the node lacks, rebuilds each new layer as a local ext4 image
 //! from its tar (validated entry by entry first; no filesystem image from the network is ever
 //! mounted), and publishes the merged line atomically. Layers the node has (by id) are reused.
+//! Import reads any standard image too (OCI or Docker schema 2, plain/gzip/zstd layers, an index
+//! resolved to the node's platform): layers without a jobcachefs id get a chain id derived from
+//! their diff_ids, and their blobs are kept as they are (an export pushes them unchanged).
 //!
 //! Both run under one node-wide lock (`<state>/sync/lock`): the OCI layout is shared.
 
