@@ -929,8 +929,33 @@ fn real_sync_imports_images_that_buildah_built() {
         assert_eq!(r["outcome"], "up-to-date", "{name}: {r}");
     }
 
-    // An image index: the node's platform is picked; with none, the refusal names what is there.
+    // A seeded cache travels like any other: its export pushes the image's own blobs (gzip,
+    // under their media type), and another node gets the same tree.
     let oracle = snap(&bh.mount("img-oci"));
+    let r = export(&n, "seed-docker-gzip");
+    assert_eq!(
+        (r["outcome"].as_str(), r["layers"].as_u64()),
+        (Some("pushed"), Some(3)),
+        "{r}"
+    );
+    let raw = sh_out(&format!(
+        "skopeo inspect --raw --tls-verify=false docker://{}:latest",
+        reg.image("default", "seed-docker-gzip")
+    ));
+    assert_eq!(
+        raw.matches("application/vnd.oci.image.layer.v1.tar+gzip")
+            .count(),
+        3,
+        "{raw}"
+    );
+    let b = Node::with_config(&reg.config(""));
+    assert_eq!(import(&b, "seed-docker-gzip")["new_layers"], 3);
+    let v = b.create("v-b", "seed-docker-gzip", &[]);
+    assert_same_tree(&oracle, &v, "seeded, exported, imported on another node");
+    b.delete(&v, &[]).ok();
+    b.assert_clean();
+
+    // An image index: the node's platform is picked; with none, the refusal names what is there.
     let ok = format!("{}:v1", reg.image("seeds", "index"));
     bh.run(&["manifest", "create", "list-ok"]);
     bh.run(&[
