@@ -774,6 +774,44 @@ impl Buildah {
         self.run(&["mount", &c]).into()
     }
 
+    /// Pushes `image` with uncompressed layers. The docker transport always compresses, so
+    /// the layers go through a `dir:` copy (which keeps them plain) pushed as they are.
+    fn push_plain(&self, image: &str, format: &str, dst: &str) {
+        let dir = self.dir.path().join(format!("plain-{format}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let format = if format == "docker" { "v2s2" } else { "oci" };
+        let conf = self.dir.path().join("storage.conf");
+        for args in [
+            vec![
+                "copy".to_string(),
+                "--quiet".into(),
+                "--format".into(),
+                format.into(),
+                format!("containers-storage:localhost/{image}"),
+                format!("dir:{}", dir.display()),
+            ],
+            vec![
+                "copy".to_string(),
+                "--quiet".into(),
+                "--preserve-digests".into(),
+                "--dest-tls-verify=false".into(),
+                format!("dir:{}", dir.display()),
+                dst.to_string(),
+            ],
+        ] {
+            let out = Command::new("skopeo")
+                .args(&args)
+                .env("CONTAINERS_STORAGE_CONF", &conf)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Runs `script` in the mounted root of a new container from `from`, commits it as `name`
     /// in `format`.
     fn layer(&self, from: &str, script: &str, name: &str, formats: &[&str]) {
@@ -836,46 +874,85 @@ fn real_sync_imports_images_that_buildah_built() {
     let reg = Registry::start();
     let bh = Buildah::new();
     let n = Node::with_config(&reg.config(""));
-    // Three layers from scratch: a tree; then a deleted file (whiteout) and a directory removed
-    // and made again (opaque); then a changed file and new metadata.
-    bh.layer(
-        "scratch",
-        "mkdir -p keep/sub olddir/x; echo a > keep/a; echo gone > keep/gone; echo o > olddir/x/o; \
-         echo y > olddir/y; ln keep/a keep/hard; ln -s ../keep/a olddir/link; chown 7:8 keep/sub; \
-         chmod 2750 keep/sub; setfattr -n user.origin -v seed keep/a; \
-         touch -d '2021-02-03 04:05:06' keep/a",
-        "l1",
-        &["oci"],
-    );
-    bh.layer(
-        "l1-oci",
-        "rm keep/gone; rm -r olddir; mkdir olddir; echo new > olddir/new; echo b > keep/b",
-        "l2",
-        &["oci"],
-    );
-    bh.layer(
-        "l2-oci",
-        "echo more >> keep/b; mkdir -p deep/er; head -c 100000 /dev/urandom > deep/er/bin; chmod 600 deep/er/bin",
-        "img",
-        &["oci", "docker"],
-    );
-    // Every layer media type a registry serves: OCI and Docker manifests, gzip (buildah's
-    // default), zstd, uncompressed.
-    let variants: [(&str, &str, &[&str]); 5] = [
-        ("oci-gzip", "img-oci", &[]),
-        ("docker-gzip", "img-docker", &[]),
-        ("oci-zstd", "img-oci", &["--compression-format", "zstd"]),
-        ("oci-tar", "img-oci", &["--disable-compression"]),
-        ("docker-tar", "img-docker", &["--disable-compression"]),
+    // Every layer media type a registry serves: OCI and Docker manifests; gzip (buildah's
+    // default), zstd, uncompressed; (name, commit format, push flags, the layers' media type).
+    let variants: [(&str, &str, &[&str], &str); 5] = [
+        (
+            "oci-gzip",
+            "oci",
+            &[],
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        (
+            "docker-gzip",
+            "docker",
+            &[],
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ),
+        (
+            "oci-zstd",
+            "oci",
+            &["--compression-format", "zstd"],
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        (
+            "oci-tar",
+            "oci",
+            &["--disable-compression"],
+            "application/vnd.oci.image.layer.v1.tar",
+        ),
+        (
+            "docker-tar",
+            "docker",
+            &["--disable-compression"],
+            "application/vnd.docker.image.rootfs.diff.tar",
+        ),
     ];
-    for (name, local, flags) in variants {
+    for (name, format, flags, layer_type) in variants {
+        // Three layers from scratch: a tree; then a deleted file (whiteout) and a directory
+        // removed and made again (opaque); then a changed file and new metadata. Each variant
+        // builds its own (a marker file makes its layers unique): buildah 1.28 reuses a blob
+        // the registry already has in another compression, whatever the push flags say.
+        bh.layer(
+            "scratch",
+            &format!(
+                "mkdir -p keep/sub olddir/x; echo a > keep/a; echo gone > keep/gone; \
+                 echo o > olddir/x/o; echo y > olddir/y; ln keep/a keep/hard; \
+                 ln -s ../keep/a olddir/link; chown 7:8 keep/sub; chmod 2750 keep/sub; \
+                 setfattr -n user.origin -v seed keep/a; touch -d '2021-02-03 04:05:06' keep/a; \
+                 echo {name} > variant1"
+            ),
+            &format!("{name}-l1"),
+            &[format],
+        );
+        bh.layer(
+            &format!("{name}-l1-{format}"),
+            &format!(
+                "rm keep/gone; rm -r olddir; mkdir olddir; echo new > olddir/new; echo b > keep/b; \
+                 echo {name} > variant2"
+            ),
+            &format!("{name}-l2"),
+            &[format],
+        );
+        bh.layer(
+            &format!("{name}-l2-{format}"),
+            "echo more >> keep/b; mkdir -p deep/er; head -c 100000 /dev/urandom > deep/er/bin; \
+             chmod 600 deep/er/bin",
+            &format!("{name}-img"),
+            &[format],
+        );
+        let local = format!("{name}-img-{format}");
         let image = format!("{}:v1", reg.image("seeds", name));
-        let mut args = vec!["push", "--quiet", "--tls-verify=false"];
-        args.extend_from_slice(flags);
         let dst = format!("docker://{image}");
-        args.extend_from_slice(&[local, &dst]);
-        bh.run(&args);
-        let want = if name.starts_with("docker") {
+        if name.ends_with("-tar") {
+            bh.push_plain(&local, format, &dst);
+        } else {
+            let mut args = vec!["push", "--quiet", "--tls-verify=false"];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(&[&local, &dst]);
+            bh.run(&args);
+        }
+        let want = if format == "docker" {
             "application/vnd.docker.distribution.manifest.v2+json"
         } else {
             "application/vnd.oci.image.manifest.v1+json"
@@ -884,6 +961,11 @@ fn real_sync_imports_images_that_buildah_built() {
             "skopeo inspect --raw --tls-verify=false docker://{image}"
         ));
         assert!(raw.contains(want), "{name}: {raw}");
+        assert_eq!(
+            raw.matches(&format!("\"{layer_type}\"")).count(),
+            3,
+            "{name}: {raw}"
+        );
         // The oracle: the image as buildah mounts it (the kernel's overlay of its layers).
         let oracle = snap(&bh.mount(&dst));
         assert!(oracle.contains_key(Path::new("olddir/new")));
@@ -931,7 +1013,7 @@ fn real_sync_imports_images_that_buildah_built() {
 
     // A seeded cache travels like any other: its export pushes the image's own blobs (gzip,
     // under their media type), and another node gets the same tree.
-    let oracle = snap(&bh.mount("img-oci"));
+    let oracle = snap(&bh.mount("docker-gzip-img-docker"));
     let r = export(&n, "seed-docker-gzip");
     assert_eq!(
         (r["outcome"].as_str(), r["layers"].as_u64()),
@@ -956,6 +1038,7 @@ fn real_sync_imports_images_that_buildah_built() {
     b.assert_clean();
 
     // An image index: the node's platform is picked; with none, the refusal names what is there.
+    let oracle = snap(&bh.mount("oci-gzip-img-oci"));
     let ok = format!("{}:v1", reg.image("seeds", "index"));
     bh.run(&["manifest", "create", "list-ok"]);
     bh.run(&[
@@ -966,7 +1049,7 @@ fn real_sync_imports_images_that_buildah_built() {
         "--os",
         "linux",
         "list-ok",
-        "img-oci",
+        "oci-gzip-img-oci",
     ]);
     bh.run(&[
         "manifest",
@@ -976,7 +1059,7 @@ fn real_sync_imports_images_that_buildah_built() {
         "--os",
         "linux",
         "list-ok",
-        "img-docker",
+        "docker-gzip-img-docker",
     ]);
     bh.run(&[
         "manifest",
@@ -1015,7 +1098,7 @@ fn real_sync_imports_images_that_buildah_built() {
         "--os",
         "linux",
         "list-other",
-        "img-oci",
+        "oci-gzip-img-oci",
     ]);
     bh.run(&[
         "manifest",
