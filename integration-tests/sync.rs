@@ -725,3 +725,456 @@ fn real_sync_agents_carry_a_commit_to_the_other_node() {
     a.assert_clean();
     b.assert_clean();
 }
+
+/// Root buildah with storage of its own (`CONTAINERS_STORAGE_CONF`: graphroot and runroot under
+/// a temp dir), so that nothing but buildah's blob-info cache lands in /var/lib/containers. Drop
+/// removes its containers and images and unmounts whatever is left under the temp dir.
+struct Buildah {
+    dir: tempfile::TempDir,
+}
+
+impl Buildah {
+    fn new() -> Buildah {
+        let dir = tempfile::Builder::new()
+            .prefix("jcfs-buildah-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::write(
+            dir.path().join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/graph\"\nrunroot = \"{d}/run\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        Buildah { dir }
+    }
+
+    /// Runs buildah; returns its trimmed stdout.
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("buildah")
+            .args(args)
+            .env(
+                "CONTAINERS_STORAGE_CONF",
+                self.dir.path().join("storage.conf"),
+            )
+            .output()
+            .expect("run buildah (scripts/setup installs it)");
+        assert!(
+            out.status.success(),
+            "buildah {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `buildah from IMAGE` and `buildah mount`: the image's tree as the kernel's overlay shows it.
+    fn mount(&self, image: &str) -> std::path::PathBuf {
+        let c = self.run(&["from", "--quiet", "--tls-verify=false", image]);
+        self.run(&["mount", &c]).into()
+    }
+
+    /// Pushes `image` with uncompressed layers. The docker transport always compresses, so
+    /// the layers go through a `dir:` copy (which keeps them plain) pushed as they are.
+    fn push_plain(&self, image: &str, format: &str, dst: &str) {
+        let dir = self.dir.path().join(format!("plain-{format}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let format = if format == "docker" { "v2s2" } else { "oci" };
+        let conf = self.dir.path().join("storage.conf");
+        for args in [
+            vec![
+                "copy".to_string(),
+                "--quiet".into(),
+                "--format".into(),
+                format.into(),
+                format!("containers-storage:localhost/{image}"),
+                format!("dir:{}", dir.display()),
+            ],
+            vec![
+                "copy".to_string(),
+                "--quiet".into(),
+                "--preserve-digests".into(),
+                "--dest-tls-verify=false".into(),
+                format!("dir:{}", dir.display()),
+                dst.to_string(),
+            ],
+        ] {
+            let out = Command::new("skopeo")
+                .args(&args)
+                .env("CONTAINERS_STORAGE_CONF", &conf)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Runs `script` in the mounted root of a new container from `from`, commits it as `name`
+    /// in `format`.
+    fn layer(&self, from: &str, script: &str, name: &str, formats: &[&str]) {
+        let c = self.run(&["from", "--quiet", from]);
+        let m = self.run(&["mount", &c]);
+        sh(&format!("cd {m}; {script}"));
+        for f in formats {
+            self.run(&[
+                "commit",
+                "--quiet",
+                "--format",
+                f,
+                &c,
+                &format!("{name}-{f}"),
+            ]);
+        }
+        self.run(&["rm", &c]);
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        let conf = self.dir.path().join("storage.conf");
+        for args in [&["rm", "--all"][..], &["rmi", "--all", "--force"]] {
+            let _ = Command::new("buildah")
+                .args(args)
+                .env("CONTAINERS_STORAGE_CONF", &conf)
+                .output();
+        }
+        let mut mounts = common::leaked_mounts(self.dir.path());
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in &mounts {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// The GOARCH spelling of this machine (what an image index names).
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// A snapshot without data extents: buildah writes a file's zeros as data, jobcachefs as holes.
+fn without_extents(mut s: jobcachefs::files::tree::Snapshot) -> jobcachefs::files::tree::Snapshot {
+    for e in s.values_mut() {
+        e.extents.clear();
+    }
+    s
+}
+
+#[test]
+fn real_sync_imports_images_that_buildah_built() {
+    if !root_or_skip("real_sync_imports_images_that_buildah_built") {
+        return;
+    }
+    let reg = Registry::start();
+    let bh = Buildah::new();
+    let n = Node::with_config(&reg.config(""));
+    // Every layer media type a registry serves: OCI and Docker manifests; gzip (buildah's
+    // default), zstd, uncompressed; (name, commit format, push flags, the layers' media type).
+    let variants: [(&str, &str, &[&str], &str); 5] = [
+        (
+            "oci-gzip",
+            "oci",
+            &[],
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        (
+            "docker-gzip",
+            "docker",
+            &[],
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ),
+        (
+            "oci-zstd",
+            "oci",
+            &["--compression-format", "zstd"],
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        (
+            "oci-tar",
+            "oci",
+            &["--disable-compression"],
+            "application/vnd.oci.image.layer.v1.tar",
+        ),
+        (
+            "docker-tar",
+            "docker",
+            &["--disable-compression"],
+            "application/vnd.docker.image.rootfs.diff.tar",
+        ),
+    ];
+    for (name, format, flags, layer_type) in variants {
+        // Three layers from scratch: a tree; then a deleted file (whiteout) and a directory
+        // removed and made again (opaque); then a changed file and new metadata. Each variant
+        // builds its own (a marker file makes its layers unique): buildah 1.28 reuses a blob
+        // the registry already has in another compression, whatever the push flags say.
+        bh.layer(
+            "scratch",
+            &format!(
+                "mkdir -p keep/sub olddir/x; echo a > keep/a; echo gone > keep/gone; \
+                 echo o > olddir/x/o; echo y > olddir/y; ln keep/a keep/hard; \
+                 ln -s ../keep/a olddir/link; chown 7:8 keep/sub; chmod 2750 keep/sub; \
+                 setfattr -n user.origin -v seed keep/a; touch -d '2021-02-03 04:05:06' keep/a; \
+                 echo {name} > variant1"
+            ),
+            &format!("{name}-l1"),
+            &[format],
+        );
+        bh.layer(
+            &format!("{name}-l1-{format}"),
+            &format!(
+                "rm keep/gone; rm -r olddir; mkdir olddir; echo new > olddir/new; echo b > keep/b; \
+                 echo {name} > variant2"
+            ),
+            &format!("{name}-l2"),
+            &[format],
+        );
+        bh.layer(
+            &format!("{name}-l2-{format}"),
+            "echo more >> keep/b; mkdir -p deep/er; head -c 100000 /dev/urandom > deep/er/bin; \
+             chmod 600 deep/er/bin",
+            &format!("{name}-img"),
+            &[format],
+        );
+        let local = format!("{name}-img-{format}");
+        let image = format!("{}:v1", reg.image("seeds", name));
+        let dst = format!("docker://{image}");
+        if name.ends_with("-tar") {
+            bh.push_plain(&local, format, &dst);
+        } else {
+            let mut args = vec!["push", "--quiet", "--tls-verify=false"];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(&[&local, &dst]);
+            bh.run(&args);
+        }
+        let want = if format == "docker" {
+            "application/vnd.docker.distribution.manifest.v2+json"
+        } else {
+            "application/vnd.oci.image.manifest.v1+json"
+        };
+        let raw = sh_out(&format!(
+            "skopeo inspect --raw --tls-verify=false docker://{image}"
+        ));
+        assert!(raw.contains(want), "{name}: {raw}");
+        assert_eq!(
+            raw.matches(&format!("\"{layer_type}\"")).count(),
+            3,
+            "{name}: {raw}"
+        );
+        // The oracle: the image as buildah mounts it (the kernel's overlay of its layers).
+        let oracle = snap(&bh.mount(&dst));
+        assert!(oracle.contains_key(Path::new("olddir/new")));
+        assert!(!oracle.contains_key(Path::new("keep/gone")));
+        assert!(!oracle.contains_key(Path::new("olddir/x")));
+
+        let cache = format!("seed-{name}");
+        let r = n
+            .run(&[
+                "cache",
+                "import",
+                &cache,
+                "--image",
+                &image,
+                "--tls-verify=false",
+                "-o",
+                "json",
+            ])
+            .ok()
+            .json();
+        assert_eq!(
+            (r["outcome"].as_str(), r["new_layers"].as_u64()),
+            (Some("imported"), Some(3)),
+            "{name}: {r}"
+        );
+        let v = n.create(&format!("v-{name}"), &cache, &[]);
+        assert_same_tree(&oracle, &v, &format!("{name}: imported vs buildah mount"));
+        n.delete(&v, &[]).ok();
+        // The same image again: nothing to do.
+        let r = n
+            .run(&[
+                "cache",
+                "import",
+                &cache,
+                "--image",
+                &image,
+                "--tls-verify=false",
+                "-o",
+                "json",
+            ])
+            .ok()
+            .json();
+        assert_eq!(r["outcome"], "up-to-date", "{name}: {r}");
+    }
+
+    // A seeded cache travels like any other: its export pushes the image's own blobs (gzip,
+    // under their media type), and another node gets the same tree.
+    let oracle = snap(&bh.mount("docker-gzip-img-docker"));
+    let r = export(&n, "seed-docker-gzip");
+    assert_eq!(
+        (r["outcome"].as_str(), r["layers"].as_u64()),
+        (Some("pushed"), Some(3)),
+        "{r}"
+    );
+    let raw = sh_out(&format!(
+        "skopeo inspect --raw --tls-verify=false docker://{}:latest",
+        reg.image("default", "seed-docker-gzip")
+    ));
+    assert_eq!(
+        raw.matches("application/vnd.oci.image.layer.v1.tar+gzip")
+            .count(),
+        3,
+        "{raw}"
+    );
+    let b = Node::with_config(&reg.config(""));
+    assert_eq!(import(&b, "seed-docker-gzip")["new_layers"], 3);
+    let v = b.create("v-b", "seed-docker-gzip", &[]);
+    assert_same_tree(&oracle, &v, "seeded, exported, imported on another node");
+    b.delete(&v, &[]).ok();
+    b.assert_clean();
+
+    // An image index: the node's platform is picked; with none, the refusal names what is there.
+    let oracle = snap(&bh.mount("oci-gzip-img-oci"));
+    let ok = format!("{}:v1", reg.image("seeds", "index"));
+    bh.run(&["manifest", "create", "list-ok"]);
+    bh.run(&[
+        "manifest",
+        "add",
+        "--arch",
+        go_arch(),
+        "--os",
+        "linux",
+        "list-ok",
+        "oci-gzip-img-oci",
+    ]);
+    bh.run(&[
+        "manifest",
+        "add",
+        "--arch",
+        "s390x",
+        "--os",
+        "linux",
+        "list-ok",
+        "docker-gzip-img-docker",
+    ]);
+    bh.run(&[
+        "manifest",
+        "push",
+        "--quiet",
+        "--all",
+        "--tls-verify=false",
+        "list-ok",
+        &format!("docker://{ok}"),
+    ]);
+    n.run(&[
+        "cache",
+        "import",
+        "seed-index",
+        "--image",
+        &ok,
+        "--tls-verify=false",
+    ])
+    .ok();
+    let v = n.create("v-index", "seed-index", &[]);
+    assert_same_tree(&oracle, &v, "index: imported vs buildah mount");
+    n.delete(&v, &[]).ok();
+
+    let other = if go_arch() == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let bad = format!("{}:v1", reg.image("seeds", "index-other"));
+    bh.run(&["manifest", "create", "list-other"]);
+    bh.run(&[
+        "manifest",
+        "add",
+        "--arch",
+        other,
+        "--os",
+        "linux",
+        "list-other",
+        "oci-gzip-img-oci",
+    ]);
+    bh.run(&[
+        "manifest",
+        "push",
+        "--quiet",
+        "--all",
+        "--tls-verify=false",
+        "list-other",
+        &format!("docker://{bad}"),
+    ]);
+    let r = n.run(&[
+        "cache",
+        "import",
+        "seed-other",
+        "--image",
+        &bad,
+        "--tls-verify=false",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let want = format!(
+        "is a multi-platform image with no linux/{} image (it has: linux/{other})",
+        go_arch()
+    );
+    assert!(r.stderr.contains(&want), "{}", r.stderr);
+    assert_eq!(n.run(&["cache", "show", "seed-other"]).code, 4);
+    n.assert_clean();
+}
+
+#[test]
+fn real_sync_buildah_reads_an_exported_cache() {
+    if !root_or_skip("real_sync_buildah_reads_an_exported_cache") {
+        return;
+    }
+    let reg = Registry::start();
+    let bh = Buildah::new();
+    let a = Node::with_config(&reg.config(""));
+    // Two layers: a rich tree, then a deletion (whiteout) and a replaced dir (opaque).
+    let v1 = a.create("v1", "tree", &["--size", "256Mi", "--write-back"]);
+    rich_tree(&v1, false);
+    sh(&format!(
+        "cd {}; mkdir -p old/sub; echo o > old/sub/o; echo g > gone",
+        v1.display()
+    ));
+    a.delete(&v1, &[]).ok();
+    commit(
+        &a,
+        "v2",
+        "tree",
+        "rm gone; rm -r old; mkdir old; echo new > old/new; echo more >> a/file",
+    );
+    assert_eq!(export(&a, "tree")["layers"], 2);
+
+    let v = a.create("look", "tree", &[]);
+    let volume = snap(&v);
+    a.delete(&v, &[]).ok();
+    let image = format!("docker://{}:latest", reg.image("default", "tree"));
+    let mounted = snap(&bh.mount(&image));
+    assert!(
+        !mounted.contains_key(Path::new("gone")) && !mounted.contains_key(Path::new("old/sub"))
+    );
+    let d = jobcachefs::files::tree::diff(&without_extents(volume), &without_extents(mounted));
+    assert!(
+        d.is_empty(),
+        "buildah mount differs from a volume:\n{}",
+        d.join("\n")
+    );
+    a.assert_clean();
+}
+
+/// Runs a shell snippet; returns its stdout.
+fn sh_out(script: &str) -> String {
+    let out = Command::new("sh").arg("-ec").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sh failed: {script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

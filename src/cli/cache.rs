@@ -84,7 +84,8 @@ pub(super) enum CacheCmd {
 pub(super) struct SyncArgs {
     #[command(flatten)]
     cache: CacheRef,
-    /// Repository of the cache's image, without tag (default: from the config's [[registry]]).
+    /// Repository of the cache's image, without tag (default: from the config's [[registry]]);
+    /// import also takes REPOSITORY:TAG or REPOSITORY@sha256:DIGEST (any image, to seed a cache).
     #[arg(long)]
     image: Option<String>,
     /// Verify the registry's TLS certificate (--tls-verify=false for a plain-HTTP registry).

@@ -7,7 +7,7 @@ use crate::error::{IoContext, Result};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -133,6 +133,8 @@ fn file_data(p: &Path) -> Result<FileData> {
     let mut f = File::open(p).at("open", p)?;
     let len = f.metadata().at("stat", p)?.len();
     let extents = data_extents(&f, len, p)?;
+    // SEEK_DATA/SEEK_HOLE moved the offset (to the end, for a file without holes): hash from 0.
+    f.rewind().at("seek", p)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -165,4 +167,26 @@ pub fn diff(expected: &Snapshot, actual: &Snapshot) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_covers_the_whole_content() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), b"one").unwrap();
+        std::fs::write(d.path().join("b"), b"two").unwrap();
+        let s = snapshot(d.path()).unwrap();
+        let (a, b) = (&s[Path::new("a")], &s[Path::new("b")]);
+        assert_eq!(
+            a.digest.as_deref(),
+            Some(&*format!("{:x}", Sha256::digest(b"one")))
+        );
+        assert_ne!(a.digest, b.digest, "different content, same digest");
+        assert!(!diff(&s, &snapshot(d.path()).unwrap()).iter().any(|_| true));
+        std::fs::write(d.path().join("b"), b"TWO").unwrap();
+        assert_eq!(diff(&s, &snapshot(d.path()).unwrap()).len(), 1);
+    }
 }

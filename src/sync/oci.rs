@@ -12,10 +12,24 @@ use std::path::{Path, PathBuf};
 
 /// Media type of an OCI image manifest.
 pub(crate) const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of a Docker schema 2 image manifest (buildah's `--format docker`).
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Media type of an OCI image index (one manifest per platform).
+pub(crate) const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of a Docker manifest list (one manifest per platform).
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Media type of an OCI image config.
 pub(crate) const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Media type of a zstd-compressed layer.
+/// Media type of an uncompressed layer.
+pub(crate) const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Media type of a gzip-compressed layer.
+pub(crate) const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Media type of a zstd-compressed layer (what export writes).
 pub(crate) const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Docker's gzip-compressed layer (the default of buildah and docker).
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Docker's uncompressed layer (what `buildah push --disable-compression` writes in docker format).
+const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 /// Layer annotation: the jobcachefs layer id.
 pub(crate) const ANN_LAYER_ID: &str = "io.jobcachefs.layer.id";
 /// Layer annotation: the ids a squashed base folds, comma-separated.
@@ -67,6 +81,211 @@ pub struct BlobRecord {
     pub size: u64,
     /// Digest of the uncompressed tar (the config's diff_id).
     pub diff_id: String,
+    /// The blob's OCI layer media type: a layer imported from an image jobcachefs did not make
+    /// keeps its blob (gzip, say), and an export pushes that blob again, under this type.
+    /// Records written before imports kept foreign blobs are all zstd.
+    #[serde(default = "zstd_media_type")]
+    pub media_type: String,
+}
+
+fn zstd_media_type() -> String {
+    LAYER_ZSTD.to_string()
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain tar.
+    None,
+    /// tar+gzip (possibly several gzip members).
+    Gzip,
+    /// tar+zstd.
+    Zstd,
+}
+
+/// The compression of a layer of media type `media_type` and its OCI media type (Docker's
+/// types have OCI twins: an OCI manifest that export writes names the OCI one), or a refusal
+/// that says what is unsupported and what to do. `digest` names the layer in the refusal.
+pub(crate) fn layer_type(media_type: &str, digest: &str) -> Result<(Compression, &'static str)> {
+    Ok(match media_type {
+        LAYER_TAR | DOCKER_LAYER_TAR => (Compression::None, LAYER_TAR),
+        LAYER_GZIP | DOCKER_LAYER_GZIP => (Compression::Gzip, LAYER_GZIP),
+        LAYER_ZSTD => (Compression::Zstd, LAYER_ZSTD),
+        t if t.contains("foreign") || t.contains("nondistributable") => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "layer {digest} is a non-distributable layer ({t}), which registries do not serve: \
+                 jobcachefs imports Linux file trees; use an image without foreign layers"
+            )))
+        }
+        t if t.contains("encrypted") => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "layer {digest} is encrypted ({t}): decrypt the image first \
+                 (`skopeo copy --decryption-key ...`) and import the copy"
+            )))
+        }
+        t => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "layer {digest} has media type {t:?}, which is not a layer jobcachefs can read: \
+                 layers must be tar, tar+gzip or tar+zstd (OCI or Docker types); re-push the image \
+                 with `skopeo copy --format oci` (or `buildah push`)"
+            )))
+        }
+    })
+}
+
+/// The kinds of top-level JSON a registry serves for a tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ManifestKind {
+    /// An OCI or Docker schema 2 image manifest.
+    Image,
+    /// An OCI index or a Docker manifest list.
+    Index,
+}
+
+/// What `raw` is, by its `mediaType` (or, when it has none — optional in OCI — by its
+/// fields); a refusal for anything else (Docker schema 1, an artifact, not JSON at all).
+pub(crate) fn manifest_kind(raw: &[u8], what: &str) -> Result<ManifestKind> {
+    let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| {
+        crate::sync::tarlayer::refuse(format!("{what} is not a JSON image manifest ({e})"))
+    })?;
+    let mt = v["mediaType"].as_str().unwrap_or("");
+    let kind = match mt {
+        MANIFEST | DOCKER_MANIFEST => ManifestKind::Image,
+        INDEX | DOCKER_LIST => ManifestKind::Index,
+        "" if v["schemaVersion"] == 1 || v.get("fsLayers").is_some() => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "{what} is a Docker schema 1 manifest, which is deprecated and carries no layer \
+                 digests of its content: re-push it as schema 2 or OCI \
+                 (`skopeo copy --format v2s2 ...` or `--format oci`)"
+            )))
+        }
+        "" if v.get("manifests").is_some() => ManifestKind::Index,
+        "" if v.get("layers").is_some() => ManifestKind::Image,
+        t if t.starts_with("application/vnd.docker.distribution.manifest.v1") => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "{what} is a Docker schema 1 manifest ({t}), which is deprecated: re-push it as \
+                 schema 2 or OCI (`skopeo copy --format v2s2 ...` or `--format oci`)"
+            )))
+        }
+        t => {
+            return Err(crate::sync::tarlayer::refuse(format!(
+                "{what} has media type {t:?}: jobcachefs imports OCI and Docker schema 2 images \
+                 and image indexes / manifest lists"
+            )))
+        }
+    };
+    if v["schemaVersion"] != 2 {
+        return Err(crate::sync::tarlayer::refuse(format!(
+            "{what} has schemaVersion {}, not 2",
+            v["schemaVersion"]
+        )));
+    }
+    Ok(kind)
+}
+
+/// A platform in an image index.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    /// GOARCH spelling: `amd64`, `arm64`, …
+    #[serde(default)]
+    pub architecture: String,
+    /// GOOS spelling: `linux`, …
+    #[serde(default)]
+    pub os: String,
+    /// `v7`, `v8`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry of an image index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexEntry {
+    /// Media type of the manifest it points to.
+    #[serde(default)]
+    pub media_type: String,
+    /// Its digest.
+    pub digest: String,
+    /// Its size.
+    #[serde(default)]
+    pub size: u64,
+    /// The platform it is for (absent for attestations and other artifacts).
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+/// An OCI image index or a Docker manifest list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    /// The manifests.
+    #[serde(default)]
+    pub manifests: Vec<IndexEntry>,
+}
+
+/// The node's platform in the spelling of image indexes (GOOS/GOARCH).
+pub(crate) fn node_platform() -> Platform {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64",
+        "loongarch64" => "loong64",
+        "mips64" if cfg!(target_endian = "little") => "mips64le",
+        other => other, // arm, s390x, riscv64: the same in both spellings
+    };
+    Platform {
+        architecture: arch.to_string(),
+        os: std::env::consts::OS.to_string(),
+        variant: None,
+    }
+}
+
+/// The image manifest of `index` for `platform` (OS and architecture; the first one when
+/// several variants are listed), or a refusal naming the platforms the index has.
+pub(crate) fn pick_platform<'a>(
+    index: &'a Index,
+    platform: &Platform,
+    what: &str,
+) -> Result<&'a IndexEntry> {
+    let images = || {
+        index
+            .manifests
+            .iter()
+            .filter(|m| matches!(m.media_type.as_str(), MANIFEST | DOCKER_MANIFEST | ""))
+    };
+    if let Some(m) = images().find(|m| {
+        m.platform
+            .as_ref()
+            .is_some_and(|p| p.os == platform.os && p.architecture == platform.architecture)
+    }) {
+        return Ok(m);
+    }
+    let present: Vec<String> = images()
+        .filter_map(|m| m.platform.as_ref().map(|p| p.to_string()))
+        .collect();
+    Err(crate::sync::tarlayer::refuse(format!(
+        "{what} is a multi-platform image with no {} image (it has: {}): push one for {} \
+         to the index, or import a single-platform image by its digest (--image REPO@sha256:...)",
+        format_args!("{}/{}", platform.os, platform.architecture),
+        if present.is_empty() {
+            "no image manifests".to_string()
+        } else {
+            present.join(", ")
+        },
+        format_args!("{}/{}", platform.os, platform.architecture),
+    )))
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -185,6 +404,7 @@ impl Store {
             digest,
             size,
             diff_id,
+            media_type: LAYER_ZSTD.into(),
         })
     }
 
@@ -272,5 +492,145 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_standard_layer_type_is_read_and_others_are_refused_with_a_fix() {
+        for (t, c, oci) in [
+            (LAYER_TAR, Compression::None, LAYER_TAR),
+            (LAYER_GZIP, Compression::Gzip, LAYER_GZIP),
+            (LAYER_ZSTD, Compression::Zstd, LAYER_ZSTD),
+            (DOCKER_LAYER_GZIP, Compression::Gzip, LAYER_GZIP),
+            (DOCKER_LAYER_TAR, Compression::None, LAYER_TAR),
+        ] {
+            assert_eq!(layer_type(t, "sha256:x").unwrap(), (c, oci), "{t}");
+        }
+        for (t, needle) in [
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                "non-distributable",
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+                "decrypt",
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+bzip2",
+                "skopeo copy",
+            ),
+            (
+                "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+                "tar+gzip",
+            ),
+        ] {
+            let e = layer_type(t, "sha256:x").unwrap_err().to_string();
+            assert!(e.starts_with("refusing the image: layer sha256:x"), "{e}");
+            assert!(e.contains(needle), "{t}: {e}");
+        }
+    }
+
+    #[test]
+    fn manifests_and_indexes_are_told_apart() {
+        for (raw, kind) in [
+            (
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#,
+                ManifestKind::Image,
+            ),
+            (
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#,
+                ManifestKind::Image,
+            ),
+            (r#"{"schemaVersion":2,"layers":[]}"#, ManifestKind::Image),
+            (
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+                ManifestKind::Index,
+            ),
+            (
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[]}"#,
+                ManifestKind::Index,
+            ),
+            (r#"{"schemaVersion":2,"manifests":[]}"#, ManifestKind::Index),
+        ] {
+            assert_eq!(manifest_kind(raw.as_bytes(), "img").unwrap(), kind, "{raw}");
+        }
+        for (raw, needle) in [
+            (r#"{"schemaVersion":1,"fsLayers":[]}"#, "schema 1"),
+            (
+                r#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+prettyjws"}"#,
+                "schema 1",
+            ),
+            (
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.artifact.manifest.v1+json"}"#,
+                "jobcachefs imports OCI and Docker",
+            ),
+            ("<html>", "not a JSON image manifest"),
+        ] {
+            let e = manifest_kind(raw.as_bytes(), "img")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{raw}: {e}");
+        }
+    }
+
+    fn index(platforms: &[(&str, &str, &str)]) -> Index {
+        Index {
+            manifests: platforms
+                .iter()
+                .enumerate()
+                .map(|(i, (mt, os, arch))| IndexEntry {
+                    media_type: mt.to_string(),
+                    digest: format!("sha256:{i}"),
+                    size: 1,
+                    platform: (!os.is_empty()).then(|| Platform {
+                        architecture: arch.to_string(),
+                        os: os.to_string(),
+                        variant: None,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_index_gives_the_nodes_platform_or_names_what_it_has() {
+        let node = Platform {
+            architecture: "arm64".into(),
+            os: "linux".into(),
+            variant: None,
+        };
+        let i = index(&[
+            (MANIFEST, "unknown", "unknown"),
+            (MANIFEST, "linux", "amd64"),
+            (DOCKER_MANIFEST, "linux", "arm64"),
+            (MANIFEST, "linux", "arm64"),
+        ]);
+        assert_eq!(pick_platform(&i, &node, "img").unwrap().digest, "sha256:2");
+        let i = index(&[
+            (MANIFEST, "linux", "amd64"),
+            (INDEX, "linux", "arm64"),
+            (MANIFEST, "windows", "arm64"),
+            (MANIFEST, "", ""),
+        ]);
+        let e = pick_platform(&i, &node, "r.example.com/x:1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.example.com/x:1 is a multi-platform image with no linux/arm64 image (it has: linux/amd64, windows/arm64)"),
+            "{e}"
+        );
+        assert!(e.contains("push one for linux/arm64"), "{e}");
+        assert_eq!(node_platform().os, "linux");
+    }
+
+    #[test]
+    fn old_blob_records_are_zstd() {
+        let r: BlobRecord =
+            serde_json::from_str(r#"{"digest":"sha256:a","size":1,"diff_id":"sha256:b"}"#).unwrap();
+        assert_eq!(r.media_type, LAYER_ZSTD);
     }
 }

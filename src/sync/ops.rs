@@ -10,11 +10,14 @@
 //! Import downloads only the blobs the node lacks, rebuilds each new layer as a local ext4 image
 //! from its tar (validated entry by entry first; no filesystem image from the network is ever
 //! mounted), and publishes the merged line atomically. Layers the node has (by id) are reused.
+//! Import reads any standard image too (OCI or Docker schema 2, plain/gzip/zstd layers, an index
+//! resolved to the node's platform): layers without a jobcachefs id get a chain id derived from
+//! their diff_ids, and their blobs are kept as they are (an export pushes them unchanged).
 //!
 //! Both run under one node-wide lock (`<state>/sync/lock`): the OCI layout is shared.
 
 use super::line::{self, LineLayer, Src};
-use super::oci::{self, BlobRecord, Descriptor, Manifest, Store};
+use super::oci::{self, BlobRecord, Compression, Descriptor, Manifest, ManifestKind, Store};
 use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -76,57 +79,121 @@ pub struct ImportReport {
 
 /// A remote line as read from the registry.
 struct RemoteLine {
+    /// Digest of what the reference names (an index, for a multi-platform image): what a push
+    /// compares to see whether the line moved meanwhile.
     digest: Option<String>,
+    /// Digest of the image manifest (the node's platform's, in an index): what is pulled.
+    manifest: String,
     generation: u64,
     layers: Vec<Descriptor>,
+    compression: Vec<Compression>,
     line: Vec<LineLayer>,
     diff_ids: Vec<String>,
 }
 
-/// Reads `:latest` (and its config); an empty line when there is none.
+/// The id of a layer that carries no jobcachefs id (an image jobcachefs did not make): a
+/// chain id, as Docker's, of the id below it and its diff_id. The same image gives the same ids
+/// on every node (a second import finds it up to date; an image built on it brings only its
+/// new layers), and the same content at another place in another stack gets another id (layer
+/// images hold one layer of one stack). Commit ids (`<8 hex>-<hex>`) never start with `oci-`.
+fn derived_layer_id(below: Option<&str>, diff_id: &str) -> String {
+    let h = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        format!("{}\n{diff_id}", below.unwrap_or("")),
+    ));
+    format!("oci-{}", &format!("{h:x}")[..40])
+}
+
+/// Reads the image the remote names (`:latest` of the line unless the user named a tag or a
+/// digest) and its config; an empty line when there is none. An index is resolved to the
+/// node's platform; layers without a jobcachefs id get one derived from their content.
 fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
-    let Some(raw) = remote.manifest(LATEST)? else {
+    let reference = remote
+        .reference
+        .clone()
+        .unwrap_or_else(|| format!(":{LATEST}"));
+    let name = remote.image_name();
+    let Some(raw) = remote.manifest_at(&reference)? else {
         return Ok(RemoteLine {
             digest: None,
+            manifest: String::new(),
             generation: 0,
             layers: vec![],
+            compression: vec![],
             line: vec![],
             diff_ids: vec![],
         });
     };
-    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| {
-        refuse(format!(
-            "{}:latest is not an OCI image manifest ({e})",
-            remote.repo
-        ))
-    })?;
-    if m.schema_version != 2 || (!m.media_type.is_empty() && m.media_type != oci::MANIFEST) {
+    let digest = oci::digest_of(&raw);
+    let (raw, manifest_digest, what) = match oci::manifest_kind(&raw, &name)? {
+        ManifestKind::Image => (raw, digest.clone(), name.clone()),
+        ManifestKind::Index => {
+            let index: oci::Index = serde_json::from_slice(&raw)
+                .map_err(|e| refuse(format!("{name} is not a well-formed image index ({e})")))?;
+            let entry = oci::pick_platform(&index, &oci::node_platform(), &name)?;
+            store.blob_path(&entry.digest)?;
+            let what = format!("{name} ({})", entry.platform.clone().unwrap_or_default());
+            let m = remote
+                .manifest_at(&format!("@{}", entry.digest))?
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "the index {name} names {}, which the registry does not have",
+                        entry.digest
+                    ))
+                })?;
+            if oci::digest_of(&m) != entry.digest {
+                return Err(refuse(format!(
+                    "the manifest of {what} does not match its digest {}",
+                    entry.digest
+                )));
+            }
+            if oci::manifest_kind(&m, &what)? != ManifestKind::Image {
+                return Err(refuse(format!(
+                    "{what} is an index inside an index: import the inner image by its digest (--image REPO@sha256:...)"
+                )));
+            }
+            (m, entry.digest.clone(), what)
+        }
+    };
+    let m: Manifest = serde_json::from_slice(&raw)
+        .map_err(|e| refuse(format!("{what} is not a well-formed image manifest ({e})")))?;
+    // Every layer's type is checked before anything is downloaded.
+    let mut compression = Vec::new();
+    for l in &m.layers {
+        compression.push(oci::layer_type(&l.media_type, &l.digest)?.0);
+        store.blob_path(&l.digest)?;
+    }
+    let config_raw = remote.config(&manifest_digest)?;
+    let config: serde_json::Value = serde_json::from_slice(&config_raw)
+        .map_err(|e| refuse(format!("the config of {what} is not JSON ({e})")))?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != m.layers.len() {
         return Err(refuse(format!(
-            "{}:latest is a {:?}, not an OCI image manifest",
-            remote.repo, m.media_type
+            "the config of {what} lists {} diff_ids for {} layers",
+            diff_ids.len(),
+            m.layers.len()
         )));
     }
-    let mut line = Vec::new();
-    for l in &m.layers {
-        if l.media_type != oci::LAYER_ZSTD {
-            return Err(refuse(format!(
-                "layer {} has media type {}",
-                l.digest, l.media_type
-            )));
-        }
-        store.blob_path(&l.digest)?;
-        let id = l
-            .annotations
-            .get(oci::ANN_LAYER_ID)
-            .cloned()
-            .unwrap_or_default();
-        if !is_layer_id(&id) {
-            return Err(refuse(format!(
-                "layer {} has no valid {} annotation (was the image made by jobcachefs?)",
-                l.digest,
-                oci::ANN_LAYER_ID
-            )));
-        }
+    let mut line: Vec<LineLayer> = Vec::new();
+    for (l, diff_id) in m.layers.iter().zip(&diff_ids) {
+        let id = match l.annotations.get(oci::ANN_LAYER_ID) {
+            Some(id) if is_layer_id(id) => id.clone(),
+            Some(_) => {
+                return Err(refuse(format!(
+                    "layer {} has an invalid {} annotation",
+                    l.digest,
+                    oci::ANN_LAYER_ID
+                )))
+            }
+            None => derived_layer_id(line.last().map(|x| x.id.as_str()), diff_id),
+        };
         let covers: Vec<String> = l
             .annotations
             .get(oci::ANN_COVERS)
@@ -148,32 +215,16 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
         }
         line.push(LineLayer { id, covers });
     }
-    let config_raw = remote.config(LATEST)?;
-    let config: serde_json::Value = serde_json::from_slice(&config_raw)
-        .map_err(|e| refuse(format!("its config is not JSON ({e})")))?;
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    if diff_ids.len() != m.layers.len() {
-        return Err(refuse(format!(
-            "its config lists {} diff_ids for {} layers",
-            diff_ids.len(),
-            m.layers.len()
-        )));
-    }
     Ok(RemoteLine {
-        digest: Some(oci::digest_of(&raw)),
+        digest: Some(digest),
+        manifest: manifest_digest,
         generation: m
             .annotations
             .get(oci::ANN_GENERATION)
             .and_then(|g| g.parse().ok())
             .unwrap_or(0),
         layers: m.layers,
+        compression,
         line,
         diff_ids,
     })
@@ -316,6 +367,12 @@ fn count(engine: &Engine, c: &Counters, moved: Option<(u64, f64)>, failed: bool)
 
 fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
     let started = Instant::now();
+    if let Some(r) = &remote.reference {
+        return Err(Error::invalid(format!(
+            "cache export pushes to a repository and tags each generation itself: drop {r:?} from --image {}{r}",
+            remote.repo
+        )));
+    }
     let (_l, store) = open_store(engine)?;
     let remote = &remote
         .clone()
@@ -359,7 +416,10 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
         for s in &plan {
             match *s {
                 Src::Remote(i) => {
-                    layers.push(r.layers[i].clone());
+                    // An OCI manifest names OCI layer types (the blob is the same).
+                    let mut d = r.layers[i].clone();
+                    d.media_type = oci::layer_type(&d.media_type, &d.digest)?.1.into();
+                    layers.push(d);
                     diff_ids.push(r.diff_ids[i].clone());
                 }
                 Src::Local(i) => {
@@ -375,7 +435,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                         new_bytes += b.size;
                     }
                     layers.push(Descriptor {
-                        media_type: oci::LAYER_ZSTD.into(),
+                        media_type: b.media_type.clone(),
                         digest: b.digest.clone(),
                         size: b.size,
                         annotations,
@@ -386,7 +446,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
         }
         let generation = r.generation + 1;
         let config = serde_json::json!({
-            "architecture": "amd64",
+            "architecture": oci::node_platform().architecture,
             "os": "linux",
             "config": {"Labels": {"io.jobcachefs.cache": id.to_string()}},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -478,15 +538,22 @@ fn import_inner(
         .clone()
         .with_tmpdir(engine.layout().root().join("sync/tmp"));
     let r = read_remote(remote, &store)?;
-    let Some(digest) = r.digest.clone() else {
+    if r.digest.is_none() {
+        let fix = match remote.reference {
+            None => "export one first",
+            Some(_) => "check the tag or digest",
+        };
         return Err(Error::new(
             ErrorKind::NotFound,
-            format!(
-                "no cache image at {}:{LATEST}: export one first",
-                remote.repo
-            ),
+            format!("no image at {}: {fix}", remote.image_name()),
         ));
-    };
+    }
+    let digest = r.manifest.clone();
+    let source = format!(
+        "import {}{}",
+        remote.repo,
+        remote.reference.as_deref().unwrap_or("")
+    );
     let limit = match engine.cache_record(id)? {
         Some(c) => c.cache_size,
         None => cache_size.unwrap_or(engine.config().default_cache_size),
@@ -522,18 +589,24 @@ fn import_inner(
         remote.time_left("check and build the layers pulled from")?;
         let mut checked = Vec::new();
         for &i in &missing {
-            checked.push(scan(&store, &r.layers[i], &r.diff_ids[i], &policy)?);
+            checked.push(scan(
+                &store,
+                &r.layers[i],
+                r.compression[i],
+                &r.diff_ids[i],
+                &policy,
+            )?);
         }
         for (&i, stats) in missing.iter().zip(checked) {
             remote.time_left("build the layers pulled from")?;
             let (img, info) = build_layer(
                 engine,
                 &store,
-                &r.layers[i],
+                (&r.layers[i], r.compression[i]),
                 &r.line[i],
                 &stats,
                 &policy,
-                &remote.repo,
+                &source,
             )?;
             new_bytes += r.layers[i].size;
             built.push((img, info));
@@ -566,7 +639,7 @@ fn import_inner(
                     layers.push(LayerInfo {
                         id: lid.clone(),
                         created: fsutil::now(),
-                        source: format!("import {}", remote.repo),
+                        source: source.clone(),
                         size,
                         allocated: fsutil::allocated_bytes(&dst)?,
                         covers: r.line[i].covers.clone(),
@@ -606,6 +679,9 @@ fn import_inner(
             digest: r.layers[i].digest.clone(),
             size: r.layers[i].size,
             diff_id: r.diff_ids[i].clone(),
+            media_type: oci::layer_type(&r.layers[i].media_type, &r.layers[i].digest)?
+                .1
+                .into(),
         };
         store.set_record(&r.line[i].id, &blob)?;
     }
@@ -676,18 +752,38 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId, deadline: Option<Instant>) {
     }
 }
 
+/// A downloaded layer blob, decompressed.
+fn open_blob(store: &Store, d: &Descriptor, c: Compression) -> Result<Box<dyn std::io::Read>> {
+    let p = store.blob_path(&d.digest)?;
+    let f = std::io::BufReader::new(std::fs::File::open(&p).at("open", &p)?);
+    Ok(match c {
+        Compression::None => Box::new(f),
+        // Several members are valid gzip (pigz and some registries' tools write them).
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(f)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(f).at("decompress", &p)?)
+        }
+    })
+}
+
 /// Checks a downloaded layer: every entry, the total it claims, and its diff_id.
 fn scan(
     store: &Store,
     d: &Descriptor,
+    c: Compression,
     diff_id: &str,
     policy: &ImportPolicy,
 ) -> Result<tarlayer::LayerStats> {
     let p = store.blob_path(&d.digest)?;
-    let f = std::fs::File::open(&p).at("open", &p)?;
-    let mut hashed = HashingReader::new(zstd::stream::read::Decoder::new(f).at("decompress", &p)?);
+    let mut hashed = HashingReader::new(open_blob(store, d, c)?);
     let stats = tarlayer::scan_layer(&mut hashed, policy)?;
-    std::io::copy(&mut hashed, &mut std::io::sink()).at("read", &p)?;
+    std::io::copy(&mut hashed, &mut std::io::sink()).map_err(|e| {
+        refuse(format!(
+            "layer {} ({}) does not decompress ({e})",
+            d.digest,
+            p.display()
+        ))
+    })?;
     let got = hashed.finish();
     if got != diff_id {
         return Err(refuse(format!(
@@ -702,17 +798,13 @@ fn scan(
 fn build_layer(
     engine: &Engine,
     store: &Store,
-    d: &Descriptor,
+    (d, c): (&Descriptor, Compression),
     l: &LineLayer,
     stats: &tarlayer::LayerStats,
     policy: &ImportPolicy,
-    repo: &str,
+    source: &str,
 ) -> Result<(PathBuf, LayerInfo)> {
-    let p = store.blob_path(&d.digest)?;
-    let open = || -> Result<_> {
-        let f = std::fs::File::open(&p).at("open", &p)?;
-        zstd::stream::read::Decoder::new(f).at("decompress", &p)
-    };
+    let open = || open_blob(store, d, c);
     // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own
     // metadata; the image is sparse, so what it does not use costs nothing.
     let size = (stats.bytes + stats.bytes / 8 + stats.entries * 8192 + (64 << 20))
@@ -737,7 +829,7 @@ fn build_layer(
         LayerInfo {
             id: l.id.clone(),
             created: fsutil::now(),
-            source: format!("import {repo}"),
+            source: source.to_string(),
             size,
             allocated: fsutil::allocated_bytes(&img)?,
             covers: l.covers.clone(),
@@ -783,5 +875,23 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         sha2::Digest::update(&mut self.hash, &buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ids_are_chain_ids() {
+        let (a, b) = ("sha256:aa", "sha256:bb");
+        let ida = derived_layer_id(None, a);
+        let idab = derived_layer_id(Some(&ida), b);
+        assert!(is_layer_id(&ida) && is_layer_id(&idab), "{ida} {idab}");
+        assert!(ida.starts_with("oci-") && ida.len() == 44);
+        // Stable, and the same content elsewhere in a stack is another layer.
+        assert_eq!(ida, derived_layer_id(None, a));
+        assert_ne!(derived_layer_id(None, b), idab);
+        assert_ne!(derived_layer_id(Some(&ida), a), ida);
     }
 }

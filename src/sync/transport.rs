@@ -26,6 +26,9 @@ pub struct Remote {
     /// When everything done through this remote must have ended (a setup inside the
     /// provisioner's timeout): each skopeo run gets what is left of it, at most `timeout`.
     pub deadline: Option<Instant>,
+    /// The image an import reads, when the user named one: `:<tag>` or `@sha256:<hex>`
+    /// (default: the line's moving tag, `:latest`). Export refuses one: it tags itself.
+    pub reference: Option<String>,
 }
 
 /// The registry of cache `id` and whether its imports accept device nodes: the repository
@@ -38,14 +41,17 @@ pub fn remote_for(
     tls_verify: Option<bool>,
 ) -> Result<Option<(Remote, bool)>> {
     let rule = config.registry_for(id);
-    let repo = match (image, rule) {
-        (Some(i), _) => i.to_string(),
-        (None, Some(r)) => format!("{}/{}/{}", r.image, id.namespace, id.name),
-        (None, None) => return Ok(None),
-    };
     let tls = tls_verify.or(rule.map(|r| r.tls_verify)).unwrap_or(true);
     let timeout = Duration::from_secs(rule.map(|r| r.timeout).unwrap_or(300));
-    let remote = Remote::new(&repo, tls, timeout)?;
+    let remote = match (image, rule) {
+        (Some(i), _) => Remote::with_reference(i, tls, timeout)?,
+        (None, Some(r)) => Remote::new(
+            &format!("{}/{}/{}", r.image, id.namespace, id.name),
+            tls,
+            timeout,
+        )?,
+        (None, None) => return Ok(None),
+    };
     Ok(Some((remote, rule.is_some_and(|r| r.allow_devices))))
 }
 
@@ -82,6 +88,7 @@ impl Remote {
             timeout,
             tmpdir: None,
             deadline: None,
+            reference: None,
         })
     }
 
@@ -108,6 +115,25 @@ impl Remote {
             ));
         }
         Ok(left.min(self.timeout))
+    }
+
+    /// Like [`Remote::new`], but `image` may end in `:<tag>` or `@sha256:<hex>`: the image an
+    /// import seeds a cache from (any image, not only a jobcachefs line).
+    pub fn with_reference(image: &str, tls_verify: bool, timeout: Duration) -> Result<Remote> {
+        let image = image.trim_start_matches("docker://");
+        let (repo, reference) = split_reference(image)?;
+        let mut r = Remote::new(repo, tls_verify, timeout)?;
+        r.reference = reference;
+        Ok(r)
+    }
+
+    /// `repo` plus the reference an import reads (`:latest` unless the user named one).
+    pub fn image_name(&self) -> String {
+        format!(
+            "{}{}",
+            self.repo,
+            self.reference.as_deref().unwrap_or(":latest")
+        )
     }
 
     /// skopeo's global flags: the time limit, and temporary files under the state dir.
@@ -155,13 +181,13 @@ impl Remote {
         cmd::run(&SKOPEO, &all).map_err(|e| self.failed(what, e))
     }
 
-    /// `inspect --raw` of `tag`, plus `extra` flags.
-    fn inspect(&self, what: &str, extra: &[&str], tag: &str) -> Result<Vec<u8>> {
+    /// `inspect --raw` of `reference` (`:<tag>` or `@<digest>`), plus `extra` flags.
+    fn inspect(&self, what: &str, extra: &[&str], reference: &str) -> Result<Vec<u8>> {
         let mut args = vec!["inspect".to_string()];
         args.extend(extra.iter().map(|a| a.to_string()));
         args.push("--raw".into());
         args.push(format!("--tls-verify={}", self.tls_verify));
-        args.push(format!("docker://{}:{tag}", self.repo));
+        args.push(format!("docker://{}{reference}", self.repo));
         self.skopeo(what, &args).map(String::into_bytes)
     }
 
@@ -180,16 +206,27 @@ impl Remote {
 
     /// The raw manifest at `tag`, or `None` when the repository or tag does not exist.
     pub fn manifest(&self, tag: &str) -> Result<Option<Vec<u8>>> {
-        match self.inspect("read the manifest of", &[], tag) {
+        self.manifest_at(&format!(":{tag}"))
+    }
+
+    /// The raw manifest (or index) at `reference` (`:<tag>` or `@<digest>`), or `None` when
+    /// the repository or the reference does not exist.
+    pub fn manifest_at(&self, reference: &str) -> Result<Option<Vec<u8>>> {
+        match self.inspect("read the manifest of", &[], reference) {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// The image config at `tag`.
-    pub fn config(&self, tag: &str) -> Result<Vec<u8>> {
-        self.inspect("read the image config of", &["--config"], tag)
+    /// The image config of the image manifest `digest` (never of a tag: the tag may move
+    /// between two reads).
+    pub fn config(&self, digest: &str) -> Result<Vec<u8>> {
+        self.inspect(
+            "read the image config of",
+            &["--config"],
+            &format!("@{digest}"),
+        )
     }
 
     /// Pushes image `name` of the OCI layout `layout` as `tag`.
@@ -211,6 +248,42 @@ impl Remote {
             format!("docker://{}@{digest}", self.repo),
             format!("oci:{}:{name}", layout.display()),
         )
+    }
+}
+
+/// Splits `host/path[:tag|@sha256:hex]` into the repository and the reference suffix.
+fn split_reference(image: &str) -> Result<(&str, Option<String>)> {
+    let fix = "name an image as REPOSITORY, REPOSITORY:TAG or REPOSITORY@sha256:DIGEST";
+    if let Some((repo, digest)) = image.split_once('@') {
+        let hex = digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(Error::invalid(format!(
+                "image {image:?} has an invalid digest {digest:?}: {fix}"
+            )));
+        }
+        return Ok((repo, Some(format!("@{digest}"))));
+    }
+    let slash = image.rfind('/').map(|i| i + 1).unwrap_or(image.len());
+    match image[slash..].split_once(':') {
+        Some((name, tag)) => {
+            let ok = !tag.is_empty()
+                && tag.len() <= 128
+                && !tag.starts_with(['.', '-'])
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "image {image:?} has an invalid tag {tag:?}: {fix}"
+                )));
+            }
+            Ok((&image[..slash + name.len()], Some(format!(":{tag}"))))
+        }
+        None => Ok((image, None)),
     }
 }
 
@@ -292,6 +365,41 @@ mod tests {
             let e = remote().failed("read the manifest of", failed);
             assert_eq!(e.kind(), kind, "{stderr}");
             assert!(e.tool().is_some());
+        }
+    }
+
+    #[test]
+    fn an_import_may_name_a_tag_or_digest() {
+        let t = Duration::from_secs(5);
+        let d = "sha256:".to_string() + &"ab".repeat(32);
+        for (image, repo, reference) in [
+            ("r.example.com/x", "r.example.com/x", None),
+            (
+                "127.0.0.1:5000/a/b:v1.2",
+                "127.0.0.1:5000/a/b",
+                Some(":v1.2"),
+            ),
+            (
+                &*format!("docker://r.example.com/x@{d}"),
+                "r.example.com/x",
+                Some(&*format!("@{d}")),
+            ),
+        ] {
+            let r = Remote::with_reference(image, true, t).unwrap();
+            assert_eq!(
+                (r.repo.as_str(), r.reference.as_deref()),
+                (repo, reference),
+                "{image}"
+            );
+        }
+        for bad in [
+            "r.example.com/x:",
+            "r.example.com/x:-a",
+            "r.example.com/x@sha256:00",
+            "r.example.com/x@md5:00",
+            "r.example.com/X:v1",
+        ] {
+            assert!(Remote::with_reference(bad, true, t).is_err(), "{bad}");
         }
     }
 
