@@ -1138,6 +1138,140 @@ fn real_agent_discards_volumes_whose_pv_is_gone() {
 /// against the Kubernetes schemas, and the helper pod is what the hook needs (scripts/validate-deploy
 /// says what it checks). Needs no root; needs what scripts/setup installs.
 #[test]
+fn real_hook_unique_ids_uids_per_node_gids_per_cluster() {
+    if !root_or_skip("real_hook_unique_ids_uids_per_node_gids_per_cluster") {
+        return;
+    }
+    let (api, node_a) = world();
+    let node_b = Provisioner::new(&api, "");
+    let mut sc = serde_json::from_slice::<Value>(
+        &std::fs::read(api.object_path(&sc_path("jobcache-writeback"))).unwrap(),
+    )
+    .unwrap();
+    sc["metadata"]["name"] = json!("jobcache-ids");
+    sc["parameters"]["jobcachefs.io/unique-ids"] = json!("true");
+    api.put(&sc_path("jobcache-ids"), &sc);
+    let gid_of = |p: &Provisioner, pv: &str, pvc: &str, cache: &str| -> (u32, u32, PathBuf) {
+        api.pvc(
+            "ci",
+            pvc,
+            "jobcache-ids",
+            &[("jobcachefs.io/cache", cache)],
+            "64Mi",
+        );
+        let path = p.path(pv, "ci", pvc);
+        p.setup(&path, 64 * MI).ok();
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            md.mode() & 0o7777,
+            0o2700,
+            "only the volume's UID enters its root"
+        );
+        (md.uid(), md.gid(), path)
+    };
+    // The 409 of a stale resourceVersion (another node wrote first) is re-read and retried.
+    api.faults(&json!({"/api/v1/namespaces/jobcachefs-system/configmaps": [409]}));
+    let (u1, g1, v1) = gid_of(
+        &node_a,
+        "pvc-00000000-0000-0000-0000-0000000000a1",
+        "a1",
+        "maven",
+    );
+    let (u2, g2, _) = gid_of(
+        &node_a,
+        "pvc-00000000-0000-0000-0000-0000000000a2",
+        "a2",
+        "maven",
+    );
+    let (_, g3, _) = gid_of(
+        &node_b,
+        "pvc-00000000-0000-0000-0000-0000000000b1",
+        "b1",
+        "maven",
+    );
+    let (_, g4, _) = gid_of(
+        &node_b,
+        "pvc-00000000-0000-0000-0000-0000000000b2",
+        "b2",
+        "npm",
+    );
+    assert_ne!(u1, u2, "two live volumes of one node: different UIDs");
+    assert_eq!(
+        (g1, g2, g3),
+        (g1, g1, g1),
+        "one cache, one GID on every node"
+    );
+    assert_ne!(g4, g1, "another cache, another GID");
+    assert!((3_000_000..4_000_000).contains(&g1) && (2_000_000..3_000_000).contains(&u1));
+    let log = api.requests();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("POST /api/v1/namespaces/jobcachefs-system/configmaps 409")),
+        "{log:?}"
+    );
+    // Concurrent allocations of new caches on both nodes: all different, none lost.
+    let caches = ["c1", "c2", "c3", "c4", "c5", "c6"];
+    let gids: Vec<u32> = std::thread::scope(|s| {
+        let hs: Vec<_> = caches
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (p, api) = (if i % 2 == 0 { &node_a } else { &node_b }, &api);
+                s.spawn(move || {
+                    let pvc = format!("x{i}");
+                    api.pvc(
+                        "ci",
+                        &pvc,
+                        "jobcache-ids",
+                        &[("jobcachefs.io/cache", c)],
+                        "64Mi",
+                    );
+                    let path = p.path(
+                        &format!("pvc-00000000-0000-0000-0000-0000000000c{i}"),
+                        "ci",
+                        &pvc,
+                    );
+                    p.setup(&path, 64 * MI).ok();
+                    use std::os::unix::fs::MetadataExt;
+                    std::fs::metadata(&path).unwrap().gid()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<u32> = gids.iter().copied().chain([g1, g4]).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        caches.len() + 2,
+        "every cache its own GID: {gids:?}"
+    );
+    let table: Value = serde_json::from_slice(
+        &std::fs::read(
+            api.object_path("/api/v1/namespaces/jobcachefs-system/configmaps/jobcachefs-gids"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        table["data"].as_object().unwrap().len(),
+        caches.len() + 2,
+        "{table}"
+    );
+    // The UID is free again after the delete; the GID stays the cache's.
+    node_a.teardown(&v1, 64 * MI).ok();
+    let (u5, g5, _) = gid_of(
+        &node_a,
+        "pvc-00000000-0000-0000-0000-0000000000a5",
+        "a5",
+        "maven",
+    );
+    assert_eq!((u5, g5), (u1, g1));
+}
+
+#[test]
 fn deploy_manifests_render_and_validate() {
     let python = Path::new(REPO).join(".venv/bin/python");
     assert!(

@@ -5,7 +5,12 @@ Serves recorded objects over HTTPS, the way the API does: GET <api path> answers
 <root>/<api path>.json with 200, or a `Status` object with 404 (NotFound) when there is none, or
 401 when the bearer token is wrong. Faults are injected per path through <root>/faults.json
 ({"<api path>": [500, 500]}: the next two GETs of that path answer 500; a code of 0 means "hang
-for 30 s"). Every request is appended to <root>/requests.log as "GET <path> <code>".
+for 30 s"). Every request is appended to <root>/requests.log as "<METHOD> <path> <code>".
+
+Writes, as the API does them for the objects the hook keeps (the table of cache GIDs): POST to a
+collection creates <collection>/<name>.json (409 AlreadyExists if it exists); PUT replaces an
+object only if the body's metadata.resourceVersion is the stored one (409 Conflict otherwise)
+and bumps it. Faults apply to writes too (a 409 in faults.json forces a conflict).
 
 Usage: server.py --root DIR --cert CRT --key KEY --token TOKEN --port-file FILE
 (binds 127.0.0.1 on a free port and writes the port to FILE once listening).
@@ -19,7 +24,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-LOCK = threading.Lock()
+LOCK = threading.RLock()
 
 
 def status(code, reason, message, details=None):
@@ -51,7 +56,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         with LOCK, open(os.path.join(self.server.root, "requests.log"), "a") as log:
-            log.write(f"GET {self.path} {code}\n")
+            log.write(f"{self.command} {self.path} {code}\n")
 
     def next_fault(self, path):
         faults_path = os.path.join(self.server.root, "faults.json")
@@ -97,6 +102,62 @@ class Handler(BaseHTTPRequestHandler):
         return self.answer(
             404, status(404, "NotFound", f'{qualified} "{name}" not found', details)
         )
+
+
+    def read_body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def write_common(self):
+        path = self.path.split("?", 1)[0]
+        if self.headers.get("Authorization") != "Bearer " + self.server.token:
+            self.answer(401, status(401, "Unauthorized", "Unauthorized"))
+            return None
+        fault = self.next_fault(path)
+        if fault:
+            self.read_body()
+            self.answer(fault, status(fault, "Conflict", "injected"))
+            return None
+        parts = [p for p in path.split("/") if p]
+        if ".." in parts or not parts:
+            self.answer(400, status(400, "BadRequest", f"bad path {path}"))
+            return None
+        return parts
+
+    def do_POST(self):
+        parts = self.write_common()
+        if parts is None:
+            return
+        obj = self.read_body()
+        name = obj.get("metadata", {}).get("name", "")
+        file = os.path.join(self.server.root, *parts, name) + ".json"
+        with LOCK:
+            if os.path.isfile(file):
+                return self.answer(409, status(409, "AlreadyExists", f'"{name}" already exists'))
+            obj.setdefault("metadata", {})["resourceVersion"] = "1"
+            os.makedirs(os.path.dirname(file), exist_ok=True)
+            with open(file, "w") as f:
+                json.dump(obj, f)
+        return self.answer(201, obj)
+
+    def do_PUT(self):
+        parts = self.write_common()
+        if parts is None:
+            return
+        obj = self.read_body()
+        file = os.path.join(self.server.root, *parts) + ".json"
+        with LOCK:
+            if not os.path.isfile(file):
+                return self.answer(404, status(404, "NotFound", "not found"))
+            with open(file) as f:
+                stored = json.load(f)
+            have = stored.get("metadata", {}).get("resourceVersion")
+            if obj.get("metadata", {}).get("resourceVersion") != have:
+                return self.answer(409, status(409, "Conflict", "the object has been modified"))
+            obj["metadata"]["resourceVersion"] = str(int(have or "0") + 1)
+            with open(file, "w") as f:
+                json.dump(obj, f)
+        return self.answer(200, obj)
 
 
 def main():

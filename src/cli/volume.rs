@@ -55,6 +55,10 @@ pub(super) struct CreateArgs {
     /// (a copy-on-write clone mounted directly: container storage, user-namespaced pods).
     #[arg(long)]
     cache_mode: Option<String>,
+    /// Give the volume its own UID (unique among this node's live volumes) and its cache's GID
+    /// (one per cache), and its root to them: the job switches to them (see README).
+    #[arg(long)]
+    unique_ids: bool,
 }
 
 pub(super) fn run(engine: &Engine, cmd: &VolumeCmd, json: bool) -> Result<u8> {
@@ -110,6 +114,7 @@ fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
         write_back: a.write_back,
         cache_size,
         cache_mode,
+        unique_ids: a.unique_ids,
         ..Default::default()
     })
 }
@@ -126,6 +131,12 @@ fn create(engine: &Engine, a: &CreateArgs, json: bool) -> Result<u8> {
     } else {
         if let Some(note) = &record.note {
             eprintln!("note: {note}");
+        }
+        if let Some(i) = &record.identity {
+            println!(
+                "identity: uid {} gid {} (owner of the volume's root)",
+                i.uid, i.gid
+            );
         }
         println!(
             "volume {} ready: cache {} generation {} ({} layers), size {}, write-back {}",

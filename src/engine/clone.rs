@@ -269,6 +269,7 @@ impl Engine {
             self.admit_clone_in_pool(&store, size)?;
         }
         let admission = self.admit(self.host_promise(CacheMode::Clone, size))?;
+        let uid = req.unique_ids.then(|| self.allocate_uid()).transpose()?;
         let mut record = super::volume::new_record(req, dir, vol, size, VolumeKind::Clone);
         let image = clone_store::volume_image(&store, vol);
         ensure_dir(&self.layout.volume_dir(vol))?;
@@ -277,6 +278,10 @@ impl Engine {
             let cache = self.ensure_cache(&id, Some(size), Some(CacheMode::Clone))?;
             let current = self.current(&id)?;
             record.generation = current.generation;
+            if let Some(uid) = uid {
+                let gid = self.cache_gid(&id, req.cache_gid)?;
+                super::volume::set_identity(&mut record, uid, gid);
+            }
             if req.write_back {
                 self.take_lease(&id, &mut record)?;
             }
@@ -291,7 +296,7 @@ impl Engine {
                         .host
                         .reflink(&clone_store::layer_image(&store, &id, &l.id), &image),
                     None => {
-                        let (uid, gid) = req.root.map(|r| (r.uid, r.gid)).unwrap_or((0, 0));
+                        let (uid, gid) = record.root.map(|r| (r.uid, r.gid)).unwrap_or((0, 0));
                         self.host.make_image(&image, cache.cache_size, uid, gid)
                     }
                 }
@@ -309,7 +314,7 @@ impl Engine {
             }
             self.host
                 .mount_image(&image, dir, ImageMount { read_only: false })?;
-            if let Some(r) = req.root {
+            if let Some(r) = record.root {
                 self.host.chown(dir, r.uid, r.gid)?;
                 std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(r.mode))
                     .at("chmod", dir)?;

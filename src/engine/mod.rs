@@ -9,6 +9,7 @@ mod cache;
 mod clone;
 mod commit;
 mod gc;
+mod identity;
 mod publish;
 mod squash;
 mod volume;

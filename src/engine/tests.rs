@@ -1016,3 +1016,78 @@ fn a_state_dir_of_a_newer_version_is_refused() {
         "{e}"
     );
 }
+
+// ---- identities -------------------------------------------------------------------------------
+
+#[test]
+fn unique_ids_give_each_live_volume_its_uid_and_each_cache_its_gid() {
+    let r = Rig::new();
+    let req = |name: &str, cache: &str| CreateRequest {
+        unique_ids: true,
+        ..r.request(name, Some(cache), true)
+    };
+    let a = r.engine.volume_create(&req("a", "maven")).unwrap();
+    let b = r.engine.volume_create(&req("b", "maven")).unwrap();
+    let c = r.engine.volume_create(&req("c", "npm")).unwrap();
+    let (ia, ib, ic) = (
+        a.identity.unwrap(),
+        b.identity.unwrap(),
+        c.identity.unwrap(),
+    );
+    assert_eq!((ia.uid, ib.uid, ic.uid), (2_000_000, 2_000_001, 2_000_002));
+    assert_eq!(ia.gid, ib.gid, "one cache, one GID");
+    assert_ne!(ia.gid, ic.gid);
+    assert_eq!(a.root.unwrap().mode, 0o2700);
+    assert_eq!((a.root.unwrap().uid, a.root.unwrap().gid), (ia.uid, ia.gid));
+    r.delete("a");
+    let d = r.engine.volume_create(&req("d", "maven")).unwrap();
+    assert_eq!(
+        d.identity.unwrap().uid,
+        ia.uid,
+        "a deleted volume's UID is free again"
+    );
+    assert_eq!(d.identity.unwrap().gid, ia.gid, "the cache keeps its GID");
+    // The repeated create is the same volume, not a new identity.
+    assert_eq!(r.engine.volume_create(&req("d", "maven")).unwrap(), d);
+}
+
+#[test]
+fn a_crash_during_create_neither_loses_nor_duplicates_a_uid() {
+    let r = Rig::new();
+    let req = |name: &str| CreateRequest {
+        unique_ids: true,
+        ..r.request(name, Some("c"), false)
+    };
+    crash_at("create:recorded", || r.engine.volume_create(&req("a")));
+    let b = r.engine.volume_create(&req("b")).unwrap();
+    assert_eq!(
+        b.identity.unwrap().uid,
+        2_000_001,
+        "the crashed create's UID is still held"
+    );
+    r.engine.gc(false).unwrap();
+    let c = r.engine.volume_create(&req("c")).unwrap();
+    assert_eq!(
+        c.identity.unwrap().uid,
+        2_000_000,
+        "gc rolled it back: free again"
+    );
+}
+
+#[test]
+fn a_cache_gid_given_by_the_cluster_is_kept_by_the_cache() {
+    let r = Rig::new();
+    let v = r
+        .engine
+        .volume_create(&CreateRequest {
+            unique_ids: true,
+            cache_gid: Some(3_000_042),
+            ..r.request("a", Some("c"), false)
+        })
+        .unwrap();
+    assert_eq!(v.identity.unwrap().gid, 3_000_042);
+    assert_eq!(
+        r.engine.cache_record(&cid("c")).unwrap().unwrap().gid,
+        Some(3_000_042)
+    );
+}

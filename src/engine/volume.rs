@@ -37,6 +37,10 @@ pub struct CreateRequest {
     /// Mode of the cache if this request creates it; a different mode than an existing
     /// cache's is refused. `None`: the existing cache's mode, or overlay for a new cache.
     pub cache_mode: Option<CacheMode>,
+    /// Give the volume its own UID and its cache's GID, and its root to them.
+    pub unique_ids: bool,
+    /// The cache's GID as the cluster allocated it (the hook); `None`: the node allocates.
+    pub cache_gid: Option<u32>,
 }
 
 /// What `volume delete` did.
@@ -195,8 +199,10 @@ impl Engine {
             return self.clone_create(req, &dir, &vol, size);
         }
         let mut record = new_record(req, &dir, &vol, size, VolumeKind::Overlay);
-        // Admitted until the record is written: from then on it counts in the disk budget.
+        // Admitted until the record is written: from then on it counts in the disk budget (and
+        // holds its UID).
         let admission = self.admit(size)?;
+        let uid = req.unique_ids.then(|| self.allocate_uid()).transpose()?;
         ensure_dir(&self.layout.volume_dir(&vol))?;
         let lowers = match &req.cache {
             Some(id) => {
@@ -207,6 +213,10 @@ impl Engine {
                 let current = self.current(id)?;
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
+                if let Some(uid) = uid {
+                    let gid = self.cache_gid(id, req.cache_gid)?;
+                    set_identity(&mut record, uid, gid);
+                }
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 touch(&self.layout.last_used(id));
@@ -221,6 +231,9 @@ impl Engine {
                 }
             }
             None => {
+                if let Some(uid) = uid {
+                    set_identity(&mut record, uid, uid);
+                }
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 vec![self.layout.empty()]
@@ -330,6 +343,7 @@ impl Engine {
             id: id.clone(),
             cache_size,
             mode,
+            gid: None,
             created: fsutil::now(),
         };
         ensure_dir(&self.layout.layers_dir(id))?;
@@ -349,6 +363,7 @@ impl Engine {
         if existing.cache != req.cache
             || existing.size != size
             || existing.write_back != req.write_back
+            || existing.identity.is_some() != req.unique_ids
         {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -671,6 +686,16 @@ impl Engine {
     }
 }
 
+/// Gives `record` its identity and its root to it.
+pub(crate) fn set_identity(record: &mut VolumeRecord, uid: u32, gid: u32) {
+    record.identity = Some(crate::state::records::Identity { uid, gid });
+    record.root = Some(RootOwner {
+        uid,
+        gid,
+        mode: super::identity::IDENTITY_ROOT_MODE,
+    });
+}
+
 /// The record of a volume about to be made (state `creating`).
 pub(crate) fn new_record(
     req: &CreateRequest,
@@ -683,6 +708,7 @@ pub(crate) fn new_record(
         id: vol.to_string(),
         kind,
         lease: false,
+        identity: None,
         note: None,
         dir: dir.to_path_buf(),
         cache: req.cache.clone(),

@@ -24,6 +24,8 @@ struct RawConfig {
     disk_reserve: Option<String>,
     overcommit: Option<f64>,
     keep_generations: Option<usize>,
+    volume_uids: Option<String>,
+    cache_gids: Option<String>,
     clone_writers: Option<String>,
     clone_backend: Option<String>,
     clone_pool_size: Option<String>,
@@ -177,6 +179,11 @@ pub struct Config {
     /// How many times the free space (less the reserve) creates may promise, in percent: 100
     /// (the default) never promises a byte twice.
     pub overcommit_percent: u32,
+    /// UIDs given to volumes with unique ids, unique among the node's live volumes.
+    pub volume_uids: (u32, u32),
+    /// GIDs given to caches used with unique ids, unique in the cluster (through the API) or
+    /// on the node (without one).
+    pub cache_gids: (u32, u32),
     /// How many of the latest generations keep their layers, so that a cache can be rolled
     /// back to them (the current one included).
     pub keep_generations: usize,
@@ -208,6 +215,8 @@ impl Default for Config {
             disk_reserve: None,
             overcommit_percent: 100,
             keep_generations: 3,
+            volume_uids: (2_000_000, 2_999_999),
+            cache_gids: (3_000_000, 3_999_999),
             clone_writers: CloneWriters::Lease,
             clone_backend: CloneBackend::Auto,
             clone_pool_size: 64 << 30,
@@ -274,6 +283,14 @@ impl Config {
                         "overcommit in {origin} is {f}: use a factor from 1.0 (never promise the disk twice, the default) to 100"
                     )))
                 }
+            },
+            volume_uids: match &raw.volume_uids {
+                Some(v) => id_range(&format!("volume_uids in {origin}"), v)?,
+                None => d.volume_uids,
+            },
+            cache_gids: match &raw.cache_gids {
+                Some(v) => id_range(&format!("cache_gids in {origin}"), v)?,
+                None => d.cache_gids,
             },
             keep_generations: match raw.keep_generations {
                 None => d.keep_generations,
@@ -342,6 +359,24 @@ impl Config {
             .filter(|r| key.starts_with(&r.caches))
             .max_by_key(|r| r.caches.len())
     }
+}
+
+/// Parses an id range `FIRST-LAST` (inclusive), above the system's ids and below 2^31.
+fn id_range(what: &str, v: &str) -> Result<(u32, u32)> {
+    let bad = || {
+        Error::invalid(format!(
+            "{what} is {v:?}: use FIRST-LAST with 1000 <= FIRST <= LAST < 2147483648, e.g. \"2000000-2999999\" (ranges of different nodes' volumes may overlap; keep them clear of real users)"
+        ))
+    };
+    let (a, b) = v.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a < 1000 || a > b || b >= 1 << 31 {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 fn registry(raw: RawRegistry, origin: &str) -> Result<RegistryConfig> {

@@ -164,6 +164,89 @@ impl Client {
         }
     }
 
+    /// Reads any object as JSON (`Ok(None)`: the API answered 404).
+    pub(crate) fn get_value(&self, path: &str, what: &str) -> Result<Option<serde_json::Value>> {
+        match self.get::<serde_json::Value>(path, what) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes an object (`POST` to create, `PUT` to replace). A 409 (the object exists, or its
+    /// `resourceVersion` is stale) is an error of kind `Conflict`, for the caller to re-read and
+    /// retry; transient failures are retried within the budget like reads.
+    pub(crate) fn write(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}{}", self.target.server, path);
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let left = self
+                .budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            let mut req = self
+                .agent
+                .request(method, &url)
+                .timeout(left.min(ATTEMPT_TIMEOUT))
+                .set("Accept", "application/json")
+                .set("Content-Type", "application/json");
+            if let Some(t) = &self.target.token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let failure = match req.send_string(&body.to_string()) {
+                Ok(resp) => {
+                    let text = resp.into_string().unwrap_or_default();
+                    return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
+                }
+                Err(ureq::Error::Status(409, _)) => {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!("{what} changed meanwhile (HTTP 409)"),
+                    ))
+                }
+                Err(ureq::Error::Status(code, resp)) => {
+                    let status: Status = resp
+                        .into_string()
+                        .ok()
+                        .and_then(|b| serde_json::from_str(&b).ok())
+                        .unwrap_or_default();
+                    let msg = format!("HTTP {code}: {}", status.message);
+                    match classify_status(code) {
+                        Next::Retry => msg,
+                        Next::Fail(kind) => {
+                            return Err(Error::new(
+                                kind,
+                                format!(
+                                    "the API refused to write {what} ({msg}): check that the provisioner's service account may get, create and update configmaps in its namespace (deploy/rbac.yaml)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                Err(ureq::Error::Transport(t)) => t.to_string(),
+            };
+            let pause = backoff(attempt);
+            if started.elapsed() + pause >= self.budget {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "could not write {what} to the Kubernetes API at {} after {attempt} attempts: {failure}",
+                        self.target.server
+                    ),
+                ));
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{}", self.target.server, path);
         let started = Instant::now();

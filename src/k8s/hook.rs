@@ -98,6 +98,7 @@ fn create(
                 write_back: r.write_back,
                 root: r.root,
                 labels: r.labels.clone(),
+                unique_ids: r.identity.is_some(),
                 ..Default::default()
             })?;
             return Ok(HookOutcome::Created {
@@ -170,6 +171,15 @@ fn create(
     if let Some(id) = &decision.cache {
         crate::sync::ops::pull_if_cold(engine, id, Some(deadline));
     }
+    // A cache's GID is the cluster's: allocated once through the API, the same on every node.
+    let cache_gid = match (&decision.cache, decision.unique_ids) {
+        (Some(id), true) => Some(super::gids::cache_gid(
+            &client,
+            id,
+            engine.config().cache_gids,
+        )?),
+        _ => None,
+    };
     let volume = engine.volume_create(&CreateRequest {
         dir: req.path.clone(),
         cache: decision.cache,
@@ -179,6 +189,8 @@ fn create(
         root: Some(req.root),
         labels: l,
         cache_mode: decision.cache_mode,
+        unique_ids: decision.unique_ids,
+        cache_gid,
     })?;
     Ok(HookOutcome::Created {
         volume: Box::new(volume),

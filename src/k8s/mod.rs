@@ -3,9 +3,11 @@
 //! - [`path`]: the PVC a volume path belongs to (pure).
 //! - [`policy`]: what a volume gets from its PVC's annotations and its class's parameters (pure).
 //! - [`kubeconfig`] and [`client`]: reading the PVC and StorageClass from the API.
+//! - [`gids`]: the cluster-wide table of cache GIDs (a ConfigMap, optimistic concurrency).
 //! - [`hook`]: the setup/teardown entry point on top of the engine.
 
 pub mod client;
+pub mod gids;
 pub mod hook;
 pub mod kubeconfig;
 pub mod path;

@@ -19,13 +19,18 @@ pub const PARAM_MAX_VOLUME_SIZE: &str = "jobcachefs.io/max-volume-size";
 /// StorageClass parameter: `overlay` (default) or `clone`, the mode of caches the class creates.
 pub const PARAM_CACHE_MODE: &str = "jobcachefs.io/cache-mode";
 
+/// StorageClass parameter: `"true"` gives each volume a node-unique UID and each cache a
+/// cluster-unique GID.
+pub const PARAM_UNIQUE_IDS: &str = "jobcachefs.io/unique-ids";
+
 const PREFIX: &str = "jobcachefs.io/";
 const PVC_KEYS: [&str; 2] = [ANNOTATION_CACHE, KEY_WRITE_BACK];
-const CLASS_KEYS: [&str; 4] = [
+const CLASS_KEYS: [&str; 5] = [
     KEY_WRITE_BACK,
     PARAM_CACHE_SIZE,
     PARAM_MAX_VOLUME_SIZE,
     PARAM_CACHE_MODE,
+    PARAM_UNIQUE_IDS,
 ];
 
 /// The facts of the PVC that matter here.
@@ -61,6 +66,8 @@ pub struct Decision {
     pub size: u64,
     /// The class's cache mode, if it names one.
     pub cache_mode: Option<crate::state::records::CacheMode>,
+    /// Per-volume identities.
+    pub unique_ids: bool,
     /// Things the operator should know (an opt-in the class does not allow, …).
     pub notes: Vec<String>,
 }
@@ -136,6 +143,10 @@ pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> 
             )
         })
         .transpose()?;
+    let unique_ids = match class.parameters.get(PARAM_UNIQUE_IDS) {
+        Some(v) => parse_bool(&format!("{sc}'s parameter {PARAM_UNIQUE_IDS}"), v)?,
+        None => false,
+    };
     let class_writes = match class.parameters.get(KEY_WRITE_BACK) {
         Some(v) => parse_bool(&format!("{sc}'s parameter {KEY_WRITE_BACK}"), v)?,
         None => false,
@@ -173,6 +184,7 @@ pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> 
         cache_size,
         size: requested,
         cache_mode,
+        unique_ids,
         notes,
     })
 }

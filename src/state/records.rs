@@ -57,6 +57,9 @@ pub struct CacheRecord {
     /// How its volumes are made (records written before modes existed are overlay caches).
     #[serde(default)]
     pub mode: CacheMode,
+    /// The cache's GID (unique in the cluster), once a volume with unique ids used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
     /// Unix seconds.
     pub created: u64,
 }
@@ -174,6 +177,15 @@ pub struct RootOwner {
     pub mode: u32,
 }
 
+/// A volume's identity: the user a job switches to.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Identity {
+    /// Unique among the node's live volumes.
+    pub uid: u32,
+    /// The cache's GID (unique in the cluster); for a volume without a cache, its own group.
+    pub gid: u32,
+}
+
 /// What a volume is made of.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -196,6 +208,10 @@ pub struct VolumeRecord {
     /// A clone volume that holds its cache's write lease (only it may commit).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lease: bool,
+    /// The volume's own identity (`--unique-ids`): a UID unique among this node's live
+    /// volumes and its cache's GID; the volume's root is owned by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
     /// Why this volume will not commit although it was created write-back (the lease was held
     /// by another volume), told at create and at delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
