@@ -141,6 +141,15 @@ impl Engine {
             .canonicalize()
             .at("resolve state dir", state_dir)?;
         mounts::check_option_path("state dir", &root)?;
+        // The state dir is root's alone: volumes' identities must not read other volumes'
+        // images, records or mounts through it (the kernel reaches layers and uppers with the
+        // mounter's credentials, so nothing else needs access).
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mode = std::fs::metadata(&root).at("stat", &root)?.mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                .at("chmod 0700", &root)?;
+        }
         let layout = Layout::new(root);
         check_format(&layout)?;
         for d in [
