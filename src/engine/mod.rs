@@ -45,7 +45,7 @@ fn make_ballast(layout: &Layout) {
     if path.exists() {
         return;
     }
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let made = std::fs::File::create(&tmp).and_then(|f| {
         nix::fcntl::fallocate(
             std::os::fd::AsRawFd::as_raw_fd(&f),
@@ -87,8 +87,12 @@ fn check_format(layout: &Layout) -> Result<()> {
             )),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written aside and renamed: processes opening a new state dir at once must never
+            // read a half-written file.
             crate::state::fsutil::ensure_dir(layout.root())?;
-            std::fs::write(&path, format!("{STATE_FORMAT}\n")).at("write", &path)
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            std::fs::write(&tmp, format!("{STATE_FORMAT}\n")).at("write", &tmp)?;
+            std::fs::rename(&tmp, &path).at("rename", &path)
         }
         Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
     }
