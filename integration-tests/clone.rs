@@ -300,3 +300,70 @@ fn real_clone_sigkill_in_commit_leaves_old_or_new_and_gc_repairs() {
         node.assert_clean_volumes();
     }
 }
+
+#[test]
+fn real_clone_volume_can_be_idmapped_an_overlay_volume_cannot() {
+    if !root_or_skip("real_clone_volume_can_be_idmapped_an_overlay_volume_cannot") {
+        return;
+    }
+    use jobcachefs::host::idmap::{idmap_mount, userns_fd};
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let node = Node::with_config(CONFIG);
+    // What a pod with `hostUsers: false` gets: its user namespace maps 0..65536 to 100000...
+    let userns = userns_fd("0 100000 65536", "0 100000 65536").unwrap();
+
+    let c = node.create(
+        "c",
+        "ids",
+        &["--cache-mode", "clone", "--cache-size", "512Mi"],
+    );
+    sh(&format!(
+        "cd {}; echo r > root-owned; echo u > user-owned; chown 1000:2000 user-owned",
+        c.display()
+    ));
+    let view = node.tmp.path().join("idmapped");
+    std::fs::create_dir(&view).unwrap();
+    idmap_mount(&c, &view, userns.as_fd()).unwrap();
+    let owner = |p: &Path| {
+        let md = std::fs::metadata(p).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!(owner(&view.join("root-owned")), (100000, 100000));
+    assert_eq!(owner(&view.join("user-owned")), (101000, 102000));
+    assert_eq!(
+        owner(&c.join("user-owned")),
+        (1000, 2000),
+        "the volume itself is unchanged"
+    );
+    // The pod's root (host uid 100000) writes through the view; the file is root's on disk.
+    let w = Command::new("setpriv")
+        .args([
+            "--reuid=100000",
+            "--regid=100000",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("echo w > {}", view.join("written").display()))
+        .output()
+        .unwrap();
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    assert_eq!(owner(&c.join("written")), (0, 0));
+    assert_eq!(owner(&view.join("written")), (100000, 100000));
+    // A uid outside the map cannot create files there (EOVERFLOW), host root included.
+    let e = std::fs::write(view.join("unmapped"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EOVERFLOW), "{e}");
+    nix::mount::umount2(&view, nix::mount::MntFlags::empty()).unwrap();
+
+    let o = node.create("o", "layers", &[]);
+    let view2 = node.tmp.path().join("idmapped-overlay");
+    std::fs::create_dir(&view2).unwrap();
+    let e = idmap_mount(&o, &view2, userns.as_fd()).unwrap_err();
+    assert_eq!(e.kind(), jobcachefs::error::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("EINVAL"), "{e}");
+    assert!(node.mounts().iter().all(|m| m != &view2));
+    node.delete(&o, &[]).ok();
+    node.delete(&c, &[]).ok();
+    node.assert_clean_volumes();
+}

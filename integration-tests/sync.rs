@@ -1178,3 +1178,166 @@ fn sh_out(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A clone cache: 0/0 devices, overlay xattrs, hardlinks, sparse files and ns mtimes survive
+/// export → import on another node exactly; the second export uploads only a small delta, and
+/// the other node, holding the older generation, downloads and applies only that delta.
+#[test]
+fn real_sync_clone_cache_round_trips_exactly_and_pushes_only_deltas() {
+    if !root_or_skip("real_sync_clone_cache_round_trips_exactly_and_pushes_only_deltas") {
+        return;
+    }
+    const CLONE: &[&str] = &[
+        "--cache-mode",
+        "clone",
+        "--cache-size",
+        "512Mi",
+        "--write-back",
+    ];
+    let reg = Registry::start();
+    // Pools of their own (the state dirs are on ext4); the tree has a device node and an
+    // absolute symlink, which a clone cache holds as data.
+    let config = format!(
+        "clone_pool_size = \"4Gi\"\n{}",
+        reg.config("allow_devices = true\n")
+    );
+    let a = Node::with_config(&config);
+    let b = Node::with_config(&config);
+    let v1 = a.create("v1", "images", CLONE);
+    rich_tree(&v1, true);
+    sh(&format!(
+        "cd {}; mkdir -p l/diff/gone l/work; mknod l/diff/wh c 0 0; \
+         setfattr -n trusted.overlay.opaque -v y l/diff/gone; \
+         setfattr -n trusted.overlay.redirect -v /x l/work; \
+         head -c 8000000 /dev/urandom > l/diff/blob; chown 1000:1000 .; chmod 751 .",
+        v1.display()
+    ));
+    let expected = snap(&v1);
+    let d = a.delete(&v1, &["-o", "json"]).ok().json();
+    assert_eq!(d["outcome"], "committed", "{d}");
+
+    let full = export(&a, "images");
+    assert_eq!(
+        (full["outcome"].as_str(), full["layers"].as_u64()),
+        (Some("pushed"), Some(1)),
+        "{full}"
+    );
+    let image = reg.image("default", "images");
+    let base = reg.layers(&image)[0].clone();
+    let r = import(&b, "images");
+    assert_eq!(r["outcome"], "imported", "{r}");
+    assert_eq!(b.show("images")["mode"], "clone");
+    let check = |n: &Node, vol: &str, expected: &jobcachefs::files::tree::Snapshot, what: &str| {
+        let v = n.create(vol, "images", &[]);
+        assert_same_tree(expected, &v, what);
+        for (p, name, value) in [
+            ("l/diff/gone", "trusted.overlay.opaque", &b"y"[..]),
+            ("l/work", "trusted.overlay.redirect", &b"/x"[..]),
+        ] {
+            assert_eq!(
+                xattr::get(v.join(p), name).unwrap().as_deref(),
+                Some(value),
+                "{what}: {p} {name}"
+            );
+        }
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let md = std::fs::symlink_metadata(v.join("l/diff/wh")).unwrap();
+        assert!(md.file_type().is_char_device() && md.rdev() == 0, "{what}");
+        let root = std::fs::metadata(&v).unwrap();
+        assert_eq!(
+            (root.uid(), root.permissions().mode() & 0o7777),
+            (1000, 0o751),
+            "{what}: the root's owner and mode"
+        );
+        n.delete(&v, &[]).ok();
+    };
+    check(&b, "vb", &expected, "after a full import");
+
+    // A small commit: only it travels.
+    let v2 = a.create("v2", "images", CLONE);
+    sh(&format!(
+        "cd {}; echo small > l/new; rm -r a/b/c; mknod l/diff/wh2 c 0 0; \
+         setfattr -x trusted.overlay.opaque l/diff/gone; touch -d '2022-02-02 02:02:02.5' a/file",
+        v2.display()
+    ));
+    let expected2 = snap(&v2);
+    a.delete(&v2, &[]).ok();
+    let mark = reg.log().len();
+    let delta = export(&a, "images");
+    assert_eq!(
+        (delta["layers"].as_u64(), delta["new_layers"].as_u64()),
+        (Some(2), Some(1)),
+        "{delta}"
+    );
+    let (full_bytes, delta_bytes) = (
+        full["new_bytes"].as_u64().unwrap(),
+        delta["new_bytes"].as_u64().unwrap(),
+    );
+    eprintln!("clone export: full {full_bytes} bytes, delta {delta_bytes} bytes");
+    assert!(
+        delta_bytes < 64 << 10 && full_bytes > 8_000_000,
+        "full {full_bytes}, delta {delta_bytes}"
+    );
+    let layers = reg.layers(&image);
+    assert_eq!(layers[0], base);
+    let log = reg.log_since(mark);
+    assert_eq!(uploads(&log, &base), 0, "the full layer again:\n{log}");
+    assert_eq!(uploads(&log, &layers[1]), 1, "{log}");
+
+    // B holds the older generation: it downloads only the delta and applies it to a clone.
+    let mark = reg.log().len();
+    let r = import(&b, "images");
+    assert_eq!(
+        (r["outcome"].as_str(), r["new_layers"].as_u64()),
+        (Some("imported"), Some(1)),
+        "{r}"
+    );
+    let log = reg.log_since(mark);
+    assert_eq!(downloads(&log, &base), 0, "{log}");
+    assert_eq!(downloads(&log, &layers[1]), 1, "{log}");
+    check_delta(&b, &expected2);
+    assert_eq!(export(&a, "images")["outcome"], "up-to-date");
+    assert_eq!(import(&b, "images")["outcome"], "up-to-date");
+    assert_eq!(export(&b, "images")["outcome"], "up-to-date");
+
+    // A fresh node rebuilds from both layers.
+    let c = Node::with_config(&config);
+    assert_eq!(import(&c, "images")["new_layers"], 2);
+    check_delta(&c, &expected2);
+    // A new cache takes the line's mode; an overlay cache refuses it.
+    let o = a.run(&["cache", "import", "other", "--image", &image]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(a.show("other")["mode"], "clone");
+    let ov = a.create("ov", "ov", &[]);
+    a.delete(&ov, &[]).ok();
+    let o = a.run(&["cache", "import", "ov", "--image", &image]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("holds a clone-mode image"),
+        "{}",
+        o.stderr
+    );
+    // The reflink pool stays mounted (node infrastructure); nothing of a volume or a sync does.
+    for n in [&a, &b, &c] {
+        n.assert_clean_volumes();
+        let sync_mounts: Vec<_> = n
+            .mounts()
+            .into_iter()
+            .filter(|m| m.starts_with(n.state().join("mnt/sync")))
+            .collect();
+        assert!(sync_mounts.is_empty(), "{sync_mounts:?}");
+    }
+}
+
+/// The tree after the second commit of the clone test, and its overlay xattrs.
+fn check_delta(n: &Node, expected: &jobcachefs::files::tree::Snapshot) {
+    let v = n.create("check", "images", &[]);
+    assert_same_tree(expected, &v, "after the delta");
+    assert_eq!(
+        xattr::get(v.join("l/diff/gone"), "trusted.overlay.opaque").unwrap(),
+        None,
+        "a removed overlay xattr is removed"
+    );
+    assert!(!v.join("a/b/c").exists());
+    n.delete(&v, &[]).ok();
+}

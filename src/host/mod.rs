@@ -11,6 +11,7 @@ pub mod clone;
 pub mod cmd;
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod idmap;
 pub mod image;
 pub mod loopback;
 pub mod mounts;

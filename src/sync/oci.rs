@@ -38,6 +38,12 @@ pub(crate) const ANN_COVERS: &str = "io.jobcachefs.layer.covers";
 pub(crate) const ANN_GENERATION: &str = "io.jobcachefs.generation";
 /// Manifest annotation: the cache, `<namespace>/<name>`.
 pub(crate) const ANN_CACHE: &str = "io.jobcachefs.cache";
+/// Manifest annotation: the mode of the cache the line was exported from (`clone`; absent for
+/// an overlay cache's line, whose layers are overlay layers).
+pub(crate) const ANN_MODE: &str = "io.jobcachefs.cache-mode";
+/// Manifest annotation of a clone line: the cache-size in bytes (a clone image is that size;
+/// a node that imports the line into a new cache takes it).
+pub(crate) const ANN_CACHE_SIZE: &str = "io.jobcachefs.cache-size";
 
 /// An OCI content descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -14,7 +14,11 @@
 //! resolved to the node's platform): layers without a jobcachefs id get a chain id derived from
 //! their diff_ids, and their blobs are kept as they are (an export pushes them unchanged).
 //!
+//! Clone-mode caches have their own line (one full layer, then deltas): see [`clone`].
+//!
 //! Both run under one node-wide lock (`<state>/sync/lock`): the OCI layout is shared.
+
+mod clone;
 
 use super::line::{self, LineLayer, Src};
 use super::oci::{self, BlobRecord, Compression, Descriptor, Manifest, ManifestKind, Store};
@@ -24,7 +28,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
 use crate::input::names::{is_layer_id, CacheId};
 use crate::state::fsutil::{self, ensure_dir};
-use crate::state::records::{Generation, LayerInfo};
+use crate::state::records::{CacheMode, Generation, LayerInfo};
 use crate::state::{lock, stats};
 use crate::{fault, Engine};
 use serde::Serialize;
@@ -89,6 +93,11 @@ struct RemoteLine {
     compression: Vec<Compression>,
     line: Vec<LineLayer>,
     diff_ids: Vec<String>,
+    /// The cache mode the line was exported from (`clone`; none: an overlay cache's line or an
+    /// image jobcachefs did not make).
+    mode: Option<String>,
+    /// The cache-size a clone line was exported with.
+    cache_size: Option<u64>,
 }
 
 /// The id of a layer that carries no jobcachefs id (an image jobcachefs did not make): a
@@ -122,6 +131,8 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
             compression: vec![],
             line: vec![],
             diff_ids: vec![],
+            mode: None,
+            cache_size: None,
         });
     };
     let digest = oci::digest_of(&raw);
@@ -223,6 +234,11 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
             .get(oci::ANN_GENERATION)
             .and_then(|g| g.parse().ok())
             .unwrap_or(0),
+        mode: m.annotations.get(oci::ANN_MODE).cloned(),
+        cache_size: m
+            .annotations
+            .get(oci::ANN_CACHE_SIZE)
+            .and_then(|s| s.parse().ok()),
         layers: m.layers,
         compression,
         line,
@@ -377,14 +393,23 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
     let remote = &remote
         .clone()
         .with_tmpdir(engine.layout().root().join("sync/tmp"));
-    if engine.cache_record(id)?.is_none() {
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!("cache {id} does not exist on this node: see `jobcachefs cache ls`"),
-        ));
+    match engine.cache_record(id)? {
+        None => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("cache {id} does not exist on this node: see `jobcachefs cache ls`"),
+            ))
+        }
+        Some(c) if c.mode == CacheMode::Clone => {
+            return clone::export(engine, id, remote, &store, started)
+        }
+        Some(_) => {}
     }
     for attempt in 1..=PUSH_ATTEMPTS {
         let r = read_remote(remote, &store)?;
+        if r.mode.as_deref() == Some(CacheMode::Clone.as_str()) {
+            return Err(clone::mode_mismatch(remote, id, CacheMode::Overlay));
+        }
         let current = engine.current(id)?;
         let local = local_line(&current);
         let report = |outcome, generation, layers, new_layers, new_bytes, rebased| ExportReport {
@@ -548,6 +573,26 @@ fn import_inner(
             format!("no image at {}: {fix}", remote.image_name()),
         ));
     }
+    let local_mode = engine.cache_record(id)?.map(|c| c.mode);
+    let remote_clone = r.mode.as_deref() == Some(CacheMode::Clone.as_str());
+    match (local_mode, remote_clone) {
+        (Some(CacheMode::Clone), _) | (None, true) => {
+            return clone::import(
+                engine,
+                id,
+                remote,
+                &store,
+                r,
+                cache_size,
+                allow_devices,
+                started,
+            )
+        }
+        (Some(CacheMode::Overlay), true) => {
+            return Err(clone::mode_mismatch(remote, id, CacheMode::Overlay))
+        }
+        _ => {}
+    }
     let digest = r.manifest.clone();
     let source = format!(
         "import {}{}",
@@ -578,6 +623,7 @@ fn import_inner(
     let policy = ImportPolicy {
         allow_devices,
         max_bytes: limit,
+        clone: false,
     };
     let mut built = Vec::new();
     let mut new_bytes = 0;
@@ -668,11 +714,7 @@ fn import_inner(
         ));
     }
     // A crash from here on leaves at most unreferenced layer images, which gc removes.
-    engine.ensure_cache(
-        id,
-        Some(limit),
-        Some(crate::state::records::CacheMode::Overlay),
-    )?;
+    engine.ensure_cache(id, Some(limit), Some(CacheMode::Overlay))?;
     for (img, dst, i) in renames {
         std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
         let blob = BlobRecord {
@@ -839,7 +881,8 @@ fn build_layer(
 
 /// Drops blobs no local layer needs any more.
 fn tidy(engine: &Engine, store: &Store) -> Result<()> {
-    let mut live = HashSet::new();
+    // The layers of clone caches' lines: their blobs are what the next delta is stacked on.
+    let mut live = clone::live_line_layers(engine, store)?;
     for id in engine.cache_ids()? {
         if let Ok(entries) = std::fs::read_dir(engine.layout().layers_dir(&id)) {
             for e in entries.flatten() {

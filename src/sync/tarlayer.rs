@@ -12,6 +12,15 @@
 //! claims before anything is created (a hostile layer is refused with nothing changed), then
 //! [`extract_layer`] writes the tree into a fresh, never-networked ext4 image, turning `.wh.`
 //! entries back into overlay whiteouts and runs of zero blocks into holes.
+//!
+//! Clone-mode caches ([`write_clone_layer`], [`ImportPolicy::clone`]) hold a job's own data,
+//! in which whiteout devices and `trusted.overlay.*` xattrs (container storage's overlay layers)
+//! are files like any other: there a char 0/0 device is a tar `Char` entry 0/0, an overlay xattr
+//! travels under the PAX key `JOBCACHEFS.xattr.<name>` (so tools that read the image as an
+//! ordinary one, and the overlay-mode import, never take it for their own), the tree's root
+//! is the entry `./`, symlinks may point anywhere (they are never followed: parents must be real
+//! directories), and the only OCI whiteouts are `.wh.<name>` entries of a delta layer, which
+//! delete what a lower layer had.
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::files::walk::{walk_sorted, Entry, Step};
@@ -29,6 +38,8 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const XATTR_PAX: &str = "SCHILY.xattr.";
+/// PAX key prefix of a clone layer's `trusted.overlay.*` xattrs (data of the job's).
+const CLONE_XATTR_PAX: &str = "JOBCACHEFS.xattr.";
 const BLOCK: usize = 4096;
 
 /// What a layer tar holds.
@@ -73,6 +84,7 @@ pub(crate) fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
     let mut w = Writer {
         links: HashMap::new(),
         stats: LayerStats::default(),
+        clone: false,
     };
     walk_sorted(root, &mut |step| match step {
         Step::Entry(e) => w.visit(&e, &mut b),
@@ -82,9 +94,41 @@ pub(crate) fn write_layer(root: &Path, out: impl Write) -> Result<LayerStats> {
     Ok(w.stats)
 }
 
+/// Writes a clone cache's tree under `root` as a layer tar (see the module doc): whiteouts for
+/// `deleted` (paths a lower layer has), the root, then every entry of the tree, or only those in
+/// `include` (a delta: it must hold whole hardlink groups and the parents of what it holds).
+pub(crate) fn write_clone_layer(
+    root: &Path,
+    out: impl Write,
+    include: Option<&std::collections::HashSet<PathBuf>>,
+    deleted: &[PathBuf],
+) -> Result<LayerStats> {
+    let mut b = tar::Builder::new(out);
+    let mut w = Writer {
+        links: HashMap::new(),
+        stats: LayerStats::default(),
+        clone: true,
+    };
+    for d in deleted {
+        let Some(name) = d.file_name() else { continue };
+        let wh = d.with_file_name(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
+        w.marker(&wh, &mut b)?;
+    }
+    let md = fs::symlink_metadata(root).at("stat", root)?;
+    w.entry(root, Path::new(""), &md, &mut b)?;
+    walk_sorted(root, &mut |step| match step {
+        Step::Entry(e) if include.is_none_or(|i| i.contains(e.rel)) => w.visit(&e, &mut b),
+        _ => Ok(()),
+    })?;
+    b.finish().ctx(|| "finish the layer tar".into())?;
+    Ok(w.stats)
+}
+
 struct Writer {
     links: HashMap<(u64, u64), PathBuf>,
     stats: LayerStats,
+    /// A clone cache's tree: whiteout devices and overlay xattrs are data.
+    clone: bool,
 }
 
 impl Writer {
@@ -101,7 +145,7 @@ impl Writer {
             )));
         }
         let ft = md.file_type();
-        if ft.is_char_device() && md.rdev() == 0 {
+        if ft.is_char_device() && md.rdev() == 0 && !self.clone {
             let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
             return self.marker(&wh, b);
         }
@@ -111,6 +155,7 @@ impl Writer {
         }
         self.entry(path, rel, md, b)?;
         if ft.is_dir()
+            && !self.clone
             && xattr::get(path, OPAQUE_XATTR)
                 .at("read xattr of", path)?
                 .as_deref()
@@ -153,11 +198,13 @@ impl Writer {
             ));
         }
         for name in xattr::list(path).at("list xattrs of", path)? {
-            if is_overlay_xattr(&name) {
-                continue;
-            }
+            let key = match (is_overlay_xattr(&name), self.clone) {
+                (true, false) => continue,
+                (true, true) => CLONE_XATTR_PAX,
+                (false, _) => XATTR_PAX,
+            };
             if let Some(v) = xattr::get(path, &name).at("read xattr of", path)? {
-                pax.push((format!("{XATTR_PAX}{}", name.to_string_lossy()), v));
+                pax.push((format!("{key}{}", name.to_string_lossy()), v));
             }
         }
         self.stats.entries += 1;
@@ -212,6 +259,9 @@ fn append<W: Write>(
     let name = rel.as_os_str().as_encoded_bytes().to_vec();
     let is_dir = h.entry_type() == tar::EntryType::Directory;
     let mut name = name;
+    if name.is_empty() {
+        name.push(b'.'); // the root of a clone layer: `./`
+    }
     if is_dir {
         name.push(b'/');
     }
@@ -244,6 +294,10 @@ pub struct ImportPolicy {
     pub allow_devices: bool,
     /// Refuse a layer whose files claim more than this many bytes in all.
     pub max_bytes: u64,
+    /// A clone cache's layer (see the module doc): char 0/0 devices and overlay xattrs are
+    /// data, symlinks may point anywhere, `.wh.` entries only delete, and the root's metadata is
+    /// applied.
+    pub clone: bool,
 }
 
 /// One validated tar entry.
@@ -315,6 +369,12 @@ fn check_entry(
     let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
     let et = entry.header().entry_type();
     if name == OPAQUE {
+        if policy.clone {
+            return Err(refuse(format!(
+                "{:?} is an opaque marker, which a clone cache's layers never hold",
+                raw.display().to_string()
+            )));
+        }
         return Ok(Checked {
             rel,
             kind: Kind::Opaque(parent),
@@ -347,6 +407,14 @@ fn check_entry(
                     )));
                 }
             }
+            if let Some(x) = e.key().ok().and_then(|k| k.strip_prefix(CLONE_XATTR_PAX)) {
+                if !policy.clone || !x.starts_with(OVERLAY_XATTR_PREFIX) {
+                    return Err(refuse(format!(
+                        "entry {:?} carries {CLONE_XATTR_PAX}{x}, which only a clone cache's layers hold, and only for {OVERLAY_XATTR_PREFIX}*",
+                        raw.display().to_string()
+                    )));
+                }
+            }
         }
     }
     match et {
@@ -356,7 +424,7 @@ fn check_entry(
         | tar::EntryType::Fifo => {}
         tar::EntryType::Symlink => {
             let target = link_target(entry, &raw, "symlink")?;
-            if !stays_inside(&parent, &target) {
+            if !policy.clone && !stays_inside(&parent, &target) {
                 return Err(refuse(format!(
                     "symlink {:?} points outside the cache ({:?})",
                     raw.display().to_string(),
@@ -376,7 +444,10 @@ fn check_entry(
             }
         }
         tar::EntryType::Char | tar::EntryType::Block => {
-            if !policy.allow_devices {
+            let whiteout_device = et == tar::EntryType::Char
+                && entry.header().device_major().ok().flatten() == Some(0)
+                && entry.header().device_minor().ok().flatten() == Some(0);
+            if !(policy.allow_devices || policy.clone && whiteout_device) {
                 return Err(refuse(format!(
                     "{:?} is a device node; set `allow_devices = true` in the registry's config to accept them",
                     raw.display().to_string()
@@ -450,14 +521,22 @@ pub(crate) fn extract_layer(
             Kind::Whiteout(hidden) => {
                 let p = dest.join(hidden);
                 remove_existing(&p)?;
-                mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0).at("make whiteout", &p)?;
+                if !policy.clone {
+                    mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0).at("make whiteout", &p)?;
+                }
             }
             Kind::Entry => {
                 let mtime = entry_mtime(&mut entry)?;
                 let h = entry.header().clone();
                 let et = h.entry_type();
                 if checked.rel.as_os_str().is_empty() {
-                    continue; // the root itself: the caller owns it
+                    if policy.clone && et == tar::EntryType::Directory {
+                        // A clone layer's root is the image's root: its metadata is the tree's.
+                        clear_xattrs(&target)?;
+                        apply_metadata(&mut entry, &h, &target, true)?;
+                        dir_times.push((target, mtime));
+                    }
+                    continue; // otherwise the root itself: the caller owns it
                 }
                 if et != tar::EntryType::Directory || !target.is_dir() {
                     remove_existing(&target)?;
@@ -508,7 +587,11 @@ pub(crate) fn extract_layer(
                     }
                     _ => continue,
                 }
-                apply_metadata(&mut entry, &h, &target)?;
+                if policy.clone && et == tar::EntryType::Directory {
+                    // A directory a lower layer had keeps its children, not its xattrs.
+                    clear_xattrs(&target)?;
+                }
+                apply_metadata(&mut entry, &h, &target, policy.clone)?;
                 if et == tar::EntryType::Directory {
                     dir_times.push((target, mtime));
                 } else {
@@ -575,8 +658,22 @@ fn set_mtime(p: &Path, t: TimeSpec) -> Result<()> {
     utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).at("set times of", p)
 }
 
-/// Owner, mode, then xattrs (a chown clears file capabilities).
-fn apply_metadata(entry: &mut tar::Entry<impl Read>, h: &tar::Header, p: &Path) -> Result<()> {
+/// Removes every xattr of `p` (a directory a delta layer replaces the metadata of).
+fn clear_xattrs(p: &Path) -> Result<()> {
+    for name in xattr::list(p).at("list xattrs of", p)? {
+        xattr::remove(p, &name).ctx(|| format!("remove xattr {name:?} of {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Owner, mode, then xattrs (a chown clears file capabilities); `clone`: a clone layer's
+/// overlay xattrs too.
+fn apply_metadata(
+    entry: &mut tar::Entry<impl Read>,
+    h: &tar::Header,
+    p: &Path,
+    clone: bool,
+) -> Result<()> {
     let uid = h.uid().unwrap_or(0) as u32;
     let gid = h.gid().unwrap_or(0) as u32;
     fchownat(
@@ -593,7 +690,12 @@ fn apply_metadata(entry: &mut tar::Entry<impl Read>, h: &tar::Header, p: &Path) 
     }
     if let Some(exts) = entry.pax_extensions().ctx(|| "read PAX headers".into())? {
         for e in exts.flatten() {
-            if let Some(name) = e.key().ok().and_then(|k| k.strip_prefix(XATTR_PAX)) {
+            let key = e.key().ok();
+            let name = key.and_then(|k| k.strip_prefix(XATTR_PAX)).or_else(|| {
+                key.and_then(|k| k.strip_prefix(CLONE_XATTR_PAX))
+                    .filter(|_| clone)
+            });
+            if let Some(name) = name {
                 xattr::set(p, name, e.value_bytes())
                     .ctx(|| format!("set xattr {name} on {}", p.display()))?;
             }
@@ -714,6 +816,7 @@ mod tests {
         let policy = ImportPolicy {
             allow_devices: false,
             max_bytes: 1 << 30,
+            clone: false,
         };
         use tar::EntryType::*;
         for (entries, needle) in [
@@ -752,6 +855,7 @@ mod tests {
         let policy = ImportPolicy {
             allow_devices: false,
             max_bytes: 1000,
+            clone: false,
         };
         assert_eq!(
             scan_layer(&t[..], &policy).unwrap_err().kind(),
