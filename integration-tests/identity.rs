@@ -85,3 +85,91 @@ fn real_identity_a_volume_is_its_own_and_reaches_no_other() {
     }
     node.assert_clean();
 }
+
+#[test]
+fn real_identity_each_job_owns_the_whole_cache_through_idmapped_mounts() {
+    if !root_or_skip("real_identity_each_job_owns_the_whole_cache_through_idmapped_mounts") {
+        return;
+    }
+    let node = Node::new();
+    for (cache, mode) in [("layers", "overlay"), ("containers", "clone")] {
+        let args = [
+            "--unique-ids",
+            "--write-back",
+            "--cache-mode",
+            mode,
+            "--cache-size",
+            "256Mi",
+        ];
+        let a = node.create(&format!("{mode}-a"), cache, &args);
+        let out = as_owner_of(
+            &a,
+            "umask 022; mkdir -p m2/x m2/gone && echo v1 > m2/x/dep.jar && echo old > m2/gone/f && id -u",
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uid_a = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(
+            node.delete(&a, &["-o", "json"]).ok().json()["outcome"],
+            "committed",
+            "{mode}"
+        );
+
+        // A later job with another UID (A's is free again: a live filler takes it) modifies,
+        // adds to and deletes what the first wrote (directories made 0755 by umask 022: only
+        // their owner may write them).
+        let filler = node.create(&format!("{mode}-filler"), "other", &["--unique-ids"]);
+        let b = node.create(&format!("{mode}-b"), cache, &args);
+        let out = as_owner_of(
+            &b,
+            "set -e; test \"$(stat -c %u m2/x/dep.jar)\" = \"$(id -u)\"; \
+             echo v2 > m2/x/dep.jar; echo new > m2/x/added.jar; rm -r m2/gone; id -u",
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: job B could not own A's files: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_ne!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            uid_a,
+            "{mode}: two different UIDs"
+        );
+        assert_eq!(
+            node.delete(&b, &["-o", "json"]).ok().json()["outcome"],
+            "committed",
+            "{mode}"
+        );
+
+        let c = node.create(
+            &format!("{mode}-c"),
+            cache,
+            &["--unique-ids", "--cache-mode", mode],
+        );
+        let out = as_owner_of(
+            &c,
+            "cat m2/x/dep.jar m2/x/added.jar; test ! -e m2/gone && echo gone",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "v2\nnew\ngone\n",
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        node.delete(&c, &[]).ok();
+        node.delete(&filler, &[]).ok();
+    }
+    node.run(&["gc"]).ok();
+    assert!(
+        node.mounts().iter().all(|m| !m.starts_with(node.vol(""))),
+        "{:?}",
+        node.mounts()
+    );
+    assert!(!node
+        .mounts()
+        .iter()
+        .any(|m| m.to_string_lossy().contains("/mnt/idmap/")));
+}

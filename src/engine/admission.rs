@@ -72,15 +72,11 @@ impl Engine {
         let (free, total) = self.host.fs_space(self.layout.root())?;
         let mut promised = 0u64;
         let mut volumes = 0;
-        let store_kind = self.clone_store_kind();
         for r in self.volume_records()? {
             if r.kind == crate::state::records::VolumeKind::Clone {
-                // A clone shares its blocks at first, but may come to own all of them: on the
-                // state dir it promises its whole size; in the pool the pool image's unallocated
-                // part (below) is the promise.
-                if store_kind != Some(super::CloneStoreKind::Pool) {
-                    promised = promised.saturating_add(r.size);
-                }
+                // A clone shares its blocks at first, but may come to own all of them: it
+                // promises its whole size, on the state dir or in the (sparse) pool image alike.
+                promised = promised.saturating_add(r.size);
                 volumes += 1;
                 continue;
             }
@@ -94,11 +90,6 @@ impl Engine {
             };
             promised = promised.saturating_add(r.size.saturating_sub(allocated));
             volumes += 1;
-        }
-        let pool = self.layout.pool_image();
-        if let Ok(md) = std::fs::metadata(&pool) {
-            use std::os::unix::fs::MetadataExt;
-            promised = promised.saturating_add(md.len().saturating_sub(md.blocks() * 512));
         }
         Ok(DiskBudget {
             free,

@@ -25,7 +25,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
 use crate::host::clone::no_reflink;
-use crate::host::{mounts, ImageMount};
+use crate::host::mounts;
 use crate::input::config::CloneBackend;
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
@@ -156,10 +156,10 @@ impl Engine {
                 .disk_reserve
                 .unwrap_or(super::admission::default_reserve(total));
             if self.config.clone_pool_size > free.saturating_sub(reserve) {
-                tracing::warn!(
+                tracing::info!(
                     pool = %human_bytes(self.config.clone_pool_size),
                     free = %human_bytes(free),
-                    "the reflink pool is larger than the free space: clones are admitted only as far as the disk can back them"
+                    "the reflink pool (sparse) is larger than the free space: clones are admitted only as far as the disk can back them"
                 );
             }
             self.host.make_pool(&tmp, self.config.clone_pool_size)?;
@@ -173,15 +173,6 @@ impl Engine {
             ensure_dir(&d)?;
         }
         Ok(mnt)
-    }
-
-    /// What a new volume of `size` promises of the state dir's disk: clones in the pool are
-    /// covered by the pool image's own promise (and by pool admission).
-    pub(crate) fn host_promise(&self, mode: CacheMode, size: u64) -> u64 {
-        match (mode, self.clone_store_kind()) {
-            (CacheMode::Clone, Some(CloneStoreKind::Pool)) => 0,
-            _ => size,
-        }
     }
 
     /// The size of a clone volume: its cache's cache-size. A request above it is refused.
@@ -268,7 +259,7 @@ impl Engine {
         if self.clone_store_kind() == Some(CloneStoreKind::Pool) {
             self.admit_clone_in_pool(&store, size)?;
         }
-        let admission = self.admit(self.host_promise(CacheMode::Clone, size))?;
+        let admission = self.admit(size)?;
         let uid = req.unique_ids.then(|| self.allocate_uid()).transpose()?;
         let mut record = super::volume::new_record(req, dir, vol, size, VolumeKind::Clone);
         let image = clone_store::volume_image(&store, vol);
@@ -296,7 +287,7 @@ impl Engine {
                         .host
                         .reflink(&clone_store::layer_image(&store, &id, &l.id), &image),
                     None => {
-                        let (uid, gid) = record.root.map(|r| (r.uid, r.gid)).unwrap_or((0, 0));
+                        let (uid, gid) = super::identity::disk_owner(&record).unwrap_or((0, 0));
                         self.host.make_image(&image, cache.cache_size, uid, gid)
                     }
                 }
@@ -312,14 +303,7 @@ impl Engine {
             if !dir.exists() {
                 std::fs::create_dir_all(dir).at("create volume DIR", dir)?;
             }
-            self.host
-                .mount_image(&image, dir, ImageMount { read_only: false })?;
-            if let Some(r) = record.root {
-                self.host.chown(dir, r.uid, r.gid)?;
-                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(r.mode))
-                    .at("chmod", dir)?;
-            }
-            Ok(())
+            self.mount_clone_for(&record, &image)
         })();
         if let Err(e) = mounted {
             let _ = self.clone_rollback(&record);
@@ -426,8 +410,7 @@ impl Engine {
         let image = clone_store::volume_image(&store, &record.id);
         self.host.check_image(&image)?;
         ensure_dir(&record.dir)?;
-        self.host
-            .mount_image(&image, &record.dir, ImageMount { read_only: false })?;
+        self.mount_clone_for(record, &image)?;
         tracing::info!(dir = %record.dir.display(), "clone volume remounted");
         Ok(())
     }

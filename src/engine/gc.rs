@@ -205,7 +205,10 @@ impl Engine {
         for m in self.host.mount_table()? {
             // An overlay at some volume DIR whose upper belongs to a volume with no record.
             if m.fstype == "overlay" {
-                if let Some(vol) = upper_volume_of(&m.super_options, &uppers) {
+                let idmapped = self.layout.mnt().join("idmap");
+                if let Some(vol) = upper_volume_of(&m.super_options, &uppers)
+                    .or_else(|| upper_volume_of(&m.super_options, &idmapped))
+                {
                     if !self.layout.volume_record(&vol).exists() {
                         if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
                             if !self.layout.volume_record(&vol).exists() {
@@ -217,7 +220,17 @@ impl Engine {
                 }
                 continue;
             }
-            if let Ok(rest) = m.mount_point.strip_prefix(&uppers) {
+            if let Ok(rest) = m.mount_point.strip_prefix(self.layout.mnt().join("idmap")) {
+                // An idmapped view lives only while its create holds the volume lock.
+                let vol = rest.iter().next().map(|v| v.to_string_lossy().into_owned());
+                if let Some(vol) = vol {
+                    if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
+                        self.host.unmount(&m.mount_point, true)?;
+                        let _ = std::fs::remove_dir(&m.mount_point);
+                        report.mounts_removed.push(m.mount_point.clone());
+                    }
+                }
+            } else if let Ok(rest) = m.mount_point.strip_prefix(&uppers) {
                 let vol = rest.to_string_lossy().into_owned();
                 if let Some(_l) = lock::try_lock(&self.layout.volume_lock(&vol))? {
                     if !self.layout.volume_record(&vol).exists() {

@@ -13,13 +13,119 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::input::names::CacheId;
 use crate::state::fsutil::read_json;
 use crate::state::lock;
+use crate::state::records::VolumeRecord;
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The idmap of a volume with an identity on a cache: on disk the cache's files belong to the
+/// cache's GID used as a UID too (its canonical owner, the same on every node), and through the
+/// volume's mounts they appear as the volume's UID. So each job owns the whole cache — what
+/// earlier jobs wrote, whatever their UIDs and mode bits — and what it writes lands on disk as
+/// the canonical owner again. Root stays root (overlayfs makes its whiteouts as root).
+pub(crate) fn idmap_of(record: &VolumeRecord) -> Option<((u32, u32), (u32, u32))> {
+    let id = record.identity?;
+    record.cache.as_ref()?;
+    Some(((id.gid, id.uid), (id.gid, id.gid)))
+}
+
+/// The on-disk owner of a volume's root: the canonical owner under an idmap, else the root's.
+pub(crate) fn disk_owner(record: &VolumeRecord) -> Option<(u32, u32)> {
+    match idmap_of(record) {
+        Some(((disk_uid, _), (disk_gid, _))) => Some((disk_uid, disk_gid)),
+        None => record.root.map(|r| (r.uid, r.gid)),
+    }
+}
 
 /// The mode of a root owned by a volume's identity: only its UID enters (concurrent volumes of
 /// the same cache share the GID, not their new files); setgid so new files get the cache's GID.
 pub const IDENTITY_ROOT_MODE: u32 = 0o2700;
 
 impl Engine {
+    /// Mounts a volume's overlay at its DIR: directly, or — for a volume with an identity — over
+    /// idmapped views of its layer mounts and upper mount (overlayfs accepts idmapped layers,
+    /// not an idmapped overlay). The views live under `mnt/idmap/<vol>/` only until the overlay
+    /// holds its own private clones of them; a crash in between leaves mounts there that `gc`
+    /// removes.
+    pub(crate) fn mount_overlay_for(
+        &self,
+        record: &VolumeRecord,
+        lowers: &[PathBuf],
+        upper_mount: &Path,
+    ) -> Result<()> {
+        let Some((uid, gid)) = idmap_of(record) else {
+            return self.host.mount_overlay(
+                lowers,
+                Some((&upper_mount.join("upper"), &upper_mount.join("work"))),
+                &record.dir,
+            );
+        };
+        let views = self.layout.mnt().join("idmap").join(&record.id);
+        let mut made = Vec::new();
+        let result = (|| {
+            let mut mapped = Vec::with_capacity(lowers.len());
+            for (i, lower) in lowers.iter().enumerate() {
+                // A layer's lowerdir is `<layer mount>/upper`; the empty dir is no mount.
+                match lower.parent().filter(|_| lower.ends_with("upper")) {
+                    Some(mount) => {
+                        let view = views.join(format!("l{i}"));
+                        crate::state::fsutil::ensure_dir(&view)?;
+                        self.host.idmap_mount(mount, &view, uid, gid)?;
+                        made.push(view.clone());
+                        mapped.push(view.join("upper"));
+                    }
+                    None => mapped.push(lower.clone()),
+                }
+            }
+            let view = views.join("u");
+            crate::state::fsutil::ensure_dir(&view)?;
+            self.host.idmap_mount(upper_mount, &view, uid, gid)?;
+            made.push(view.clone());
+            crate::fault::point("create:idmapped");
+            self.host.mount_overlay(
+                &mapped,
+                Some((&view.join("upper"), &view.join("work"))),
+                &record.dir,
+            )
+        })();
+        for v in made.iter().rev() {
+            if let Err(e) = self.host.unmount(v, true) {
+                tracing::warn!(view = %v.display(), error = %e, "idmapped view not unmounted; gc removes it");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&views);
+        result
+    }
+
+    /// Mounts a clone volume's image at its DIR: directly, or through an idmapped view of a
+    /// private mount (then dropped: the view keeps the filesystem) for a volume with an identity.
+    pub(crate) fn mount_clone_for(&self, record: &VolumeRecord, image: &Path) -> Result<()> {
+        let how = crate::host::ImageMount { read_only: false };
+        let Some((uid, gid)) = idmap_of(record) else {
+            self.host.mount_image(image, &record.dir, how)?;
+            return self.own_root(record, &record.dir);
+        };
+        let private = self.layout.upper_mount(&record.id);
+        crate::state::fsutil::ensure_dir(&private)?;
+        self.host.mount_image(image, &private, how)?;
+        let mapped = self
+            .own_root(record, &private)
+            .and_then(|_| self.host.idmap_mount(&private, &record.dir, uid, gid));
+        let _ = self.host.unmount(&private, true);
+        let _ = std::fs::remove_dir(&private);
+        mapped
+    }
+
+    /// Gives a volume's root (at `root`, its on-disk view) to its on-disk owner and mode.
+    pub(crate) fn own_root(&self, record: &VolumeRecord, root: &Path) -> Result<()> {
+        if let (Some((uid, gid)), Some(r)) = (disk_owner(record), record.root) {
+            self.host.chown(root, uid, gid)?;
+            use crate::error::IoContext;
+            std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(r.mode))
+                .at("chmod", root)?;
+        }
+        Ok(())
+    }
+
     /// The lowest UID of `volume_uids` no live volume record holds. Called with the admission
     /// lock held, which the caller keeps until the record naming the UID is written.
     pub(crate) fn allocate_uid(&self) -> Result<u32> {

@@ -166,7 +166,7 @@ impl Engine {
             // even the lock file); both are checked again under the locks below.
             self.check_new_dir(&dir)?;
             let budget = self.disk_budget()?;
-            if !budget.admits(self.host_promise(mode, size)) {
+            if !budget.admits(size) {
                 return Err(budget.refusal("volume", size, self.layout.root()));
             }
         }
@@ -413,11 +413,7 @@ impl Engine {
                 ImageMount { read_only: false },
             )?;
         }
-        self.host.mount_overlay(
-            &lowers,
-            Some((&upper.join("upper"), &upper.join("work"))),
-            &record.dir,
-        )?;
+        self.mount_overlay_for(record, &lowers, &upper)?;
         tracing::info!(dir = %record.dir.display(), "volume remounted");
         Ok(())
     }
@@ -432,24 +428,22 @@ impl Engine {
         ensure_dir(&upper)?;
         self.host
             .mount_image(&image_path, &upper, ImageMount { read_only: false })?;
-        let (uid, gid, mode) = match record.root {
-            Some(r) => (r.uid, r.gid, r.mode),
-            None => (0, 0, 0o755),
-        };
         let up = upper.join("upper");
         let work = upper.join("work");
         for d in [&up, &work] {
             std::fs::create_dir(d).at("create", d)?;
         }
-        self.host.chown(&up, uid, gid)?;
-        std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .at("chmod", &up)?;
+        if record.root.is_some() {
+            self.own_root(record, &up)?;
+        } else {
+            std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .at("chmod", &up)?;
+        }
         fault::point("create:upper-mounted");
         if !record.dir.exists() {
             std::fs::create_dir_all(&record.dir).at("create volume DIR", &record.dir)?;
         }
-        self.host
-            .mount_overlay(lowers, Some((&up, &work)), &record.dir)
+        self.mount_overlay_for(record, lowers, &upper)
     }
 
     /// Undoes a volume that never became ready: unmount, remove image and record.
@@ -676,12 +670,23 @@ impl Engine {
 impl Engine {
     /// Whether the mount at `dir` is this volume's overlay (not something else mounted there).
     fn overlay_of(&self, table: &[mounts::MountEntry], dir: &Path, vol: &str) -> bool {
-        let upper = self.layout.upper_mount(vol).join("upper");
+        // The upper is the volume's own mount, or its idmapped view (a volume with an identity).
+        let uppers = [
+            self.layout.upper_mount(vol).join("upper"),
+            self.layout
+                .mnt()
+                .join("idmap")
+                .join(vol)
+                .join("u")
+                .join("upper"),
+        ];
         table.iter().any(|m| {
             m.mount_point == dir
                 && m.fstype == "overlay"
-                && m.super_options
-                    .contains(&format!("upperdir={}", upper.display()))
+                && uppers.iter().any(|u| {
+                    m.super_options
+                        .contains(&format!("upperdir={},", u.display()))
+                })
         })
     }
 }

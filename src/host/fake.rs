@@ -148,6 +148,8 @@ impl FakeHost {
     /// Mounts by moving `tree` to `target` (which stays a real directory, as the engine
     /// canonicalises DIRs) and leaving a symlink at the tree's own path; unmount moves it back.
     fn mount_at(&self, target: &Path, tree: &Path, entry: MountEntry) -> Result<()> {
+        // Through any symlinked view (an idmapped one), to where the tree really is.
+        let tree = &std::fs::canonicalize(tree).at("fake: resolve", tree)?;
         if self.is_mounted(target) {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -346,6 +348,49 @@ impl Host for FakeHost {
 
     fn trim(&self, mount: &Path) -> Result<()> {
         self.step("trim", mount)
+    }
+
+    /// An idmapped view: a mount moved from `src` to `target` when `src` is one of the fake's
+    /// moved mounts (what the engine does with a clone's private mount), else a symlink (a
+    /// per-volume view of a shared layer under the state dir).
+    fn idmap_mount(
+        &self,
+        src: &Path,
+        target: &Path,
+        _uid: (u32, u32),
+        _gid: (u32, u32),
+    ) -> Result<()> {
+        self.step("idmap_mount", target)?;
+        let mut st = self.state.lock().unwrap();
+        let entry = MountEntry {
+            mount_point: target.to_path_buf(),
+            fstype: "idmapped".into(),
+            source: st
+                .mounts
+                .iter()
+                .find(|m| m.mount_point == src)
+                .map(|m| m.source.clone())
+                .unwrap_or_default(),
+            super_options: "rw".into(),
+        };
+        if let Some(tree) = st.moved.remove(src) {
+            // The tree moves on; the private mount point is an empty dir again.
+            std::fs::remove_dir(target).at("fake: idmap on", target)?;
+            std::fs::rename(src, target).at("fake: idmap move", target)?;
+            std::fs::create_dir(src).at("fake: idmap src", src)?;
+            let _ = std::fs::remove_file(&tree);
+            std::os::unix::fs::symlink(target, &tree).at("fake: symlink", &tree)?;
+            st.mounts.retain(|m| m.mount_point != src);
+            if let Some(image) = st.loops.remove(src) {
+                st.loops.insert(target.to_path_buf(), image);
+            }
+            st.moved.insert(target.to_path_buf(), tree);
+        } else {
+            let _ = std::fs::remove_dir(target);
+            std::os::unix::fs::symlink(src, target).at("fake: idmap symlink", target)?;
+        }
+        st.mounts.push(entry);
+        Ok(())
     }
 
     fn fs_space(&self, _path: &Path) -> Result<(u64, u64)> {

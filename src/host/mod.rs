@@ -71,6 +71,15 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn mount_pool(&self, image: &Path, target: &Path) -> Result<()>;
     /// Discards the free blocks of the filesystem mounted at `mount`.
     fn trim(&self, mount: &Path) -> Result<()>;
+    /// Mounts an idmapped view of the mount at `src` at `target`: root stays root, on-disk
+    /// owner `disk` appears as `shown` (uid and gid maps `0 0 1` + `disk shown 1`).
+    fn idmap_mount(
+        &self,
+        src: &Path,
+        target: &Path,
+        uid: (u32, u32),
+        gid: (u32, u32),
+    ) -> Result<()>;
 }
 
 /// The real host: syscalls and the tools of [`cmd`].
@@ -140,5 +149,22 @@ impl Host for RealHost {
     }
     fn trim(&self, mount: &Path) -> Result<()> {
         clone::trim(mount)
+    }
+    fn idmap_mount(
+        &self,
+        src: &Path,
+        target: &Path,
+        uid: (u32, u32),
+        gid: (u32, u32),
+    ) -> Result<()> {
+        let map = |(disk, shown): (u32, u32)| {
+            if disk == 0 || shown == 0 {
+                "0 0 1".to_string()
+            } else {
+                format!("0 0 1\n{disk} {shown} 1")
+            }
+        };
+        let ns = idmap::userns_fd(&map(uid), &map(gid))?;
+        idmap::idmap_mount(src, target, std::os::fd::AsFd::as_fd(&ns))
     }
 }
