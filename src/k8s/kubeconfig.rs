@@ -68,6 +68,8 @@ struct Cluster {
 #[serde(rename_all = "kebab-case")]
 struct User {
     token: Option<String>,
+    // kubectl writes `tokenFile` (client-go's AuthInfo is camelCase there, unlike its neighbours).
+    #[serde(alias = "tokenFile")]
     token_file: Option<PathBuf>,
     client_certificate: Option<PathBuf>,
     client_certificate_data: Option<String>,
@@ -291,10 +293,12 @@ users:
     fn token_file_relative_to_the_kubeconfig() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("tok"), "xyz\n").unwrap();
-        let kc = KC.replace("token: \" abc \"", "tokenFile: tok");
-        let kc = kc.replace("tokenFile", "token-file");
-        let t = parse(&kc, d.path(), "t").unwrap();
-        assert_eq!(t.token.as_deref(), Some("xyz"));
+        // kubectl's spelling, and the kebab-case one this module used to require.
+        for key in ["tokenFile", "token-file"] {
+            let kc = KC.replace("token: \" abc \"", &format!("{key}: tok"));
+            let t = parse(&kc, d.path(), "t").unwrap();
+            assert_eq!(t.token.as_deref(), Some("xyz"), "{key}");
+        }
     }
 
     #[test]
@@ -364,6 +368,7 @@ mod properties {
         "certificate-authority-data",
         "token",
         "token-file",
+        "tokenFile",
         "client-certificate",
         "client-certificate-data",
         "client-key",
@@ -401,7 +406,7 @@ mod properties {
     /// (file references to a file that exists, or not), so that parsing gets past the shape.
     fn near_valid() -> impl Strategy<Value = Value> {
         let field = (
-            prop::sample::select(&KEYS[11..21]),
+            prop::sample::select(&KEYS[11..22]),
             prop_oneof![
                 Just(Value::from("tok")),
                 Just(Value::from("missing")),
