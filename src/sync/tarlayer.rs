@@ -485,7 +485,13 @@ pub(crate) fn extract_layer(
                             .ctx(|| "read a link".into())?
                             .unwrap()
                             .into_owned();
-                        let src = dest.join(clean(&l, "hardlink target")?);
+                        let l = clean(&l, "hardlink target")?;
+                        // The target was a file when it was extracted, but a later entry may
+                        // have replaced one of its parents with a symlink (which may resolve
+                        // outside through other symlinks: the scan's check is lexical), and
+                        // link(2) follows the parents: it would link an outside file in.
+                        only_real_dirs_above(dest, &l)?;
+                        let src = dest.join(l);
                         fs::hard_link(&src, &target).at("create hardlink", &target)?;
                         continue; // metadata is the first name's
                     }
@@ -541,6 +547,22 @@ fn real_parent_dirs(dest: &Path, rel: &Path) -> Result<()> {
                 )))
             }
             Err(_) => fs::create_dir(&p).at("create", &p)?,
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a path below `dest` whose parents are not all real directories (a symlink among
+/// them could lead anywhere).
+fn only_real_dirs_above(dest: &Path, rel: &Path) -> Result<()> {
+    let mut p = dest.to_path_buf();
+    for c in rel.parent().into_iter().flat_map(Path::components) {
+        p.push(c);
+        if !fs::symlink_metadata(&p).is_ok_and(|md| md.is_dir()) {
+            return Err(refuse(format!(
+                "{:?} is used as a directory but is not one",
+                p.strip_prefix(dest).unwrap_or(&p).display().to_string()
+            )));
         }
     }
     Ok(())
@@ -698,7 +720,14 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*et);
             h.set_size(0);
-            h.set_mode(0o644);
+            h.set_mode(if *et == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            // Our own ids: extraction chowns, which an unprivileged test run may only do to itself.
+            h.set_uid(nix::unistd::geteuid().as_raw().into());
+            h.set_gid(nix::unistd::getegid().as_raw().into());
             h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
             if let Some(l) = link {
                 h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
@@ -736,6 +765,39 @@ mod tests {
             ("d/.wh..wh..opq", Regular, None),
         ]);
         assert_eq!(scan_layer(&ok[..], &policy).unwrap().entries, 6);
+    }
+
+    #[test]
+    fn a_hardlink_cannot_reach_out_through_a_replaced_parent() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("target");
+        fs::create_dir(&target).unwrap();
+        fs::create_dir(base.path().join("outside")).unwrap();
+        fs::write(base.path().join("outside/secret"), b"keep").unwrap();
+        use tar::EntryType::*;
+        // Each symlink stays inside lexically, but r resolves to the target's parent; s/ is
+        // then replaced by a symlink to r, and h links to an "earlier file" through it.
+        let t = tar_of(&[
+            ("a/b/", Directory, None),
+            ("a/b/q", Symlink, Some("../..")),
+            ("r", Symlink, Some("a/b/q/..")),
+            ("s/outside/", Directory, None),
+            ("s/outside/secret", Regular, None),
+            ("s", Symlink, Some("r")),
+            ("h", Link, Some("s/outside/secret")),
+        ]);
+        let policy = ImportPolicy {
+            allow_devices: false,
+            max_bytes: u64::MAX,
+        };
+        let e = extract_layer(&t[..], &target, &policy).unwrap_err();
+        assert!(
+            e.to_string().contains("\"s\" is used as a directory"),
+            "{e}"
+        );
+        let md = fs::metadata(base.path().join("outside/secret")).unwrap();
+        assert_eq!(md.nlink(), 1, "an outside file was linked into the layer");
+        assert!(fs::symlink_metadata(target.join("h")).is_err());
     }
 
     #[test]
