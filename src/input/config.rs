@@ -498,3 +498,99 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    const ORIGIN: &str = "/etc/CFGFILE.toml";
+
+    const KEYS: &[&str] = &[
+        "default_cache_size",
+        "default_volume_size",
+        "max_volume_size",
+        "max_depth",
+        "squash_delta_size",
+        "squash_inline",
+        "node_budget",
+        "disk_reserve",
+        "overcommit",
+        "keep_generations",
+        "clone_writers",
+        "clone_backend",
+        "clone_pool_size",
+        "node_paths",
+        "api_timeout",
+        "setup_deadline",
+        "caches",
+        "image",
+        "tls_verify",
+        "allow_devices",
+        "pull_on_create",
+        "timeout",
+        "interval",
+        "metrics_addr",
+        "prefetch",
+        "orphan_after",
+        "nope",
+    ];
+
+    /// TOML values of every type, in forms the keys take and forms they do not.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\"(1Gi|0|10Xi|1.5Gi|14d|0s|45s|lease|pool|auto|/srv/a|/|rel|)\"",
+            "\"[a-zA-Z0-9./ -]{0,10}\"",
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            Just("nan".to_string()),
+            Just("inf".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            Just("[\"/srv/a\", \"x\"]".to_string()),
+            Just("{}".to_string()),
+        ]
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => (prop::sample::select(KEYS), value()).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => "(\\[kubernetes\\]|\\[agent\\]|\\[\\[registry\\]\\]|\\[x\\])",
+            1 => "[a-z_=\"\\[\\]{}.0-9 #-]{0,30}",
+        ]
+    }
+
+    fn tomlish() -> impl Strategy<Value = String> {
+        prop_oneof![
+            5 => prop::collection::vec(line(), 0..10).prop_map(|l| l.join("\n")),
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Any text: a config or an InvalidInput error naming the file, never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused_naming_the_file(text in tomlish()) {
+            match Config::from_toml(&text, ORIGIN) {
+                Ok(c) => {
+                    prop_assert!((2..=64).contains(&c.max_depth));
+                    prop_assert!((100..=10_000).contains(&c.overcommit_percent));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+                    prop_assert!(e.to_string().contains(ORIGIN), "{e}");
+                }
+            }
+        }
+    }
+}

@@ -448,3 +448,92 @@ mod tests {
         assert!(!env.contains_key("VOL_MODE"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::error::ErrorKind;
+    use proptest::prelude::*;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A value as the provisioner or a class's patterns might pass it, or anything.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "(create|delete|Filesystem|Block|/n/a_b_c|1|0|1Gi|0775|0o755|root|builder|\\+7|99999999999)",
+            "[0-9a-zA-Z+/_. -]{0,12}",
+            any::<String>(),
+        ]
+    }
+
+    fn raw_inputs() -> impl Strategy<Value = RawInputs> {
+        let key = prop_oneof![
+            prop::sample::select(&ENV_VARS[..]).prop_map(String::from),
+            "[A-Z_]{1,8}"
+        ];
+        (
+            prop::option::of(value()),
+            prop::option::of(value()),
+            prop::option::of(value()),
+            prop::collection::vec(value(), 0..3),
+            prop::collection::btree_map(key, value(), 0..8),
+        )
+            .prop_map(|(path, size, mode, actions, env)| RawInputs {
+                path,
+                size,
+                mode,
+                actions,
+                env,
+            })
+    }
+
+    /// `/etc/passwd`-like text: good lines, comments, short lines, junk.
+    fn table() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::collection::vec(
+                "(#?[a-z]{0,6}(:x?(:[0-9+-]{0,11}(:[a-z/]{0,5}){0,4})?)?|.{0,20})",
+                0..6
+            )
+            .prop_map(|l| l.join("\n")),
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Any arguments, environment and account files: a request or an InvalidInput error,
+        /// never a panic; what is accepted honours the contract.
+        #[test]
+        fn any_inputs_resolve_or_are_refused(
+            raw in raw_inputs(),
+            passwd in table(),
+            group in table(),
+        ) {
+            let accounts = Accounts::parse(&passwd, &group);
+            match resolve(&raw, &accounts) {
+                Ok(req) => {
+                    prop_assert!(req.root.mode <= 0o7777);
+                    prop_assert!(raw.actions.iter().all(|a| a == raw.actions[0].as_str()));
+                    match req.action {
+                        Action::Create => prop_assert!(req.size > 0),
+                        Action::Delete => prop_assert_eq!(req.size, 0),
+                    }
+                    // An argument given wins over the environment.
+                    if let Some(p) = raw.path.as_ref().filter(|p| !p.is_empty()) {
+                        prop_assert_eq!(req.path, PathBuf::from(p));
+                    }
+                }
+                Err(e) => prop_assert_eq!(e.kind(), ErrorKind::InvalidInput),
+            }
+        }
+    }
+}

@@ -158,3 +158,91 @@ mod tests {
         assert_eq!(CacheId::new("ns", "c").unwrap().to_string(), "ns/c");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// RFC 1123 label, written out from the definition without the code under test: 1 to 63
+    /// characters, each a lower-case ASCII letter, a digit or '-', not starting or ending in '-'.
+    fn reference_label(s: &str, max: usize) -> bool {
+        let chars: Vec<char> = s.chars().collect();
+        let ok = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '-');
+        !chars.is_empty()
+            && chars.len() <= max
+            && chars.iter().all(|&c| ok(c))
+            && chars[0] != '-'
+            && chars[chars.len() - 1] != '-'
+    }
+
+    fn reference_subdomain(s: &str) -> bool {
+        s.len() <= 253 && s.split('.').all(|l| reference_label(l, 253))
+    }
+
+    /// Strings around the boundary: the allowed characters, their near misses, any length up
+    /// to past the limit.
+    fn near_labels() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z0-9-]{0,70}",
+            "[a-z0-9][a-z0-9-]{60,62}[a-z0-9]",
+            "[a-zA-Z0-9._/ \u{e9}\u{fc}-]{0,66}",
+            "[a-z0-9.-]{0,260}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Accepted labels are exactly the DNS-1123 labels; a refusal names the field, and the
+        /// value when it is short enough to show.
+        #[test]
+        fn labels_are_exactly_dns_1123(s in near_labels()) {
+            let r = validate_label("cache name", &s);
+            prop_assert_eq!(r.is_ok(), reference_label(&s, MAX_LABEL_LEN), "{:?}", s);
+            if let Err(e) = r {
+                let msg = e.to_string();
+                prop_assert!(msg.starts_with("cache name"), "{msg}");
+                prop_assert!(msg.contains("lower-case letters"), "{msg}");
+            }
+        }
+
+        #[test]
+        fn subdomains_are_exactly_dns_1123(s in near_labels()) {
+            prop_assert_eq!(
+                validate_subdomain("PVC name", &s).is_ok(),
+                reference_subdomain(&s),
+                "{:?}", s
+            );
+        }
+
+        #[test]
+        fn layer_ids_are_short_name_chars(s in near_labels()) {
+            let want = (1..=100).contains(&s.len())
+                && s.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'));
+            prop_assert_eq!(is_layer_id(&s), want, "{:?}", s);
+        }
+
+        /// A cache id is made only of two labels, and shows as `namespace/name`.
+        #[test]
+        fn cache_ids_are_two_labels(ns in near_labels(), name in near_labels()) {
+            match CacheId::new(&ns, &name) {
+                Ok(id) => {
+                    prop_assert!(reference_label(&ns, 63) && reference_label(&name, 63));
+                    prop_assert_eq!(id.to_string(), format!("{ns}/{name}"));
+                }
+                Err(_) => prop_assert!(!(reference_label(&ns, 63) && reference_label(&name, 63))),
+            }
+        }
+    }
+}

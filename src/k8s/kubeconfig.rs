@@ -68,6 +68,8 @@ struct Cluster {
 #[serde(rename_all = "kebab-case")]
 struct User {
     token: Option<String>,
+    // kubectl writes `tokenFile` (client-go's AuthInfo is camelCase there, unlike its neighbours).
+    #[serde(alias = "tokenFile")]
     token_file: Option<PathBuf>,
     client_certificate: Option<PathBuf>,
     client_certificate_data: Option<String>,
@@ -147,9 +149,16 @@ fn decode(what: &str, origin: &str, data: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("{what} in kubeconfig {origin} is not base64: {e}")))
 }
 
-fn read_rel(dir: &Path, p: &Path, what: &str) -> Result<Vec<u8>> {
+/// Reads a file the kubeconfig refers to; an error names both files, since the fix is often in
+/// the kubeconfig (a wrong relative path), not in the file it names.
+fn read_rel(dir: &Path, p: &Path, what: &str, origin: &str) -> Result<Vec<u8>> {
     let full = dir.join(p);
-    std::fs::read(&full).at(&format!("read {what}"), &full)
+    std::fs::read(&full).ctx(|| {
+        format!(
+            "read {what} {} named in kubeconfig {origin}",
+            full.display()
+        )
+    })
 }
 
 /// Parses kubeconfig text (`dir` resolves relative file references).
@@ -202,13 +211,13 @@ pub fn parse(text: &str, dir: &Path, origin: &str) -> Result<ApiTarget> {
         &cluster.certificate_authority,
     ) {
         (Some(d), _) => Some(decode("certificate-authority-data", origin, d)?),
-        (None, Some(p)) => Some(read_rel(dir, p, "certificate-authority")?),
+        (None, Some(p)) => Some(read_rel(dir, p, "certificate-authority", origin)?),
         (None, None) => None,
     };
     let token = match (&user.token, &user.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(p)) => Some(
-            String::from_utf8_lossy(&read_rel(dir, p, "tokenFile")?)
+            String::from_utf8_lossy(&read_rel(dir, p, "tokenFile", origin)?)
                 .trim()
                 .to_string(),
         ),
@@ -216,12 +225,12 @@ pub fn parse(text: &str, dir: &Path, origin: &str) -> Result<ApiTarget> {
     };
     let cert = match (&user.client_certificate_data, &user.client_certificate) {
         (Some(d), _) => Some(decode("client-certificate-data", origin, d)?),
-        (None, Some(p)) => Some(read_rel(dir, p, "client-certificate")?),
+        (None, Some(p)) => Some(read_rel(dir, p, "client-certificate", origin)?),
         (None, None) => None,
     };
     let key = match (&user.client_key_data, &user.client_key) {
         (Some(d), _) => Some(decode("client-key-data", origin, d)?),
-        (None, Some(p)) => Some(read_rel(dir, p, "client-key")?),
+        (None, Some(p)) => Some(read_rel(dir, p, "client-key", origin)?),
         (None, None) => None,
     };
     let client_cert = match (cert, key) {
@@ -284,10 +293,12 @@ users:
     fn token_file_relative_to_the_kubeconfig() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("tok"), "xyz\n").unwrap();
-        let kc = KC.replace("token: \" abc \"", "tokenFile: tok");
-        let kc = kc.replace("tokenFile", "token-file");
-        let t = parse(&kc, d.path(), "t").unwrap();
-        assert_eq!(t.token.as_deref(), Some("xyz"));
+        // kubectl's spelling, and the kebab-case one this module used to require.
+        for key in ["tokenFile", "token-file"] {
+            let kc = KC.replace("token: \" abc \"", &format!("{key}: tok"));
+            let t = parse(&kc, d.path(), "t").unwrap();
+            assert_eq!(t.token.as_deref(), Some("xyz"), "{key}");
+        }
     }
 
     #[test]
@@ -320,5 +331,173 @@ users:
         let t = in_cluster("fd00::1", "443", d.path()).unwrap();
         assert_eq!(t.server, "https://[fd00::1]:443");
         assert_eq!(t.token.as_deref(), Some("t0k"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_yaml::Value;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    const ORIGIN: &str = "/home/u/.kube/KCFILE";
+
+    /// Keys a kubeconfig has, and a few it does not.
+    const KEYS: &[&str] = &[
+        "apiVersion",
+        "kind",
+        "current-context",
+        "clusters",
+        "users",
+        "contexts",
+        "name",
+        "cluster",
+        "user",
+        "context",
+        "server",
+        "certificate-authority",
+        "certificate-authority-data",
+        "token",
+        "token-file",
+        "tokenFile",
+        "client-certificate",
+        "client-certificate-data",
+        "client-key",
+        "client-key-data",
+        "exec",
+        "auth-provider",
+        "namespace",
+        "x",
+    ];
+
+    /// Scalars: names that match each other often, base64 and not, numbers, nulls. No '/':
+    /// file references stay inside the test's temporary directory.
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            "(c1|u1|ci|tok|ca|aGVsbG8=|not\\*b64|https://h:1/|)".prop_map(Value::from),
+            "[a-zA-Z0-9 .:=-]{0,12}".prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(Value::Null),
+        ]
+    }
+
+    fn yaml() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+                prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(|kv| {
+                    Value::Mapping(kv.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    /// A kubeconfig whose context, cluster and user mostly resolve, with random credentials
+    /// (file references to a file that exists, or not), so that parsing gets past the shape.
+    fn near_valid() -> impl Strategy<Value = Value> {
+        let field = (
+            prop::sample::select(&KEYS[11..22]),
+            prop_oneof![
+                Just(Value::from("tok")),
+                Just(Value::from("missing")),
+                scalar()
+            ],
+        );
+        (
+            prop::collection::vec(field.clone(), 0..4),
+            prop::collection::vec(field, 0..4),
+            "(c1|c2)",
+            prop::option::of("(u1|u2)"),
+        )
+            .prop_map(|(cluster, user, cname, uname)| {
+                let map = |kv: Vec<(&str, Value)>| {
+                    Value::Mapping(kv.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+                };
+                let mut cluster = cluster;
+                cluster.push(("server", Value::from("https://h")));
+                let mut context = vec![("cluster", Value::from(cname))];
+                if let Some(u) = uname {
+                    context.push(("user", Value::from(u)));
+                }
+                let named = |name: &str, key: &str, v: Value| {
+                    Value::Sequence(vec![map(vec![("name", Value::from(name)), (key, v)])])
+                };
+                map(vec![
+                    ("current-context", Value::from("ci")),
+                    ("clusters", named("c1", "cluster", map(cluster))),
+                    ("contexts", named("ci", "context", map(context))),
+                    ("users", named("u1", "user", map(user))),
+                ])
+            })
+    }
+
+    /// Text that is YAML of a kubeconfig's shape, cut or with a byte changed, or anything.
+    fn yamlish() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (prop_oneof![yaml(), near_valid()], any::<prop::sample::Index>(), 0u8..4, "[\\x00-\\x7f]")
+                .prop_map(|(v, at, how, c)| {
+                    let mut t = serde_yaml::to_string(&v).unwrap();
+                    let i = at.index(t.len() + 1);
+                    let i = (0..=i).rev().find(|i| t.is_char_boundary(*i)).unwrap_or(0);
+                    match how {
+                        0 => t.truncate(i),
+                        1 => t.insert_str(i, &c),
+                        _ => {}
+                    }
+                    t
+                }),
+            1 => any::<String>(),
+            1 => "[a-z:\\- \n\t\"'{}\\[\\],|>&*!#%@`]{0,200}",
+        ]
+    }
+
+    /// A well-formed kubeconfig of random names, a token, CA data and a server.
+    fn valid() -> impl Strategy<Value = (String, String, String, Vec<u8>, String)> {
+        (
+            "[a-z][a-z0-9-]{0,10}",
+            "[a-z][a-z0-9-]{0,10}",
+            "[A-Za-z0-9._-]{1,40}",
+            prop::collection::vec(any::<u8>(), 0..64),
+            "https://[a-z0-9.-]{1,20}(:[0-9]{1,5})?",
+        )
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any text: a target or an error, never a panic; every error names the kubeconfig.
+        #[test]
+        fn yamlish_text_never_panics_and_errors_name_the_file(text in yamlish()) {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("tok"), "t0k\n").unwrap();
+            if let Err(e) = parse(&text, d.path(), ORIGIN) {
+                prop_assert!(e.to_string().contains(ORIGIN), "{e}");
+            }
+        }
+
+        /// What a well-formed kubeconfig says comes back as written.
+        #[test]
+        fn a_valid_kubeconfig_round_trips((ctx, cluster, token, ca, server) in valid()) {
+            use base64::Engine as _;
+            let ca64 = base64::engine::general_purpose::STANDARD.encode(&ca);
+            let text = format!(
+                "current-context: {ctx}\nclusters:\n- name: {cluster}\n  cluster:\n    server: {server}/\n    certificate-authority-data: \"{ca64}\"\ncontexts:\n- name: {ctx}\n  context:\n    cluster: {cluster}\n    user: u\nusers:\n- name: u\n  user:\n    token: \"{token}\"\n"
+            );
+            let t = parse(&text, Path::new("/nonexistent"), ORIGIN).unwrap();
+            prop_assert_eq!(t.server, server);
+            prop_assert_eq!(t.token, Some(token));
+            prop_assert_eq!(t.ca_pem, Some(ca));
+            prop_assert!(t.client_cert.is_none());
+        }
     }
 }

@@ -203,3 +203,134 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+    }
+
+    fn subdomain() -> impl Strategy<Value = String> {
+        prop::collection::vec(label(), 1..4).prop_map(|l| l.join("."))
+    }
+
+    /// A node path: absolute, not `/`, components that are not `.` or `..`.
+    fn node_path() -> impl Strategy<Value = PathBuf> {
+        prop::collection::vec("[a-zA-Z0-9_.-]{1,8}", 1..4).prop_filter_map("no . or ..", |c| {
+            (!c.iter().any(|x| x == "." || x == ".."))
+                .then(|| PathBuf::from(format!("/{}", c.join("/"))))
+        })
+    }
+
+    /// Paths made of the characters that matter here: separators, '_', '.', upper case.
+    fn hostile_path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[/a-zA-Z_.-]{0,40}",
+            "(/(srv|a|b|\\.|\\.\\.|[a-z]{1,3}_[a-z]{0,3}_[a-z.-]{0,5}|pvc-[a-z0-9]{1,4})){0,6}/?",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Never panics; what is accepted consists of valid names that are really in the path.
+        #[test]
+        fn any_path_parses_or_is_refused(
+            p in hostile_path(),
+            nodes in prop::collection::vec(prop_oneof![
+                node_path(),
+                Just(PathBuf::from("/srv")),
+                Just(PathBuf::from("/srv/a")),
+            ], 0..3),
+        ) {
+            let path = Path::new(&p);
+            match parse_volume_path(path, &nodes) {
+                Ok(id) => {
+                    prop_assert!(validate_label("ns", &id.namespace).is_ok());
+                    prop_assert!(validate_subdomain("pvc", &id.pvc).is_ok());
+                    let parts: Vec<String> = path
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect();
+                    let folder = id
+                        .pv
+                        .as_ref()
+                        .map(|pv| format!("{pv}_{}_{}", id.namespace, id.pvc));
+                    let default_form = folder.as_ref() == parts.last();
+                    let pattern_form = parts
+                        .windows(2)
+                        .any(|w| w[0] == id.namespace && w[1] == id.pvc);
+                    prop_assert!(default_form || pattern_form, "{p:?} → {id:?}");
+                }
+                Err(e) => prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidInput),
+            }
+        }
+
+        /// `<node path>/<pv>_<ns>_<pvc>` parses back to its parts, with or without the node
+        /// path in the config.
+        #[test]
+        fn default_folders_round_trip(
+            base in node_path(),
+            pv in subdomain(),
+            ns in label(),
+            pvc in subdomain(),
+        ) {
+            let p = base.join(format!("{pv}_{ns}_{pvc}"));
+            let want = VolumeIdentity { pv: Some(pv), namespace: ns, pvc };
+            prop_assert_eq!(parse_volume_path(&p, &[]).unwrap(), want.clone());
+            prop_assert_eq!(parse_volume_path(&p, &[base]).unwrap(), want);
+        }
+
+        /// `<node path>/<ns>/<pvc>/<rest>` parses back to ns and pvc (and the PV when the rest is
+        /// one `pvc-` folder), whatever other node paths are configured beside or above it.
+        #[test]
+        fn path_patterns_round_trip(
+            base in node_path(),
+            other in node_path(),
+            ns in label(),
+            pvc in subdomain(),
+            rest in prop::collection::vec("[a-z0-9_.-]{1,6}", 0..3),
+            pv in prop::option::of(label().prop_map(|l| format!("pvc-{l}"))),
+        ) {
+            let mut p = base.join(&ns).join(&pvc);
+            let rest: Vec<String> = rest.into_iter().filter(|r| r != "." && r != "..").collect();
+            let pv = match &pv {
+                Some(pv) => {
+                    p.push(pv);
+                    Some(pv.clone())
+                }
+                None => {
+                    for r in &rest {
+                        p.push(r);
+                    }
+                    match rest.as_slice() {
+                        [one] if one.starts_with("pvc-") => Some(one.clone()),
+                        _ => None,
+                    }
+                }
+            };
+            // A parent of the base is also configured: the longest node path must win.
+            let parent = base.parent().filter(|b| b.parent().is_some()).map(Path::to_path_buf);
+            // Unless `other` happens to be a deeper node path holding this one.
+            prop_assume!(
+                !(p.starts_with(&other) && other.components().count() > base.components().count())
+            );
+            let nodes: Vec<PathBuf> = [Some(other), parent, Some(base)].into_iter().flatten().collect();
+            let got = parse_volume_path(&p, &nodes).unwrap();
+            prop_assert_eq!(got, VolumeIdentity { pv, namespace: ns, pvc });
+        }
+    }
+}

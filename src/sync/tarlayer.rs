@@ -564,7 +564,13 @@ pub(crate) fn extract_layer(
                             .ctx(|| "read a link".into())?
                             .unwrap()
                             .into_owned();
-                        let src = dest.join(clean(&l, "hardlink target")?);
+                        let l = clean(&l, "hardlink target")?;
+                        // The target was a file when it was extracted, but a later entry may
+                        // have replaced one of its parents with a symlink (which may resolve
+                        // outside through other symlinks: the scan's check is lexical), and
+                        // link(2) follows the parents: it would link an outside file in.
+                        only_real_dirs_above(dest, &l)?;
+                        let src = dest.join(l);
                         fs::hard_link(&src, &target).at("create hardlink", &target)?;
                         continue; // metadata is the first name's
                     }
@@ -624,6 +630,22 @@ fn real_parent_dirs(dest: &Path, rel: &Path) -> Result<()> {
                 )))
             }
             Err(_) => fs::create_dir(&p).at("create", &p)?,
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a path below `dest` whose parents are not all real directories (a symlink among
+/// them could lead anywhere).
+fn only_real_dirs_above(dest: &Path, rel: &Path) -> Result<()> {
+    let mut p = dest.to_path_buf();
+    for c in rel.parent().into_iter().flat_map(Path::components) {
+        p.push(c);
+        if !fs::symlink_metadata(&p).is_ok_and(|md| md.is_dir()) {
+            return Err(refuse(format!(
+                "{:?} is used as a directory but is not one",
+                p.strip_prefix(dest).unwrap_or(&p).display().to_string()
+            )));
         }
     }
     Ok(())
@@ -800,7 +822,14 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*et);
             h.set_size(0);
-            h.set_mode(0o644);
+            h.set_mode(if *et == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            // Our own ids: extraction chowns, which an unprivileged test run may only do to itself.
+            h.set_uid(nix::unistd::geteuid().as_raw().into());
+            h.set_gid(nix::unistd::getegid().as_raw().into());
             h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
             if let Some(l) = link {
                 h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
@@ -842,6 +871,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hardlink_cannot_reach_out_through_a_replaced_parent() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("target");
+        fs::create_dir(&target).unwrap();
+        fs::create_dir(base.path().join("outside")).unwrap();
+        fs::write(base.path().join("outside/secret"), b"keep").unwrap();
+        use tar::EntryType::*;
+        // Each symlink stays inside lexically, but r resolves to the target's parent; s/ is
+        // then replaced by a symlink to r, and h links to an "earlier file" through it.
+        let t = tar_of(&[
+            ("a/b/", Directory, None),
+            ("a/b/q", Symlink, Some("../..")),
+            ("r", Symlink, Some("a/b/q/..")),
+            ("s/outside/", Directory, None),
+            ("s/outside/secret", Regular, None),
+            ("s", Symlink, Some("r")),
+            ("h", Link, Some("s/outside/secret")),
+        ]);
+        let policy = ImportPolicy {
+            allow_devices: false,
+            max_bytes: u64::MAX,
+        };
+        let e = extract_layer(&t[..], &target, &policy).unwrap_err();
+        assert!(
+            e.to_string().contains("\"s\" is used as a directory"),
+            "{e}"
+        );
+        let md = fs::metadata(base.path().join("outside/secret")).unwrap();
+        assert_eq!(md.nlink(), 1, "an outside file was linked into the layer");
+        assert!(fs::symlink_metadata(target.join("h")).is_err());
+    }
+
+    #[test]
     fn scan_refuses_a_claim_beyond_the_limit() {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -861,5 +923,382 @@ mod tests {
             scan_layer(&t[..], &policy).unwrap_err().kind(),
             ErrorKind::Quota
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Layer tars come from a registry: whatever they hold, import must not panic, must write
+    //! nothing outside its target (the target's parent is compared before and after), and what
+    //! export writes must import back to the same tree. Runs as root or not: as an unprivileged
+    //! user the privileged parts (chown to others, device nodes, trusted xattrs) just fail.
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// Modest case counts; nothing written into the source tree on failure.
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// Everything under `dir`, not following symlinks, except the subtree `skip` (its root
+    /// included: its times change as entries are made in it): type, mode,
+    /// owner, links, size, mtime, and the content of files and links.
+    fn snapshot(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(p) = todo.pop() {
+            if p == skip {
+                continue;
+            }
+            let md = fs::symlink_metadata(&p).unwrap();
+            let ft = md.file_type();
+            let content = if ft.is_file() {
+                format!("{:?}", fs::read(&p).unwrap())
+            } else if ft.is_symlink() {
+                format!("{:?}", fs::read_link(&p).unwrap())
+            } else {
+                String::new()
+            };
+            let what = format!(
+                "{:o} {}:{} n{} {}b {}.{} {content}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.nlink(),
+                md.len(),
+                md.mtime(),
+                md.mtime_nsec()
+            );
+            if ft.is_dir() {
+                for e in fs::read_dir(&p).unwrap() {
+                    todo.push(e.unwrap().path());
+                }
+            }
+            out.insert(p, what);
+        }
+        out
+    }
+
+    /// Makes a tree removable by its owner again (an imported directory may be mode 0).
+    fn unlock(dir: &Path) {
+        let Ok(md) = fs::symlink_metadata(dir) else {
+            return;
+        };
+        if md.is_dir() {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                unlock(&e.path());
+            }
+        }
+    }
+
+    /// One raw tar entry, as hostile as a generator can make it.
+    #[derive(Debug, Clone)]
+    struct Raw {
+        name: String,
+        kind: u8,
+        link: String,
+        data: Vec<u8>,
+        /// The header's size field, when it lies about the data.
+        size: Option<u64>,
+        mode: u32,
+        pax: Vec<(String, String)>,
+    }
+
+    /// Path components that matter: escapes, whiteouts, names that collide.
+    fn name() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            Just(".."),
+            Just("."),
+            Just(""),
+            Just("a"),
+            Just("b"),
+            Just("outside"),
+            Just(".wh.a"),
+            Just(".wh..wh..opq"),
+            Just(".wh.."),
+            Just(".wh..wh.x"),
+        ];
+        (
+            prop::option::of(Just("/")),
+            prop::collection::vec(part, 1..5),
+            prop::option::of(Just("/")),
+        )
+            .prop_map(|(lead, parts, trail)| {
+                format!(
+                    "{}{}{}",
+                    lead.unwrap_or(""),
+                    parts.join("/"),
+                    trail.unwrap_or("")
+                )
+            })
+    }
+
+    fn raw_entry() -> impl Strategy<Value = Raw> {
+        let kind = prop_oneof![
+            Just(b'0'),
+            Just(b'5'),
+            Just(b'2'),
+            Just(b'1'),
+            Just(b'3'),
+            Just(b'4'),
+            Just(b'6'),
+            Just(b'g'),
+            Just(b'L'),
+            Just(b'K'),
+            any::<u8>(),
+        ];
+        let pax = prop::collection::vec(
+            prop_oneof![
+                (
+                    Just("size"),
+                    "(99999999999999999999|18446744073709551615|4096|-1|x)"
+                ),
+                (Just("path"), "(\\.\\./x|/etc/x|a/b|[a/.]{90,120})"),
+                (Just("linkpath"), "(\\.\\./x|/etc|a|outside/secret)"),
+                (
+                    Just("mtime"),
+                    "(-1\\.5|1\\.123456789012|x|99999999999999999999)"
+                ),
+                (Just("SCHILY.xattr.user.t"), "[a-z]{0,3}"),
+                (Just("SCHILY.xattr.trusted.overlay.opaque"), "y"),
+            ]
+            .prop_map(|(k, v)| (k.to_string(), v)),
+            0..3,
+        );
+        (
+            name(),
+            kind,
+            prop_oneof![
+                name(),
+                "(\\.\\./outside/secret|a|\\.\\./\\.\\.|a/b/\\.\\.|b/outside/secret|\\.\\./target)",
+            ],
+            prop::collection::vec(any::<u8>(), 0..600),
+            prop::option::of(prop_oneof![0u64..2000, Just(u64::MAX >> 2)]),
+            0u32..0o10000,
+            pax,
+        )
+            .prop_map(|(name, kind, link, data, size, mode, pax)| Raw {
+                name,
+                kind,
+                link,
+                data,
+                size,
+                mode,
+                pax,
+            })
+    }
+
+    /// A tar of the entries, then perhaps cut short or with some bytes changed.
+    fn hostile_tar() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::collection::vec(raw_entry(), 0..8),
+            any::<prop::sample::Index>(),
+            0u8..4,
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        )
+            .prop_map(|(entries, cut, how, flips)| {
+                let mut b = tar::Builder::new(Vec::new());
+                for e in entries {
+                    if !e.pax.is_empty() {
+                        b.append_pax_extensions(
+                            e.pax.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+                        )
+                        .unwrap();
+                    }
+                    let mut h = tar::Header::new_ustar();
+                    h.set_entry_type(tar::EntryType::new(e.kind));
+                    h.set_mode(e.mode);
+                    h.set_uid(nix::unistd::geteuid().as_raw().into());
+                    h.set_gid(nix::unistd::getegid().as_raw().into());
+                    h.set_size(e.size.unwrap_or(e.data.len() as u64));
+                    let n = e.name.as_bytes();
+                    h.as_old_mut().name[..n.len().min(100)].copy_from_slice(&n[..n.len().min(100)]);
+                    let l = e.link.as_bytes();
+                    h.as_old_mut().linkname[..l.len().min(100)]
+                        .copy_from_slice(&l[..l.len().min(100)]);
+                    h.set_cksum();
+                    b.append(&h, &e.data[..]).unwrap();
+                }
+                let mut t = b.into_inner().unwrap();
+                match how {
+                    0 => t.truncate(cut.index(t.len() + 1)),
+                    1 if !t.is_empty() => {
+                        for (at, v) in flips {
+                            let i = at.index(t.len());
+                            t[i] = v;
+                        }
+                    }
+                    _ => {}
+                }
+                t
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config(192))]
+
+        /// Hostile layers: no panic, and the target's parent (a sibling with a file in it
+        /// included) is exactly as before, whether or not the scan accepted the layer. Extract
+        /// runs even after a refused scan: it must hold on its own.
+        #[test]
+        fn hostile_layers_write_nothing_outside_the_target(
+            tar in prop_oneof![
+                hostile_tar(),
+                prop::collection::vec(any::<u8>(), 0..2048),
+            ],
+            allow_devices in any::<bool>(),
+            max_bytes in prop_oneof![Just(u64::MAX), 0u64..4096],
+        ) {
+            let base = tempfile::tempdir().unwrap();
+            let target = base.path().join("target");
+            fs::create_dir(&target).unwrap();
+            fs::create_dir(base.path().join("outside")).unwrap();
+            fs::write(base.path().join("outside/secret"), b"keep").unwrap();
+            let before = snapshot(base.path(), &target);
+            let policy = ImportPolicy { allow_devices, max_bytes };
+            let scanned = scan_layer(&tar[..], &policy);
+            let extracted = extract_layer(&tar[..], &target, &policy);
+            if scanned.is_ok() {
+                // The scan is the gate: whatever it accepts, extraction reaches the end of.
+                if let (Ok(s), Ok(x)) = (&scanned, &extracted) {
+                    prop_assert_eq!(s.entries, x.entries);
+                }
+            }
+            let after = snapshot(base.path(), &target);
+            unlock(&target);
+            prop_assert_eq!(before, after);
+        }
+    }
+
+    /// One node of a generated tree.
+    #[derive(Debug, Clone)]
+    enum Node {
+        Dir,
+        File(Vec<u8>),
+        Symlink(String),
+        /// A hardlink to the n-th file made before it (modulo their count).
+        Hardlink(usize),
+        Fifo,
+        /// An overlay whiteout (made as root only).
+        Whiteout,
+    }
+
+    fn node() -> impl Strategy<Value = Node> {
+        // Contents with whole zero blocks (holes on import) and partial ones.
+        let content = prop::collection::vec(
+            prop_oneof![
+                Just(vec![0u8; BLOCK]),
+                prop::collection::vec(any::<u8>(), 0..BLOCK + 7),
+            ],
+            0..4,
+        )
+        .prop_map(|c| c.concat());
+        prop_oneof![
+            2 => Just(Node::Dir),
+            3 => content.prop_map(Node::File),
+            1 => "(x|d0/x|\\./y|d1/\\.\\./d0)".prop_map(Node::Symlink),
+            1 => any::<usize>().prop_map(Node::Hardlink),
+            1 => Just(Node::Fifo),
+            1 => Just(Node::Whiteout),
+        ]
+    }
+
+    /// Up to 12 nodes at paths of up to 3 levels (parents made as directories on the way).
+    fn tree() -> impl Strategy<Value = Vec<(String, Node, u32, i64, u32)>> {
+        prop::collection::vec(
+            (
+                "(d0|d1|f[0-3])(/(d0|d1|f[0-3])){0,2}",
+                node(),
+                0u32..0o10000,
+                0i64..4_000_000_000,
+                prop_oneof![Just(0u32), 0u32..1_000_000_000],
+            ),
+            1..12,
+        )
+    }
+
+    /// Makes the tree under `root`; paths that collide with an earlier node are skipped.
+    fn materialise(root: &Path, nodes: &[(String, Node, u32, i64, u32)]) {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut made: Vec<(PathBuf, TimeSpec)> = Vec::new();
+        for (rel, node, mode, secs, nanos) in nodes {
+            let p = root.join(rel);
+            if fs::symlink_metadata(&p).is_ok()
+                || !p
+                    .parent()
+                    .unwrap()
+                    .ancestors()
+                    .all(|a| fs::symlink_metadata(a).map(|m| m.is_dir()).unwrap_or(true))
+            {
+                continue;
+            }
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            match node {
+                Node::Dir => fs::create_dir(&p).unwrap(),
+                Node::File(data) => {
+                    fs::write(&p, data).unwrap();
+                    files.push(p.clone());
+                }
+                Node::Symlink(t) => std::os::unix::fs::symlink(t, &p).unwrap(),
+                Node::Hardlink(n) if !files.is_empty() => {
+                    fs::hard_link(&files[n % files.len()], &p).unwrap()
+                }
+                Node::Hardlink(_) => continue,
+                Node::Fifo => {
+                    mknod(&p, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0).unwrap()
+                }
+                Node::Whiteout if is_root() => mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0).unwrap(),
+                Node::Whiteout => continue,
+            }
+            // Readable and searchable by the owner, so that an unprivileged export can read it.
+            let keep = if matches!(node, Node::Dir) {
+                0o700
+            } else {
+                0o600
+            };
+            if !matches!(node, Node::Symlink(_) | Node::Hardlink(_) | Node::Whiteout) {
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode | keep)).unwrap();
+            }
+            made.push((p, TimeSpec::new(*secs, i64::from(*nanos))));
+        }
+        // Deepest first, so that a directory's time is set after its children are made.
+        made.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (p, t) in made {
+            set_mtime(&p, t).unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(96))]
+
+        /// Export, scan, import, export again: the same bytes (owners, modes, nanosecond
+        /// times, holes, hardlinks, symlinks, fifos and, as root, whiteouts all survive).
+        #[test]
+        fn exported_layers_import_to_the_same_tree(nodes in tree()) {
+            let src = tempfile::tempdir().unwrap();
+            let dst = tempfile::tempdir().unwrap();
+            materialise(src.path(), &nodes);
+            let mut first = Vec::new();
+            let stats = write_layer(src.path(), &mut first).unwrap();
+            let policy = ImportPolicy { allow_devices: false, max_bytes: u64::MAX };
+            prop_assert_eq!(&scan_layer(&first[..], &policy).unwrap(), &stats);
+            let imported = extract_layer(&first[..], dst.path(), &policy).unwrap();
+            prop_assert_eq!(imported.entries, stats.entries);
+            let mut second = Vec::new();
+            write_layer(dst.path(), &mut second).unwrap();
+            unlock(src.path());
+            unlock(dst.path());
+            prop_assert!(first == second, "the re-export differs");
+        }
     }
 }
