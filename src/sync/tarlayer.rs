@@ -892,6 +892,7 @@ mod tests {
         let policy = ImportPolicy {
             allow_devices: false,
             max_bytes: u64::MAX,
+            clone: false,
         };
         let e = extract_layer(&t[..], &target, &policy).unwrap_err();
         assert!(
@@ -1165,7 +1166,11 @@ mod properties {
             fs::create_dir(base.path().join("outside")).unwrap();
             fs::write(base.path().join("outside/secret"), b"keep").unwrap();
             let before = snapshot(base.path(), &target);
-            let policy = ImportPolicy { allow_devices, max_bytes };
+            let policy = ImportPolicy {
+                allow_devices,
+                max_bytes,
+                clone: false,
+            };
             let scanned = scan_layer(&tar[..], &policy);
             let extracted = extract_layer(&tar[..], &target, &policy);
             if scanned.is_ok() {
@@ -1290,7 +1295,7 @@ mod properties {
             materialise(src.path(), &nodes);
             let mut first = Vec::new();
             let stats = write_layer(src.path(), &mut first).unwrap();
-            let policy = ImportPolicy { allow_devices: false, max_bytes: u64::MAX };
+            let policy = ImportPolicy { allow_devices: false, max_bytes: u64::MAX, clone: false };
             prop_assert_eq!(&scan_layer(&first[..], &policy).unwrap(), &stats);
             let imported = extract_layer(&first[..], dst.path(), &policy).unwrap();
             prop_assert_eq!(imported.entries, stats.entries);
