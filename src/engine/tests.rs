@@ -1091,3 +1091,29 @@ fn a_cache_gid_given_by_the_cluster_is_kept_by_the_cache() {
         Some(3_000_042)
     );
 }
+
+#[test]
+fn a_rollback_crashed_at_any_step_leaves_the_old_or_the_new_generation() {
+    for step in ["publish:history-written", "rollback:published"] {
+        let r = Rig::new();
+        r.job("a", "c", "dep.jar", "good");
+        r.job("b", "c", "dep.jar", "poison");
+        crash_at(step, || r.engine.cache_rollback(&cid("c"), 1));
+        let g = r.engine.current(&cid("c")).unwrap().generation;
+        let seen = r.read("c", "dep.jar").unwrap();
+        assert!(
+            (g == 2 && seen == "poison") || (g == 3 && seen == "good"),
+            "{step}: generation {g} reads {seen}"
+        );
+        if g == 2 {
+            r.engine.cache_rollback(&cid("c"), 1).unwrap();
+        }
+        assert_eq!(r.read("c", "dep.jar").as_deref(), Some("good"), "{step}");
+        let h = r.engine.cache_history(&cid("c"), None).unwrap();
+        assert_eq!(
+            h.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["rollback", "commit", "commit"],
+            "{step}"
+        );
+    }
+}
