@@ -95,11 +95,23 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
         }
     }
     let mut tools_ok = true;
-    for (tool, args, required) in [
-        (MKFS_EXT4, &["-V"][..], true),
-        (E2FSCK, &["-V"][..], true),
-        (RESIZE2FS, &[][..], true),
-        (SKOPEO, &["--version"][..], false),
+    for (tool, args, required, purpose) in [
+        (MKFS_EXT4, &["-V"][..], true, ""),
+        (E2FSCK, &["-V"][..], true, ""),
+        (RESIZE2FS, &[][..], true, ""),
+        (SKOPEO, &["--version"][..], false, "registry sync"),
+        (
+            crate::host::clone::MKFS_XFS,
+            &["-V"][..],
+            false,
+            "clone-mode caches on a state dir that cannot clone files (the reflink pool)",
+        ),
+        (
+            crate::host::clone::FSTRIM,
+            &["--version"][..],
+            false,
+            "clone-mode caches (freed blocks back to the host)",
+        ),
     ] {
         match cmd::which(&tool) {
             Some(path) => {
@@ -120,9 +132,9 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
                         "{} not found in PATH{}",
                         tool.name,
                         if required {
-                            ""
+                            String::new()
                         } else {
-                            " (needed for registry sync only)"
+                            format!(" (needed for {purpose} only)")
                         }
                     ),
                     format!(
