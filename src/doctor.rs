@@ -203,13 +203,13 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
         (Some(k), _) => finding(
             "clone backend",
             Status::Ok,
-            format!("clone-mode volumes use the {k:?} backend (chosen at first use; {why})"),
+            format!("clone-mode volumes use the {} backend (chosen at first use; {why})", k.as_str()),
             "",
         ),
         (None, Ok(k)) => finding(
             "clone backend",
             Status::Ok,
-            format!("a first clone-mode volume would use the {k:?} backend: {why}"),
+            format!("a first clone-mode volume would use the {} backend: {why}", k.as_str()),
             "",
         ),
         (None, Err(e)) => finding("clone backend", Status::Warn, e.to_string(), ""),

@@ -47,7 +47,8 @@ pub enum CloneStoreKind {
 }
 
 impl CloneStoreKind {
-    fn as_str(self) -> &'static str {
+    /// The name recorded in `clone-backend` and shown by `doctor`.
+    pub fn as_str(self) -> &'static str {
         match self {
             CloneStoreKind::Reflink => "reflink",
             CloneStoreKind::Pool => "pool",
