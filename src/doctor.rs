@@ -203,13 +203,19 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
         (Some(k), _) => finding(
             "clone backend",
             Status::Ok,
-            format!("clone-mode volumes use the {} backend (chosen at first use; {why})", k.as_str()),
+            format!(
+                "clone-mode volumes use the {} backend (chosen at first use; {why})",
+                k.as_str()
+            ),
             "",
         ),
         (None, Ok(k)) => finding(
             "clone backend",
             Status::Ok,
-            format!("a first clone-mode volume would use the {} backend: {why}", k.as_str()),
+            format!(
+                "a first clone-mode volume would use the {} backend: {why}",
+                k.as_str()
+            ),
             "",
         ),
         (None, Err(e)) => finding("clone backend", Status::Warn, e.to_string(), ""),

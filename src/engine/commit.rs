@@ -177,6 +177,7 @@ mod tests {
                 .collect(),
             published: 0,
             provenance: None,
+            undone: Vec::new(),
         }
     }
 

@@ -50,12 +50,33 @@ impl Engine {
         layers: Vec<LayerInfo>,
         provenance: Provenance,
     ) -> Result<Generation> {
+        self.publish_undoing(id, layers, provenance, &[])
+    }
+
+    /// [`Engine::publish`], adding `undone` to the layer ids the cache's line must never take
+    /// back (a rollback's undone layers).
+    pub(crate) fn publish_undoing(
+        &self,
+        id: &CacheId,
+        layers: Vec<LayerInfo>,
+        provenance: Provenance,
+        undone: &[String],
+    ) -> Result<Generation> {
         let current = self.current(id)?;
+        let mut tombstones = current.undone.clone();
+        for u in undone {
+            if !tombstones.contains(u) {
+                tombstones.push(u.clone());
+            }
+        }
+        // A layer published again (a rollforward) is no longer undone.
+        tombstones.retain(|u| !layers.iter().any(|l| &l.id == u));
         let next = Generation {
             generation: current.generation + 1,
             layers,
             published: fsutil::now(),
             provenance: Some(provenance),
+            undone: tombstones,
         };
         ensure_dir(&self.layout.history_dir(id))?;
         self.write_record(&self.layout.history_entry(id, next.generation), &next)?;
@@ -205,12 +226,23 @@ impl Engine {
                 ),
             ));
         }
-        let next = self.publish(
+        // What the rollback undoes: the current layers (and what they fold) that the target
+        // does not have. Registry sync must never merge them back.
+        let keep: std::collections::HashSet<&String> =
+            target.layers.iter().flat_map(|l| l.known_ids()).collect();
+        let undone: Vec<String> = current
+            .layers
+            .iter()
+            .filter(|l| !keep.contains(&l.id))
+            .map(|l| l.id.clone())
+            .collect();
+        let next = self.publish_undoing(
             id,
             target.layers.clone(),
             Provenance::new("rollback", format!("generation {to}"))
                 .with("to", to.to_string())
                 .with("from", current.generation.to_string()),
+            &undone,
         )?;
         fault::point("rollback:published");
         tracing::info!(cache = %id, to, generation = next.generation, "rolled back");

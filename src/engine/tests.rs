@@ -1117,3 +1117,15 @@ fn a_rollback_crashed_at_any_step_leaves_the_old_or_the_new_generation() {
         );
     }
 }
+
+#[test]
+fn a_rollback_records_what_it_undid_and_later_publishes_carry_it() {
+    let r = Rig::new();
+    r.job("a", "c", "dep.jar", "good");
+    r.job("b", "c", "dep.jar", "poison");
+    let poison = r.engine.current(&cid("c")).unwrap().layers[1].id.clone();
+    let g = r.engine.cache_rollback(&cid("c"), 1).unwrap();
+    assert_eq!(g.undone, vec![poison.clone()]);
+    r.job("d", "c", "other", "x");
+    assert_eq!(r.engine.current(&cid("c")).unwrap().undone, vec![poison]);
+}

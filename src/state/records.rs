@@ -135,6 +135,10 @@ pub struct Generation {
     /// What produced it (generations published before provenance was recorded have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<Provenance>,
+    /// Layer ids a rollback undid (here or on another node, learnt through the registry):
+    /// carried forward by every later publish, so that registry sync never merges them back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<String>,
 }
 
 impl Generation {
