@@ -367,3 +367,70 @@ fn real_clone_volume_can_be_idmapped_an_overlay_volume_cannot() {
     node.delete(&c, &[]).ok();
     node.assert_clean_volumes();
 }
+
+#[test]
+fn real_clone_a_fragmented_image_is_rebuilt_exactly_and_a_killed_rebuild_changes_nothing() {
+    if !root_or_skip(
+        "real_clone_a_fragmented_image_is_rebuilt_exactly_and_a_killed_rebuild_changes_nothing",
+    ) {
+        return;
+    }
+    // Any committed image has more than one extent: every commit queues a rebuild.
+    let node = Node::with_config(&format!("{CONFIG}clone_max_extents = 1\n"));
+    let a = node.create("a", "c", CLONE);
+    common::rich_tree(&a, true);
+    sh(&format!(
+        "cd {}; mkdir -p l/diff/gone; mknod l/diff/wh c 0 0; setfattr -n trusted.overlay.opaque -v y l/diff/gone; \
+         for i in $(seq 1 200); do head -c 5000 /dev/urandom > l/f$i; done",
+        a.display()
+    ));
+    let before = snap(&a);
+    assert_eq!(
+        node.delete(&a, &["-o", "json"]).ok().json()["outcome"],
+        "committed"
+    );
+    assert!(
+        node.state().join("queue/squash_default_c").exists(),
+        "a rebuild is queued"
+    );
+
+    // Killed mid-copy: the generation stays, gc clears the half-built image.
+    let r = node.run_env(
+        &["cache", "squash", "c"],
+        &[("JOBCACHEFS_CRASH_AT", "rebuild:copied")],
+    );
+    assert_eq!(r.code, 137, "{}", r.stderr);
+    assert_eq!(node.generation("c"), 1);
+    node.run(&["gc"]).ok();
+    let leftovers: Vec<_> = std::fs::read_dir(node.state().join("mnt/pool/caches/default/c"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let r = node.run(&["gc", "--drain", "-o", "json"]).ok().json();
+    assert_eq!(r["squashed"][0], "default/c", "{r}");
+    assert_eq!(node.generation("c"), 2);
+    let h = node
+        .run(&["cache", "history", "c", "-n", "1", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(h[0]["kind"], "rebuild");
+    let b = node.create("b", "c", &[]);
+    let d = jobcachefs::files::tree::diff(&before, &snap(&b));
+    assert!(
+        d.is_empty(),
+        "the rebuild changed the tree:\n{}",
+        d.join("\n")
+    );
+    let xa = xattr::get(b.join("l/diff/gone"), "trusted.overlay.opaque").unwrap();
+    assert_eq!(
+        xa.as_deref(),
+        Some(&b"y"[..]),
+        "overlay xattrs survive the rebuild as data"
+    );
+    node.delete(&b, &[]).ok();
+    node.assert_clean_volumes();
+}

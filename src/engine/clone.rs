@@ -520,6 +520,7 @@ impl Engine {
             super::publish::commit_provenance(record),
         )?;
         fault::point("clone-commit:published");
+        self.queue_rebuild_if_due(id, &dst);
         crate::state::stats::add(&self.layout, &[(crate::state::stats::names::COMMITS, 1)]);
         tracing::info!(cache = %id, generation = next.generation, layer, "clone commit published");
         Ok(DeleteOutcome::Committed {

@@ -139,6 +139,17 @@ impl Engine {
                     report.tmp_removed.push(e.path());
                 }
             }
+            // A clone rebuild's half-built image.
+            if let Some(store) = self.clone_store_if_ready() {
+                let dir = crate::state::layout::clone_store::layers_dir(&store, id);
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("rebuild-") && name.ends_with(".tmp") {
+                        let _ = std::fs::remove_file(e.path());
+                        report.tmp_removed.push(e.path());
+                    }
+                }
+            }
         }
         let _clock = self.lock_cache(id)?;
         // A clone cache's lease whose volume is gone is released.

@@ -11,6 +11,7 @@ mod commit;
 mod gc;
 mod identity;
 mod publish;
+mod rebuild;
 mod squash;
 mod volume;
 

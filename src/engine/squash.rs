@@ -75,6 +75,13 @@ impl Drop for Scratch {
 impl Engine {
     /// Squashes the cache's current generation into a single base layer.
     pub fn squash(&self, id: &CacheId) -> Result<SquashOutcome> {
+        // A clone cache has one image per generation: its "squash" rebuilds that image.
+        if self
+            .cache_record(id)?
+            .is_some_and(|c| c.mode == crate::state::records::CacheMode::Clone)
+        {
+            return self.clone_rebuild(id);
+        }
         self.squash_with(id, None, None)
     }
 

@@ -35,19 +35,41 @@ struct Ctx {
     links: HashMap<(u64, u64), PathBuf>,
     stats: CopyStats,
     progress: Option<Progress>,
+    /// Keep `trusted.overlay.*` xattrs (a clone image, where they are the job's data).
+    verbatim: bool,
 }
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
 /// mode, xattrs and times of `src`.
 pub(crate) fn copy_tree(src: &Path, dst: &Path, progress: Option<Progress>) -> Result<CopyStats> {
+    copy_tree_with(src, dst, progress, false)
+}
+
+/// [`copy_tree`] keeping every xattr, `trusted.overlay.*` included: for a clone-mode image,
+/// where container storage's overlay xattrs (and whiteout devices) are data, not directives.
+pub(crate) fn copy_tree_verbatim(
+    src: &Path,
+    dst: &Path,
+    progress: Option<Progress>,
+) -> Result<CopyStats> {
+    copy_tree_with(src, dst, progress, true)
+}
+
+fn copy_tree_with(
+    src: &Path,
+    dst: &Path,
+    progress: Option<Progress>,
+    verbatim: bool,
+) -> Result<CopyStats> {
     let mut ctx = Ctx {
         links: HashMap::new(),
         stats: CopyStats::default(),
         progress,
+        verbatim,
     };
     walk_sorted(src, &mut |step| ctx.step(dst, step))?;
     let md = fs::symlink_metadata(src).at("stat", src)?;
-    apply_metadata(src, dst, &md)?;
+    apply_metadata(src, dst, &md, verbatim)?;
     Ok(ctx.stats)
 }
 
@@ -64,10 +86,11 @@ impl Ctx {
         let ft = md.file_type();
         self.stats.entries += 1;
         if ft.is_dir() {
-            return fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&d)
-                .at("create directory", &d);
+            // A fresh ext4 image has its own lost+found: the source's takes its place.
+            return match fs::DirBuilder::new().mode(0o700).create(&d) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
+                r => r.at("create directory", &d),
+            };
         }
         if md.nlink() > 1 {
             if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
@@ -97,7 +120,7 @@ impl Ctx {
 
     /// Gives the copy `d` of entry `e` its metadata and reports progress.
     fn finish(&mut self, e: Entry<'_>, d: &Path) -> Result<()> {
-        apply_metadata(e.path, d, e.md)?;
+        apply_metadata(e.path, d, e.md, self.verbatim)?;
         if let Some(p) = self.progress.as_mut() {
             p(&self.stats);
         }
@@ -136,7 +159,7 @@ fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
 
 /// Owner, then mode (chown clears setuid bits), then xattrs (chown clears capabilities), then
 /// times (everything before changes ctime only, but creating children changes a dir's mtime).
-fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata) -> Result<()> {
+fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, verbatim: bool) -> Result<()> {
     fchownat(
         None,
         dst,
@@ -152,7 +175,7 @@ fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata) -> Result<()> {
     }
     let names = xattr::list(src).at("list xattrs of", src)?;
     for name in names {
-        if is_overlay_xattr(&name) {
+        if is_overlay_xattr(&name) && !verbatim {
             continue;
         }
         if let Some(value) = xattr::get(src, &name).at("read xattr of", src)? {

@@ -29,6 +29,7 @@ struct RawConfig {
     clone_writers: Option<String>,
     clone_backend: Option<String>,
     clone_pool_size: Option<String>,
+    clone_max_extents: Option<usize>,
     kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     registry: Vec<RawRegistry>,
@@ -194,6 +195,9 @@ pub struct Config {
     /// Size of the reflink pool when it is first made (a sparse file: only what clones write is
     /// allocated, and admission counts the rest as promised).
     pub clone_pool_size: u64,
+    /// A committed clone image with more data extents than this is rebuilt (FICLONE time
+    /// grows with the extent count).
+    pub clone_max_extents: usize,
     /// Settings of the Kubernetes hook.
     pub kubernetes: KubernetesConfig,
     /// Registries, by cache prefix.
@@ -220,6 +224,7 @@ impl Default for Config {
             clone_writers: CloneWriters::Lease,
             clone_backend: CloneBackend::Auto,
             clone_pool_size: 64 << 30,
+            clone_max_extents: 20_000,
             kubernetes: KubernetesConfig::default(),
             registries: Vec::new(),
             agent: AgentConfig::default(),
@@ -321,6 +326,7 @@ impl Config {
                 }
             },
             clone_pool_size: size("clone_pool_size", &raw.clone_pool_size, d.clone_pool_size)?,
+            clone_max_extents: raw.clone_max_extents.unwrap_or(d.clone_max_extents),
             kubernetes: kubernetes(raw.kubernetes.unwrap_or_default(), origin)?,
             registries: raw
                 .registry
