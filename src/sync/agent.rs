@@ -331,6 +331,11 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
             "Squashes published.",
         ),
         (
+            "jobcachefs_clone_generations_superseded_total",
+            names::CLONE_SUPERSEDED,
+            "Generations of clone caches a last-writer-wins commit replaced without having started from them (their changes are not in the cache).",
+        ),
+        (
             "jobcachefs_pushes_total",
             names::PUSHES,
             "Pushes that changed the registry.",
