@@ -797,3 +797,51 @@ fn real_deleted_data_is_not_committed() {
     n.delete(&c, &[]).ok();
     n.assert_clean();
 }
+
+#[test]
+fn real_layer_mounts_stay_after_the_last_volume() {
+    if !root_or_skip("real_layer_mounts_stay_after_the_last_volume") {
+        return;
+    }
+    let n = Node::with_config("layer_keep_seconds = 600\n");
+    let v = n.create("seed", "kept", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo seed > {}/seed", v.display()));
+    n.delete(&v, &[]).ok();
+    let layers = n.state().join("mnt/layers");
+    let layer_mounts = |n: &Node| -> Vec<std::path::PathBuf> {
+        n.mounts()
+            .into_iter()
+            .filter(|m| m.starts_with(&layers))
+            .collect()
+    };
+    let v = n.create("reader", "kept", &[]);
+    let mounted = layer_mounts(&n);
+    assert_eq!(mounted.len(), 1);
+    n.delete(&v, &[]).ok();
+    assert_eq!(layer_mounts(&n), mounted, "kept after the last volume");
+    n.run(&["gc"]).ok();
+    assert_eq!(layer_mounts(&n), mounted, "kept by gc while recent");
+    let v = n.create("again", "kept", &[]);
+    assert_eq!(std::fs::read_to_string(v.join("seed")).unwrap(), "seed\n");
+    n.delete(&v, &[]).ok();
+    let vols = n.vol("");
+    assert!(
+        !n.mounts().iter().any(|m| m.starts_with(&vols)),
+        "the volumes themselves are gone"
+    );
+
+    // Past the keep (the cache's last create long ago), gc releases it.
+    sh(&format!(
+        "touch -d 2000-01-01 {}",
+        n.state().join("caches/default/kept/last-used").display()
+    ));
+    n.run(&["gc"]).ok();
+    assert_eq!(layer_mounts(&n), Vec::<std::path::PathBuf>::new());
+
+    // `cache rm` releases it at once.
+    let v = n.create("last", "kept", &[]);
+    n.delete(&v, &[]).ok();
+    assert_eq!(layer_mounts(&n).len(), 1);
+    n.run(&["cache", "rm", "kept", "--yes"]).ok();
+    n.assert_clean();
+}
