@@ -225,10 +225,12 @@ fn real_quotas() {
     n.delete(&v, &[]).ok();
     assert_eq!(n.generation("q"), 1);
 
-    // 20 MB in the cache plus 30 MB of incompressible data cannot fit 48 MiB, squashed or not.
+    // 20 MB in the cache plus 32 MB of incompressible data cannot fit 48 MiB, squashed or not.
+    // (The first layer is trimmed before its commit: the 64 MiB that hit ENOSPC and were
+    // deleted do not count, so the sizes alone must exceed the limit.)
     let v2 = n.create("over", "q", &["--size", "64Mi", "--write-back"]);
     sh(&format!(
-        "head -c 30000000 /dev/urandom > {}/second",
+        "head -c 32000000 /dev/urandom > {}/second",
         v2.display()
     ));
     let r = n.delete(&v2, &[]);
@@ -264,7 +266,7 @@ fn real_quotas() {
     // An over-size commit that fits once squashed is squashed and published.
     let v3 = n.create("fits", "q", &["--size", "64Mi", "--write-back"]);
     sh(&format!(
-        "rm {d}/first; head -c 25000000 /dev/urandom > {d}/third",
+        "rm {d}/first; head -c 32000000 /dev/urandom > {d}/third",
         d = v3.display()
     ));
     let r = n.delete(&v3, &["-o", "json"]).ok().json();
@@ -765,5 +767,81 @@ fn real_delete_waits_for_users_in_other_mount_namespaces() {
     let c = n.create("check", "ns-held", &[]);
     assert_eq!(std::fs::read_to_string(c.join("f")).unwrap(), "1\n");
     n.delete(&c, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
+fn real_deleted_data_is_not_committed() {
+    if !root_or_skip("real_deleted_data_is_not_committed") {
+        return;
+    }
+    let n = Node::new();
+    let v = n.create("scratch", "trimmed", &["--size", "1Gi", "--write-back"]);
+    // A job that writes 500 MiB of temporary files (on disk: synced), deletes them and keeps
+    // one small file.
+    sh(&format!(
+        "cd {}; head -c 524288000 /dev/urandom > tmp.bin; sync; rm tmp.bin; echo hello > kept",
+        v.display()
+    ));
+    let r = n.delete(&v, &["-o", "json"]).ok().json();
+    assert_eq!(r["outcome"], "committed", "{r}");
+    let show = n.show("trimmed");
+    let allocated = show["allocated"].as_u64().unwrap();
+    assert!(
+        allocated <= 8 << 20,
+        "the committed layer allocates {allocated} bytes: what the job deleted must not be kept"
+    );
+    let c = n.create("check", "trimmed", &[]);
+    assert_eq!(std::fs::read_to_string(c.join("kept")).unwrap(), "hello\n");
+    assert!(!c.join("tmp.bin").exists());
+    n.delete(&c, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
+fn real_layer_mounts_stay_after_the_last_volume() {
+    if !root_or_skip("real_layer_mounts_stay_after_the_last_volume") {
+        return;
+    }
+    let n = Node::with_config("layer_keep_seconds = 600\n");
+    let v = n.create("seed", "kept", &["--size", "64Mi", "--write-back"]);
+    sh(&format!("echo seed > {}/seed", v.display()));
+    n.delete(&v, &[]).ok();
+    let layers = n.state().join("mnt/layers");
+    let layer_mounts = |n: &Node| -> Vec<std::path::PathBuf> {
+        n.mounts()
+            .into_iter()
+            .filter(|m| m.starts_with(&layers))
+            .collect()
+    };
+    let v = n.create("reader", "kept", &[]);
+    let mounted = layer_mounts(&n);
+    assert_eq!(mounted.len(), 1);
+    n.delete(&v, &[]).ok();
+    assert_eq!(layer_mounts(&n), mounted, "kept after the last volume");
+    n.run(&["gc"]).ok();
+    assert_eq!(layer_mounts(&n), mounted, "kept by gc while recent");
+    let v = n.create("again", "kept", &[]);
+    assert_eq!(std::fs::read_to_string(v.join("seed")).unwrap(), "seed\n");
+    n.delete(&v, &[]).ok();
+    let vols = n.vol("");
+    assert!(
+        !n.mounts().iter().any(|m| m.starts_with(&vols)),
+        "the volumes themselves are gone"
+    );
+
+    // Past the keep (the cache's last create long ago), gc releases it.
+    sh(&format!(
+        "touch -d 2000-01-01 {}",
+        n.state().join("caches/default/kept/last-used").display()
+    ));
+    n.run(&["gc"]).ok();
+    assert_eq!(layer_mounts(&n), Vec::<std::path::PathBuf>::new());
+
+    // `cache rm` releases it at once.
+    let v = n.create("last", "kept", &[]);
+    n.delete(&v, &[]).ok();
+    assert_eq!(layer_mounts(&n).len(), 1);
+    n.run(&["cache", "rm", "kept", "--yes"]).ok();
     n.assert_clean();
 }

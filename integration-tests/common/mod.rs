@@ -48,6 +48,11 @@ impl Run {
     }
 }
 
+/// Config every test node starts from: layer mounts go with their last volume, so that a test
+/// that deleted every volume can check that nothing stays mounted (the keep itself is tested
+/// in `real_layer_mounts_stay_after_the_last_volume` and the engine's unit tests).
+pub const NODE_DEFAULTS: &str = "layer_keep_seconds = 0\n";
+
 impl Node {
     pub fn new() -> Self {
         let tmp = tempfile::Builder::new()
@@ -63,10 +68,15 @@ impl Node {
         }
     }
 
-    /// A node whose config file holds `toml`.
+    /// A node whose config file holds `toml` (plus [`NODE_DEFAULTS`] unless it sets them).
     pub fn with_config(toml: &str) -> Self {
         let mut n = Node::new();
         let p = n.tmp.path().join("config.toml");
+        let toml = if toml.contains("layer_keep_seconds") {
+            toml.to_string()
+        } else {
+            format!("{NODE_DEFAULTS}{toml}")
+        };
         std::fs::write(&p, toml).unwrap();
         n.config = Some(p);
         n
@@ -91,8 +101,8 @@ impl Node {
             None => c.env("JOBCACHEFS_CONFIG", self.tmp.path().join("no-config.toml")),
         };
         if self.config.is_none() {
-            // An explicit but missing config is an error; use an empty one for defaults.
-            std::fs::write(self.tmp.path().join("no-config.toml"), "").unwrap();
+            // An explicit but missing config is an error; use one with the defaults.
+            std::fs::write(self.tmp.path().join("no-config.toml"), NODE_DEFAULTS).unwrap();
         }
         for (k, v) in &self.env {
             c.env(k, v);

@@ -371,6 +371,26 @@ impl Engine {
         Ok(lowers)
     }
 
+    /// Layers of `id` whose mounts stay after their last volume: the current generation's,
+    /// while the cache's last create is less than `layer_keep_seconds` old, so that the next
+    /// create on a busy cache finds them mounted. Bounded: one generation per cache, for that
+    /// long; the first delete or gc after it releases them, and a removed cache (`cache rm`,
+    /// `prune`: no record) keeps none.
+    fn layers_kept_mounted(&self, id: &CacheId) -> std::collections::HashSet<String> {
+        let keep = std::time::Duration::from_secs(self.config.layer_keep_seconds);
+        let recent = std::fs::metadata(self.layout.last_used(id))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < keep);
+        if !recent || !matches!(self.cache_record(id), Ok(Some(_))) {
+            return Default::default();
+        }
+        self.current(id)
+            .map(|g| g.layer_ids().into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// Unmounts the layer mounts of `id` that no volume uses any more. Called with the cache lock
     /// held. Overlays that still use a layer keep their own reference: the kernel clones the
     /// layer mounts privately, so this never pulls a layer from under a live volume.
@@ -385,9 +405,10 @@ impl Engine {
         let Ok(entries) = std::fs::read_dir(&base) else {
             return Ok(());
         };
+        let kept = self.layers_kept_mounted(id);
         for e in entries.flatten() {
             let layer = e.file_name().to_string_lossy().into_owned();
-            if used.contains(&layer) {
+            if used.contains(&layer) || kept.contains(&layer) {
                 continue;
             }
             self.host.unmount(&e.path(), true)?;

@@ -26,7 +26,16 @@ impl Rig {
         Self::with_config(Config::default())
     }
 
+    /// A rig whose layer mounts go with their last volume (`layer_keep_seconds = 0`), as the
+    /// tests below expect; [`Rig::build`] keeps what `config` says.
     fn with_config(config: Config) -> Rig {
+        Self::build(Config {
+            layer_keep_seconds: 0,
+            ..config
+        })
+    }
+
+    fn build(config: Config) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().canonicalize().unwrap();
         let host = Arc::new(FakeHost::new(&root));
@@ -1128,4 +1137,55 @@ fn a_rollback_records_what_it_undid_and_later_publishes_carry_it() {
     assert_eq!(g.undone, vec![poison.clone()]);
     r.job("d", "c", "other", "x");
     assert_eq!(r.engine.current(&cid("c")).unwrap().undone, vec![poison]);
+}
+
+#[test]
+fn layer_mounts_stay_a_while_after_their_last_volume() {
+    let r = Rig::build(Config {
+        layer_keep_seconds: 600,
+        ..Config::default()
+    });
+    assert_eq!(r.job("a", "c", "dep.jar", "good"), committed(1));
+    r.create("b", Some("c"), false);
+    r.delete("b");
+    assert_eq!(
+        r.host.mount_points().len(),
+        1,
+        "the current layer stays mounted after its last volume"
+    );
+    let attaches = |r: &Rig| {
+        r.host
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("mount_image") && c.contains("/layers/"))
+            .count()
+    };
+    let before = attaches(&r);
+    r.create("c", Some("c"), false);
+    assert_eq!(attaches(&r), before, "the next create finds it mounted");
+    assert_eq!(r.read("c", "dep.jar").as_deref(), Some("good"));
+    r.delete("c");
+    r.engine.gc(false).unwrap();
+    assert_eq!(r.host.mount_points().len(), 1, "gc keeps it while recent");
+
+    // Once the cache's last create is older than the keep, the next gc releases it.
+    let last_used = r.engine.layout().last_used(&cid("c"));
+    let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &last_used,
+        &old,
+        &old,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    r.engine.gc(false).unwrap();
+    assert!(r.host.mount_points().is_empty(), "released after the keep");
+
+    // A removed cache keeps nothing mounted.
+    r.create("d", Some("c"), false);
+    r.delete("d");
+    assert_eq!(r.host.mount_points().len(), 1);
+    r.engine.cache_rm(&cid("c")).unwrap();
+    assert!(r.host.mount_points().is_empty(), "cache rm releases it");
 }

@@ -591,6 +591,15 @@ impl Engine {
             }
             // The overlay's work dir is not part of the tree; empty it so the layer is tidy.
             let _ = std::fs::remove_dir_all(upper.join("work").join("work"));
+            if record.commit_layer.is_some() {
+                // Give back what the job wrote and deleted (the image is sparse and the device
+                // passes discards on as holes): the layer then allocates about what its tree
+                // holds, not everything ever written. Best effort: an untrimmed layer is only
+                // bigger. Repeated by a retried delete, which is harmless.
+                if let Err(e) = self.host.trim(&upper) {
+                    tracing::warn!(dir = %record.dir.display(), error = %e, "upper image not trimmed before commit");
+                }
+            }
             self.host.unmount(&upper, record.discard)?;
             if record.commit_layer.is_some() {
                 self.wait_released(&self.layout.volume_image(&vol))?;

@@ -77,9 +77,23 @@ pub fn is_mounted(table: &[MountEntry], path: &Path) -> bool {
 }
 
 /// Attaches `image` to a loop device and mounts it at `target` (`nosuid,nodev`, read-only when
-/// asked). On failure nothing stays attached.
+/// asked). The device does direct I/O (see [`loopback`]) with the image's block size as its
+/// logical block size. On failure nothing stays attached.
 pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
-    let dev = loopback::attach(image, read_only)?;
+    let direct_io = loopback::direct_io_default();
+    let block_size = if direct_io {
+        loopback::block_size_for(image, loopback::ext4_block_size(image))
+    } else {
+        0
+    };
+    let dev = loopback::attach_opts(
+        image,
+        loopback::Options {
+            read_only,
+            direct_io,
+            block_size,
+        },
+    )?;
     crate::fault::point("loop:attached");
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {

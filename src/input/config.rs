@@ -26,6 +26,7 @@ struct RawConfig {
     keep_generations: Option<usize>,
     volume_uids: Option<String>,
     cache_gids: Option<String>,
+    layer_keep_seconds: Option<u64>,
     clone_writers: Option<String>,
     clone_backend: Option<String>,
     clone_pool_size: Option<String>,
@@ -188,6 +189,10 @@ pub struct Config {
     /// How many of the latest generations keep their layers, so that a cache can be rolled
     /// back to them (the current one included).
     pub keep_generations: usize,
+    /// Seconds the layer mounts of a cache's current generation stay after their last volume
+    /// (counted from the cache's last create), so that a busy cache does not attach and mount
+    /// them again at every create; 0 unmounts them with their last volume.
+    pub layer_keep_seconds: u64,
     /// Who commits into a clone cache when several write-back volumes of it live at once.
     pub clone_writers: CloneWriters,
     /// Where clone volumes get their clones.
@@ -221,6 +226,7 @@ impl Default for Config {
             keep_generations: 3,
             volume_uids: (2_000_000, 2_999_999),
             cache_gids: (3_000_000, 3_999_999),
+            layer_keep_seconds: 600,
             clone_writers: CloneWriters::Lease,
             clone_backend: CloneBackend::Auto,
             clone_pool_size: 64 << 30,
@@ -303,6 +309,15 @@ impl Config {
                 Some(n) => {
                     return Err(Error::invalid(format!(
                         "keep_generations in {origin} is {n}: use a number from 1 (only the current generation) to 100"
+                    )))
+                }
+            },
+            layer_keep_seconds: match raw.layer_keep_seconds {
+                None => d.layer_keep_seconds,
+                Some(n) if n <= 86_400 => n,
+                Some(n) => {
+                    return Err(Error::invalid(format!(
+                        "layer_keep_seconds in {origin} is {n}: use a number of seconds from 0 (unmount with the last volume) to 86400"
                     )))
                 }
             },
