@@ -745,9 +745,15 @@ fn real_delete_waits_for_users_in_other_mount_namespaces() {
     let v = n.create("held", "ns-held", &["--size", "64Mi", "--write-back"]);
     sh(&format!("echo 1 > {}/f", v.display()));
     // A process in its own mount namespace keeps a copy of every mount, the volume's included,
-    // as a pod that was not torn down would.
+    // as a pod that was not torn down would. It lets go of every other test's mounts at once:
+    // tests run in parallel, and their deletes must not wait for this one's holder.
+    let own = n.tmp.path().display().to_string();
     let mut holder = std::process::Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sleep", "120"])
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "findmnt -rn -o TARGET | grep '^/tmp/jcfs-test-' | grep -v '^{own}' | sort -r \
+             | while read -r m; do umount -l \"$m\" 2>/dev/null; done; exec sleep 120"
+        ))
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
