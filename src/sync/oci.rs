@@ -45,6 +45,10 @@ pub(crate) const ANN_MODE: &str = "io.jobcachefs.cache-mode";
 /// a node that imports the line into a new cache takes it).
 pub(crate) const ANN_CACHE_SIZE: &str = "io.jobcachefs.cache-size";
 
+/// Manifest annotation: the layer ids a rollback undid (on any node that pushed this line),
+/// comma-separated. Every node merges them into its own and never takes those layers back.
+pub(crate) const ANN_UNDONE: &str = "io.jobcachefs.undone";
+
 /// An OCI content descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
