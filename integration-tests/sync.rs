@@ -1395,11 +1395,39 @@ fn real_sync_a_rollback_is_pushed_and_never_merged_back() {
         .as_str()
         .unwrap()
         .to_string();
+    // Provenance travels with the image: the commit that made the exported generation.
     let ann = &m["annotations"];
+    assert_eq!(ann["io.jobcachefs.provenance.kind"], "commit", "{m}");
+    assert_eq!(
+        ann["io.jobcachefs.provenance.source"],
+        a.vol("poison").display().to_string()
+    );
+    assert!(
+        ann["io.jobcachefs.provenance.detail.volume"].is_string(),
+        "{m}"
+    );
+    assert!(ann["org.opencontainers.image.created"]
+        .as_str()
+        .is_some_and(|c| c.ends_with('Z') && c.len() == 20));
     assert!(ann.get("io.jobcachefs.undone").is_none(), "{m}");
 
     assert_eq!(import(&b, "maven")["outcome"], "imported");
     assert_eq!(read(&b, "r1", "maven", "dep.jar"), "poison");
+    // Import keeps the provenance: what the other node's generation came from.
+    let h = b
+        .run(&["cache", "history", "maven", "-n", "1", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(h[0]["kind"], "import", "{h}");
+    assert_eq!(h[0]["details"]["origin.kind"], "commit", "{h}");
+    assert_eq!(
+        h[0]["details"]["origin.source"],
+        a.vol("poison").display().to_string()
+    );
+    assert!(h[0]["details"]["digest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+
     // A rolls back and exports: the registry's line is the rolled-back one.
     a.run(&["cache", "rollback", "maven", "--to", &good_gen.to_string()])
         .ok();
@@ -1411,6 +1439,11 @@ fn real_sync_a_rollback_is_pushed_and_never_merged_back() {
     let m = raw_manifest(&image);
     let ann = &m["annotations"];
     assert_eq!(ann["io.jobcachefs.undone"], poison_id.as_str(), "{m}");
+    assert_eq!(ann["io.jobcachefs.provenance.kind"], "rollback", "{m}");
+    assert_eq!(
+        ann["io.jobcachefs.provenance.detail.to"],
+        good_gen.to_string()
+    );
     assert_eq!(export(&a, "maven")["outcome"], "up-to-date");
 
     // B had the poison: its import drops it and records the tombstone.

@@ -18,7 +18,9 @@
 //! as a manifest annotation ([`oci::ANN_UNDONE`]), and both directions merge with both sides'
 //! tombstones (see [`super::line`]). So the next export replaces a line that still holds an
 //! undone layer, an import drops it from a node that still has it (and takes the tombstones on),
-//! and no merge brings it back.
+//! and no merge brings it back. The exported generation's provenance goes out as annotations
+//! too ([`oci::generation_annotations`]); an import records it as the `origin.*` details of its
+//! own provenance, with the image's digest.
 //!
 //! Clone-mode caches have their own line (one full layer, then deltas): see [`clone`].
 //!
@@ -34,7 +36,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
 use crate::input::names::{is_layer_id, CacheId};
 use crate::state::fsutil::{self, ensure_dir};
-use crate::state::records::{CacheMode, Generation, LayerInfo};
+use crate::state::records::{CacheMode, Generation, LayerInfo, Provenance};
 use crate::state::{lock, stats};
 use crate::{fault, Engine};
 use serde::Serialize;
@@ -106,6 +108,8 @@ struct RemoteLine {
     cache_size: Option<u64>,
     /// Layer ids a rollback undid, somewhere (see [`oci::ANN_UNDONE`]).
     undone: Vec<String>,
+    /// The manifest's annotations (the exported generation's provenance).
+    annotations: BTreeMap<String, String>,
 }
 
 /// The id of a layer that carries no jobcachefs id (an image jobcachefs did not make): a
@@ -142,6 +146,7 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
             mode: None,
             cache_size: None,
             undone: vec![],
+            annotations: BTreeMap::new(),
         });
     };
     let digest = oci::digest_of(&raw);
@@ -269,12 +274,41 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
         line,
         diff_ids,
         undone,
+        annotations: m.annotations,
     })
 }
 
 /// The tombstones a merge of `r` with generation `g` honours: both sides'.
 fn tombstones(g: &Generation, r: &RemoteLine) -> BTreeSet<String> {
     g.undone.iter().chain(&r.undone).cloned().collect()
+}
+
+/// The provenance of an import of `r` from `remote`: the image and its digest, and as
+/// `origin.*` what produced the generation the other node exported (its kind, source, details
+/// and time), so a poisoned cache can be traced across nodes.
+fn import_provenance(remote: &Remote, r: &RemoteLine) -> Provenance {
+    let mut p = Provenance::new("import", remote.repo.clone()).with("digest", r.manifest.clone());
+    if let Some(reference) = &remote.reference {
+        p = p.with("reference", reference.clone());
+    }
+    if r.generation > 0 {
+        p = p.with("line-generation", r.generation.to_string());
+    }
+    if let Some(o) = oci::annotated_provenance(&r.annotations) {
+        p = p
+            .with("origin.kind", o.kind)
+            .with("origin.source", o.source);
+        // One hop: an import of an import names the first node's origin, not a chain.
+        for (k, v) in o.details {
+            if !k.starts_with("origin.") {
+                p.details.insert(format!("origin.{k}"), v);
+            }
+        }
+    }
+    if let Some(c) = r.annotations.get(oci::ANN_CREATED) {
+        p = p.with("origin.created", c.clone());
+    }
+    p
 }
 
 fn local_line(g: &Generation) -> Vec<LineLayer> {
@@ -511,11 +545,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let config = store.put(oci::CONFIG, &serde_json::to_vec(&config).unwrap())?;
-        let mut annotations = BTreeMap::new();
-        if !undone.is_empty() {
-            let ids: Vec<&str> = undone.iter().map(String::as_str).collect();
-            annotations.insert(oci::ANN_UNDONE.to_string(), ids.join(","));
-        }
+        let mut annotations = oci::generation_annotations(&current, &undone);
         annotations.insert(oci::ANN_GENERATION.to_string(), generation.to_string());
         annotations.insert(oci::ANN_CACHE.to_string(), id.to_string());
         let manifest = Manifest {
@@ -774,12 +804,7 @@ fn import_inner(
     }
     fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
     // The remote's tombstones become this node's: a later merge never takes those layers back.
-    let next = engine.publish_undoing(
-        id,
-        layers,
-        crate::state::records::Provenance::new("import", remote.repo.clone()),
-        &r.undone,
-    )?;
+    let next = engine.publish_undoing(id, layers, import_provenance(remote, &r), &r.undone)?;
     fault::point("sync:imported");
     engine.collect_layers(id)?;
     drop(_c);
