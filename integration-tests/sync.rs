@@ -1341,3 +1341,139 @@ fn check_delta(n: &Node, expected: &jobcachefs::files::tree::Snapshot) {
     assert!(!v.join("a/b/c").exists());
     n.delete(&v, &[]).ok();
 }
+
+/// The raw manifest of `image:latest`, as the registry serves it.
+fn raw_manifest(image: &str) -> serde_json::Value {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}:latest"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The content of `file` in a fresh read-only volume of `cache`.
+fn read(n: &Node, vol: &str, cache: &str, file: &str) -> String {
+    let v = n.create(vol, cache, &[]);
+    let s = std::fs::read_to_string(v.join(file)).unwrap_or_else(|e| format!("<{e}>"));
+    n.delete(&v, &[]).ok();
+    s.trim().to_string()
+}
+
+/// The node's current generation record of `default/<cache>`.
+fn current(n: &Node, cache: &str) -> serde_json::Value {
+    let p = n
+        .state()
+        .join("caches/default")
+        .join(cache)
+        .join("current.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+#[test]
+fn real_sync_a_rollback_is_pushed_and_never_merged_back() {
+    if !root_or_skip("real_sync_a_rollback_is_pushed_and_never_merged_back") {
+        return;
+    }
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    let image = reg.image("default", "maven");
+    commit(&a, "good", "maven", "echo good > dep.jar");
+    let good_gen = a.generation("maven");
+    commit(&a, "poison", "maven", "echo poison > dep.jar");
+    assert_eq!(export(&a, "maven")["layers"], 2);
+    let m = raw_manifest(&image);
+    let good_digest = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    let poison_digest = m["layers"][1]["digest"].as_str().unwrap().to_string();
+    let poison_id = m["layers"][1]["annotations"]["io.jobcachefs.layer.id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Provenance travels with the image: the commit that made the exported generation.
+    let ann = &m["annotations"];
+    assert_eq!(ann["io.jobcachefs.provenance.kind"], "commit", "{m}");
+    assert_eq!(
+        ann["io.jobcachefs.provenance.source"],
+        a.vol("poison").display().to_string()
+    );
+    assert!(
+        ann["io.jobcachefs.provenance.detail.volume"].is_string(),
+        "{m}"
+    );
+    assert!(ann["org.opencontainers.image.created"]
+        .as_str()
+        .is_some_and(|c| c.ends_with('Z') && c.len() == 20));
+    assert!(ann.get("io.jobcachefs.undone").is_none(), "{m}");
+
+    assert_eq!(import(&b, "maven")["outcome"], "imported");
+    assert_eq!(read(&b, "r1", "maven", "dep.jar"), "poison");
+    // Import keeps the provenance: what the other node's generation came from.
+    let h = b
+        .run(&["cache", "history", "maven", "-n", "1", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(h[0]["kind"], "import", "{h}");
+    assert_eq!(h[0]["details"]["origin.kind"], "commit", "{h}");
+    assert_eq!(
+        h[0]["details"]["origin.source"],
+        a.vol("poison").display().to_string()
+    );
+    assert!(h[0]["details"]["digest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+
+    // A rolls back and exports: the registry's line is the rolled-back one.
+    a.run(&["cache", "rollback", "maven", "--to", &good_gen.to_string()])
+        .ok();
+    assert_eq!(read(&a, "r2", "maven", "dep.jar"), "good");
+    let r = export(&a, "maven");
+    assert_eq!(r["outcome"], "pushed", "{r}");
+    assert_eq!(r["layers"], 1, "{r}");
+    assert_eq!(reg.layers(&image), [good_digest]);
+    let m = raw_manifest(&image);
+    let ann = &m["annotations"];
+    assert_eq!(ann["io.jobcachefs.undone"], poison_id.as_str(), "{m}");
+    assert_eq!(ann["io.jobcachefs.provenance.kind"], "rollback", "{m}");
+    assert_eq!(
+        ann["io.jobcachefs.provenance.detail.to"],
+        good_gen.to_string()
+    );
+    assert_eq!(export(&a, "maven")["outcome"], "up-to-date");
+
+    // B had the poison: its import drops it and records the tombstone.
+    let mark = reg.log().len();
+    let r = import(&b, "maven");
+    assert_eq!(r["outcome"], "imported", "{r}");
+    assert_eq!(r["new_layers"], 0, "{r}");
+    assert_eq!(downloads(&reg.log_since(mark), &poison_digest), 0);
+    assert_eq!(read(&b, "r3", "maven", "dep.jar"), "good");
+    let cur = current(&b, "maven");
+    assert_eq!(cur["undone"], serde_json::json!([poison_id]), "{cur}");
+    assert_eq!(cur["layers"].as_array().unwrap().len(), 1, "{cur}");
+    // Neither node puts it back.
+    assert_eq!(export(&b, "maven")["outcome"], "up-to-date");
+    assert_eq!(import(&a, "maven")["outcome"], "up-to-date");
+    assert_eq!(read(&a, "r4", "maven", "dep.jar"), "good");
+
+    // A layer committed after the rollback travels as usual, both ways, without the poison.
+    commit(&b, "after", "maven", "echo fixed > more.txt");
+    assert_eq!(export(&b, "maven")["outcome"], "pushed");
+    assert_eq!(reg.layers(&image).len(), 2);
+    assert!(!reg.layers(&image).contains(&poison_digest));
+    assert_eq!(import(&a, "maven")["outcome"], "imported");
+    assert_eq!(read(&a, "r5", "maven", "dep.jar"), "good");
+    assert_eq!(read(&a, "r6", "maven", "more.txt"), "fixed");
+    assert_eq!(
+        raw_manifest(&image)["annotations"]["io.jobcachefs.undone"],
+        poison_id.as_str(),
+        "the tombstone stays with the line"
+    );
+    a.assert_clean();
+    b.assert_clean();
+}

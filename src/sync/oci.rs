@@ -45,6 +45,100 @@ pub(crate) const ANN_MODE: &str = "io.jobcachefs.cache-mode";
 /// a node that imports the line into a new cache takes it).
 pub(crate) const ANN_CACHE_SIZE: &str = "io.jobcachefs.cache-size";
 
+/// Manifest annotation: the layer ids a rollback undid (on any node that pushed this line),
+/// comma-separated. Every node merges them into its own and never takes those layers back.
+pub(crate) const ANN_UNDONE: &str = "io.jobcachefs.undone";
+/// Manifest annotation (OCI's): when the exported generation was published, RFC 3339.
+pub(crate) const ANN_CREATED: &str = "org.opencontainers.image.created";
+/// Manifest annotation (OCI's): the exported generation's provenance, for a person.
+pub(crate) const ANN_DESCRIPTION: &str = "org.opencontainers.image.description";
+/// Manifest annotations: the exported generation's provenance — `kind`, `source`,
+/// `generation` (the node's), and `detail.<key>` for each detail.
+pub(crate) const ANN_PROVENANCE: &str = "io.jobcachefs.provenance.";
+
+/// The manifest annotations that carry generation `g`'s provenance and tombstones; `undone`:
+/// the tombstones of the line pushed (this node's and the registry's).
+pub(crate) fn generation_annotations(
+    g: &crate::state::records::Generation,
+    undone: &std::collections::BTreeSet<String>,
+) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::new();
+    if !undone.is_empty() {
+        let ids: Vec<&str> = undone.iter().map(String::as_str).collect();
+        a.insert(ANN_UNDONE.to_string(), ids.join(","));
+    }
+    if g.published > 0 {
+        a.insert(ANN_CREATED.to_string(), rfc3339(g.published));
+    }
+    if let Some(p) = &g.provenance {
+        a.insert(
+            ANN_DESCRIPTION.to_string(),
+            format!(
+                "jobcachefs cache generation {}: {} {}",
+                g.generation, p.kind, p.source
+            ),
+        );
+        a.insert(format!("{ANN_PROVENANCE}kind"), p.kind.clone());
+        a.insert(format!("{ANN_PROVENANCE}source"), p.source.clone());
+        for (k, v) in &p.details {
+            a.insert(format!("{ANN_PROVENANCE}detail.{k}"), v.clone());
+        }
+    }
+    a.insert(
+        format!("{ANN_PROVENANCE}generation"),
+        g.generation.to_string(),
+    );
+    a
+}
+
+/// The provenance a manifest's annotations carry (see [`generation_annotations`]): `None` for
+/// an image that carries none (one jobcachefs did not make, or exported before provenance).
+pub(crate) fn annotated_provenance(
+    a: &BTreeMap<String, String>,
+) -> Option<crate::state::records::Provenance> {
+    let kind = a.get(&format!("{ANN_PROVENANCE}kind"))?;
+    let mut p = crate::state::records::Provenance::new(
+        kind,
+        a.get(&format!("{ANN_PROVENANCE}source"))
+            .cloned()
+            .unwrap_or_default(),
+    );
+    let detail = format!("{ANN_PROVENANCE}detail.");
+    for (k, v) in a {
+        if let Some(key) = k.strip_prefix(&detail) {
+            p.details.insert(key.to_string(), v.clone());
+        }
+    }
+    if let Some(g) = a.get(&format!("{ANN_PROVENANCE}generation")) {
+        p.details
+            .entry("generation".into())
+            .or_insert_with(|| g.clone());
+    }
+    Some(p)
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-11-03T09:15:00Z`).
+pub(crate) fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // The civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// An OCI content descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -638,5 +732,35 @@ mod tests {
         let r: BlobRecord =
             serde_json::from_str(r#"{"digest":"sha256:a","size":1,"diff_id":"sha256:b"}"#).unwrap();
         assert_eq!(r.media_type, LAYER_ZSTD);
+    }
+
+    #[test]
+    fn provenance_round_trips_through_annotations() {
+        use crate::state::records::{Generation, Provenance};
+        let g = Generation {
+            generation: 7,
+            published: 1_700_000_000,
+            provenance: Some(
+                Provenance::new("commit", "/builds/x/cache")
+                    .with("pvc-name", "maven")
+                    .with("node", "n1"),
+            ),
+            ..Default::default()
+        };
+        let undone = ["b".to_string(), "a".to_string()].into_iter().collect();
+        let a = generation_annotations(&g, &undone);
+        assert_eq!(a[ANN_UNDONE], "a,b");
+        assert_eq!(a[ANN_CREATED], "2023-11-14T22:13:20Z");
+        assert_eq!(a["io.jobcachefs.provenance.kind"], "commit");
+        assert_eq!(a["io.jobcachefs.provenance.detail.pvc-name"], "maven");
+        let p = annotated_provenance(&a).unwrap();
+        assert_eq!(p.kind, "commit");
+        assert_eq!(p.source, "/builds/x/cache");
+        assert_eq!(p.details["pvc-name"], "maven");
+        assert_eq!(p.details["node"], "n1");
+        assert_eq!(p.details["generation"], "7");
+        assert_eq!(annotated_provenance(&BTreeMap::new()), None);
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
 }

@@ -14,6 +14,14 @@
 //! resolved to the node's platform): layers without a jobcachefs id get a chain id derived from
 //! their diff_ids, and their blobs are kept as they are (an export pushes them unchanged).
 //!
+//! A rollback travels with the line: the layer ids it undid (the generation's `undone`) go out
+//! as a manifest annotation ([`oci::ANN_UNDONE`]), and both directions merge with both sides'
+//! tombstones (see [`super::line`]). So the next export replaces a line that still holds an
+//! undone layer, an import drops it from a node that still has it (and takes the tombstones on),
+//! and no merge brings it back. The exported generation's provenance goes out as annotations
+//! too ([`oci::generation_annotations`]); an import records it as the `origin.*` details of its
+//! own provenance, with the image's digest.
+//!
 //! Clone-mode caches have their own line (one full layer, then deltas): see [`clone`].
 //!
 //! Both run under one node-wide lock (`<state>/sync/lock`): the OCI layout is shared.
@@ -28,11 +36,11 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
 use crate::input::names::{is_layer_id, CacheId};
 use crate::state::fsutil::{self, ensure_dir};
-use crate::state::records::{CacheMode, Generation, LayerInfo};
+use crate::state::records::{CacheMode, Generation, LayerInfo, Provenance};
 use crate::state::{lock, stats};
 use crate::{fault, Engine};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -98,6 +106,10 @@ struct RemoteLine {
     mode: Option<String>,
     /// The cache-size a clone line was exported with.
     cache_size: Option<u64>,
+    /// Layer ids a rollback undid, somewhere (see [`oci::ANN_UNDONE`]).
+    undone: Vec<String>,
+    /// The manifest's annotations (the exported generation's provenance).
+    annotations: BTreeMap<String, String>,
 }
 
 /// The id of a layer that carries no jobcachefs id (an image jobcachefs did not make): a
@@ -133,6 +145,8 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
             diff_ids: vec![],
             mode: None,
             cache_size: None,
+            undone: vec![],
+            annotations: BTreeMap::new(),
         });
     };
     let digest = oci::digest_of(&raw);
@@ -226,6 +240,22 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
         }
         line.push(LineLayer { id, covers });
     }
+    let undone: Vec<String> = m
+        .annotations
+        .get(oci::ANN_UNDONE)
+        .map(|u| {
+            u.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if undone.iter().any(|u| !is_layer_id(u)) {
+        return Err(refuse(format!(
+            "{what} has an invalid {} annotation",
+            oci::ANN_UNDONE
+        )));
+    }
     Ok(RemoteLine {
         digest: Some(digest),
         manifest: manifest_digest,
@@ -243,7 +273,42 @@ fn read_remote(remote: &Remote, store: &Store) -> Result<RemoteLine> {
         compression,
         line,
         diff_ids,
+        undone,
+        annotations: m.annotations,
     })
+}
+
+/// The tombstones a merge of `r` with generation `g` honours: both sides'.
+fn tombstones(g: &Generation, r: &RemoteLine) -> BTreeSet<String> {
+    g.undone.iter().chain(&r.undone).cloned().collect()
+}
+
+/// The provenance of an import of `r` from `remote`: the image and its digest, and as
+/// `origin.*` what produced the generation the other node exported (its kind, source, details
+/// and time), so a poisoned cache can be traced across nodes.
+fn import_provenance(remote: &Remote, r: &RemoteLine) -> Provenance {
+    let mut p = Provenance::new("import", remote.repo.clone()).with("digest", r.manifest.clone());
+    if let Some(reference) = &remote.reference {
+        p = p.with("reference", reference.clone());
+    }
+    if r.generation > 0 {
+        p = p.with("line-generation", r.generation.to_string());
+    }
+    if let Some(o) = oci::annotated_provenance(&r.annotations) {
+        p = p
+            .with("origin.kind", o.kind)
+            .with("origin.source", o.source);
+        // One hop: an import of an import names the first node's origin, not a chain.
+        for (k, v) in o.details {
+            if !k.starts_with("origin.") {
+                p.details.insert(format!("origin.{k}"), v);
+            }
+        }
+    }
+    if let Some(c) = r.annotations.get(oci::ANN_CREATED) {
+        p = p.with("origin.created", c.clone());
+    }
+    p
 }
 
 fn local_line(g: &Generation) -> Vec<LineLayer> {
@@ -412,6 +477,9 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
         }
         let current = engine.current(id)?;
         let local = local_line(&current);
+        // The line pushed carries both sides' tombstones on.
+        let undone = tombstones(&current, &r);
+        let dead: HashSet<String> = undone.iter().cloned().collect();
         let report = |outcome, generation, layers, new_layers, new_bytes, rebased| ExportReport {
             outcome,
             image: remote.repo.clone(),
@@ -423,7 +491,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             attempts: attempt,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let Some(plan) = line::plan_push(&r.line, &local, engine.config().max_depth) else {
+        let Some(plan) = line::plan_push(&r.line, &local, &dead, engine.config().max_depth) else {
             return Ok(report(
                 "up-to-date",
                 r.generation,
@@ -433,7 +501,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                 false,
             ));
         };
-        let rebased = line::remote_has_news(&r.line, &local);
+        let rebased = line::remote_has_news(&r.line, &local, &dead);
         let remote_digests: HashSet<&str> = r.layers.iter().map(|d| d.digest.as_str()).collect();
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
@@ -477,7 +545,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let config = store.put(oci::CONFIG, &serde_json::to_vec(&config).unwrap())?;
-        let mut annotations = BTreeMap::new();
+        let mut annotations = oci::generation_annotations(&current, &undone);
         annotations.insert(oci::ANN_GENERATION.to_string(), generation.to_string());
         annotations.insert(oci::ANN_CACHE.to_string(), id.to_string());
         let manifest = Manifest {
@@ -613,11 +681,18 @@ fn import_inner(
         kept_local,
         seconds: started.elapsed().as_secs_f64(),
     };
-    if line::plan_pull(&r.line, &local_line(&current)).is_none() {
+    let dead = |g: &Generation| -> HashSet<String> { tombstones(g, &r).into_iter().collect() };
+    let Some(plan) = line::plan_pull(&r.line, &local_line(&current), &dead(&current)) else {
         return Ok(report("up-to-date", current.generation, 0, 0, 0));
-    }
-    // Layers of the line this node does not hold: download their blobs (only those) and rebuild.
-    let missing: Vec<usize> = (0..r.layers.len())
+    };
+    // Layers of the merged line this node does not hold: download their blobs (only those) and
+    // rebuild. A layer of the line that a tombstone kills is never downloaded.
+    let missing: Vec<usize> = plan
+        .iter()
+        .filter_map(|s| match *s {
+            Src::Remote(i) => Some(i),
+            Src::Local(_) => None,
+        })
         .filter(|&i| !engine.layout().layer_image(id, &r.line[i].id).exists())
         .collect();
     let policy = ImportPolicy {
@@ -662,7 +737,7 @@ fn import_inner(
     let _c = engine.lock_cache(id)?;
     let now = engine.current(id)?;
     let local = local_line(&now);
-    let Some(plan) = line::plan_pull(&r.line, &local) else {
+    let Some(plan) = line::plan_pull(&r.line, &local, &dead(&now)) else {
         return Ok(report("up-to-date", now.generation, 0, 0, 0));
     };
     // First the new generation and its size; nothing on disk changes until it fits.
@@ -728,11 +803,8 @@ fn import_inner(
         store.set_record(&r.line[i].id, &blob)?;
     }
     fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
-    let next = engine.publish(
-        id,
-        layers,
-        crate::state::records::Provenance::new("import", remote.repo.clone()),
-    )?;
+    // The remote's tombstones become this node's: a later merge never takes those layers back.
+    let next = engine.publish_undoing(id, layers, import_provenance(remote, &r), &r.undone)?;
     fault::point("sync:imported");
     engine.collect_layers(id)?;
     drop(_c);

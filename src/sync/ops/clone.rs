@@ -35,7 +35,7 @@ use crate::files::walk::{walk_sorted, Step};
 use crate::input::names::CacheId;
 use crate::state::fsutil::{self, ensure_dir, read_json, write_json_atomic};
 use crate::state::layout::clone_store;
-use crate::state::records::{CacheMode, LayerInfo, Provenance};
+use crate::state::records::{CacheMode, Generation, LayerInfo};
 use crate::sync::oci::{self, BlobRecord, Descriptor, Manifest, Store};
 use crate::sync::tarlayer::{self, ImportPolicy};
 use crate::sync::transport::{Remote, LATEST};
@@ -413,7 +413,7 @@ pub(super) fn export(
         });
         let generation = r.generation + 1;
         let cache_size = engine.cache_record(id)?.map_or(0, |c| c.cache_size);
-        let desc = put_manifest(store, id, &line, generation, cache_size)?;
+        let desc = put_manifest(store, id, &line, generation, cache_size, &current)?;
         store.tag("push", &desc)?;
         fault::point("sync:before-push");
         let now = remote.manifest(LATEST)?.map(|b| oci::digest_of(&b));
@@ -455,6 +455,7 @@ fn put_manifest(
     line: &[RecordedLayer],
     generation: u64,
     cache_size: u64,
+    exported: &Generation,
 ) -> Result<Descriptor> {
     let config = serde_json::json!({
         "architecture": oci::node_platform().architecture,
@@ -472,7 +473,9 @@ fn put_manifest(
             annotations: BTreeMap::from([(oci::ANN_LAYER_ID.to_string(), l.id.clone())]),
         })
         .collect();
-    let annotations = BTreeMap::from([
+    // A clone line is the whole tree each time (no merge): it carries provenance, no tombstones.
+    let mut annotations = oci::generation_annotations(exported, &Default::default());
+    annotations.extend([
         (oci::ANN_GENERATION.to_string(), generation.to_string()),
         (oci::ANN_CACHE.to_string(), id.to_string()),
         (
@@ -626,7 +629,7 @@ pub(super) fn import(
             allocated: fsutil::allocated_bytes(&dst)?,
             covers: Vec::new(),
         }],
-        Provenance::new("import", remote.repo.clone()).with("digest", r.manifest.clone()),
+        super::import_provenance(remote, &r),
     )?;
     fault::point("sync:imported");
     let mut line = Vec::new();
