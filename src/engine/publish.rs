@@ -230,12 +230,16 @@ impl Engine {
         // does not have. Registry sync must never merge them back.
         let keep: std::collections::HashSet<&String> =
             target.layers.iter().flat_map(|l| l.known_ids()).collect();
-        let undone: Vec<String> = current
-            .layers
-            .iter()
-            .filter(|l| !keep.contains(&l.id))
-            .map(|l| l.id.clone())
-            .collect();
+        // A squashed base undone also undoes what it folds (less what the target keeps), so a
+        // node that still has those layers unsquashed drops them too.
+        let mut undone: Vec<String> = Vec::new();
+        for l in current.layers.iter().filter(|l| !keep.contains(&l.id)) {
+            for u in l.known_ids().filter(|u| !keep.contains(u)) {
+                if !undone.contains(u) {
+                    undone.push(u.clone());
+                }
+            }
+        }
         let next = self.publish_undoing(
             id,
             target.layers.clone(),
