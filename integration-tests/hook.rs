@@ -309,7 +309,8 @@ impl Provisioner {
     fn new(api: &Api, extra_config: &str) -> Provisioner {
         let node = Node::with_config("");
         let config = format!(
-            "[kubernetes]\nnode_paths = [{:?}]\napi_timeout = \"3s\"\n{extra_config}",
+            "{}[kubernetes]\nnode_paths = [{:?}]\napi_timeout = \"3s\"\n{extra_config}",
+            common::NODE_DEFAULTS,
             node.tmp.path().join("vols").display().to_string()
         );
         std::fs::write(node.config.as_ref().unwrap(), config).unwrap();
