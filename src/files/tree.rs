@@ -60,10 +60,10 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
     Ok(out)
 }
 
-fn entry(e: &walk::Entry<'_>, links: &mut HashMap<(u64, u64), PathBuf>) -> Result<Entry> {
-    let (p, md) = (e.path, e.md);
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
+/// One letter for a file type: `f` file, `d` dir, `l` symlink, `c`/`b` device, `p` fifo,
+/// `s` socket (what snapshots and clone manifests record).
+pub(crate) fn kind_char(ft: &std::fs::FileType) -> char {
+    if ft.is_dir() {
         'd'
     } else if ft.is_file() {
         'f'
@@ -77,7 +77,13 @@ fn entry(e: &walk::Entry<'_>, links: &mut HashMap<(u64, u64), PathBuf>) -> Resul
         'p'
     } else {
         's'
-    };
+    }
+}
+
+fn entry(e: &walk::Entry<'_>, links: &mut HashMap<(u64, u64), PathBuf>) -> Result<Entry> {
+    let (p, md) = (e.path, e.md);
+    let ft = md.file_type();
+    let kind = kind_char(&ft);
     let mut xattrs = BTreeMap::new();
     for n in xattr::list(p).at("list xattrs of", p)? {
         if is_overlay_xattr(&n) {

@@ -101,6 +101,16 @@ fn classify_status(code: u16) -> Next {
     }
 }
 
+/// `HTTP <code>: <the Status object's message>` of a refused request.
+fn status_message(code: u16, resp: ureq::Response) -> String {
+    let status: Status = resp
+        .into_string()
+        .ok()
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or_default();
+    format!("HTTP {code}: {}", status.message)
+}
+
 /// The delay before attempt `n` (1-based, after the first failure): 200 ms doubling, at most 2 s.
 fn backoff(n: u32) -> Duration {
     Duration::from_millis(
@@ -213,12 +223,7 @@ impl Client {
                     ))
                 }
                 Err(ureq::Error::Status(code, resp)) => {
-                    let status: Status = resp
-                        .into_string()
-                        .ok()
-                        .and_then(|b| serde_json::from_str(&b).ok())
-                        .unwrap_or_default();
-                    let msg = format!("HTTP {code}: {}", status.message);
+                    let msg = status_message(code, resp);
                     match classify_status(code) {
                         Next::Retry => msg,
                         Next::Fail(kind) => {
@@ -283,12 +288,7 @@ impl Client {
                     });
                 }
                 Err(ureq::Error::Status(code, resp)) => {
-                    let status: Status = resp
-                        .into_string()
-                        .ok()
-                        .and_then(|b| serde_json::from_str(&b).ok())
-                        .unwrap_or_default();
-                    let msg = format!("HTTP {code}: {}", status.message);
+                    let msg = status_message(code, resp);
                     match classify_status(code) {
                         Next::Retry => msg,
                         Next::Fail(ErrorKind::NotFound) => {

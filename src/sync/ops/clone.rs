@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -90,21 +90,7 @@ pub(crate) fn tree_manifest(root: &Path) -> Result<TreeManifest> {
         let (p, md) = (e.path, e.md);
         let rel = e.rel.to_string_lossy().into_owned();
         let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_char_device() {
-            'c'
-        } else if ft.is_block_device() {
-            'b'
-        } else if ft.is_fifo() {
-            'p'
-        } else {
-            's'
-        };
+        let kind = crate::files::tree::kind_char(&ft);
         let mut xh = Sha256::new();
         let mut names: Vec<_> = xattr::list(p).at("list xattrs of", p)?.collect();
         names.sort();
