@@ -112,6 +112,20 @@ struct RemoteLine {
     annotations: BTreeMap<String, String>,
 }
 
+impl RemoteLine {
+    /// What the node records of the line's layer `i` (which blob holds it, and how).
+    fn blob_record(&self, i: usize) -> Result<BlobRecord> {
+        Ok(BlobRecord {
+            digest: self.layers[i].digest.clone(),
+            size: self.layers[i].size,
+            diff_id: self.diff_ids[i].clone(),
+            media_type: oci::layer_type(&self.layers[i].media_type, &self.layers[i].digest)?
+                .1
+                .into(),
+        })
+    }
+}
+
 /// The id of a layer that carries no jobcachefs id (an image jobcachefs did not make): a
 /// chain id, as Docker's, of the id below it and its diff_id. The same image gives the same ids
 /// on every node (a second import finds it up to date; an image built on it brings only its
@@ -792,15 +806,7 @@ fn import_inner(
     engine.ensure_cache(id, Some(limit), Some(CacheMode::Overlay))?;
     for (img, dst, i) in renames {
         std::fs::rename(img, &dst).at("rename into the cache", &dst)?;
-        let blob = BlobRecord {
-            digest: r.layers[i].digest.clone(),
-            size: r.layers[i].size,
-            diff_id: r.diff_ids[i].clone(),
-            media_type: oci::layer_type(&r.layers[i].media_type, &r.layers[i].digest)?
-                .1
-                .into(),
-        };
-        store.set_record(&r.line[i].id, &blob)?;
+        store.set_record(&r.line[i].id, &r.blob_record(i)?)?;
     }
     fsutil::fsync_dir(&engine.layout().layers_dir(id))?;
     // The remote's tombstones become this node's: a later merge never takes those layers back.

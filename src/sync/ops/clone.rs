@@ -382,14 +382,7 @@ pub(super) fn export(
             for (i, l) in r.line.iter().enumerate() {
                 line.push(RecordedLayer {
                     id: l.id.clone(),
-                    blob: BlobRecord {
-                        digest: r.layers[i].digest.clone(),
-                        size: r.layers[i].size,
-                        diff_id: r.diff_ids[i].clone(),
-                        media_type: oci::layer_type(&r.layers[i].media_type, &r.layers[i].digest)?
-                            .1
-                            .into(),
-                    },
+                    blob: r.blob_record(i)?,
                 });
             }
         }
@@ -622,14 +615,7 @@ pub(super) fn import(
     for (i, l) in r.line.iter().enumerate() {
         line.push(RecordedLayer {
             id: l.id.clone(),
-            blob: BlobRecord {
-                digest: r.layers[i].digest.clone(),
-                size: r.layers[i].size,
-                diff_id: r.diff_ids[i].clone(),
-                media_type: oci::layer_type(&r.layers[i].media_type, &r.layers[i].digest)?
-                    .1
-                    .into(),
-            },
+            blob: r.blob_record(i)?,
         });
     }
     save(
