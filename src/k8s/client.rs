@@ -193,66 +193,34 @@ impl Client {
         body: &serde_json::Value,
         what: &str,
     ) -> Result<serde_json::Value> {
-        let url = format!("{}{}", self.target.server, path);
-        let started = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let left = self
-                .budget
-                .saturating_sub(started.elapsed())
-                .max(Duration::from_millis(100));
-            let mut req = self
-                .agent
-                .request(method, &url)
-                .timeout(left.min(ATTEMPT_TIMEOUT))
-                .set("Accept", "application/json")
-                .set("Content-Type", "application/json");
-            if let Some(t) = &self.target.token {
-                req = req.set("Authorization", &format!("Bearer {t}"));
-            }
-            let failure = match req.send_string(&body.to_string()) {
-                Ok(resp) => {
-                    let text = resp.into_string().unwrap_or_default();
-                    return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
-                }
-                Err(ureq::Error::Status(409, _)) => {
-                    return Err(Error::new(
-                        ErrorKind::Conflict,
-                        format!("{what} changed meanwhile (HTTP 409)"),
-                    ))
-                }
-                Err(ureq::Error::Status(code, resp)) => {
-                    let msg = status_message(code, resp);
-                    match classify_status(code) {
-                        Next::Retry => msg,
-                        Next::Fail(kind) => {
-                            return Err(Error::new(
-                                kind,
-                                format!(
-                                    "the API refused to write {what} ({msg}): check that the provisioner's service account may get, create and update configmaps in its namespace (deploy/rbac.yaml)"
-                                ),
-                            ))
-                        }
-                    }
-                }
-                Err(ureq::Error::Transport(t)) => t.to_string(),
-            };
-            let pause = backoff(attempt);
-            if started.elapsed() + pause >= self.budget {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "could not write {what} to the Kubernetes API at {} after {attempt} attempts: {failure}",
-                        self.target.server
-                    ),
-                ));
-            }
-            std::thread::sleep(pause);
-        }
+        let text = self.request(method, path, Some(body), what)?;
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
+        let body = self.request("GET", path, None, what)?;
+        serde_json::from_str(&body).map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("the API's answer for {what} is not the expected object: {e}"),
+            )
+        })
+    }
+
+    /// One API request (a read without `body`, a write with it), retried on transient failures
+    /// within the budget; a certificate that does not verify fails at once. Returns the body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        what: &str,
+    ) -> Result<String> {
+        let (verb, from) = if body.is_none() {
+            ("read", "from")
+        } else {
+            ("write", "to")
+        };
         let url = format!("{}{}", self.target.server, path);
         let started = Instant::now();
         let mut attempt = 0u32;
@@ -266,26 +234,32 @@ impl Client {
                 .max(Duration::from_millis(100));
             let mut req = self
                 .agent
-                .get(&url)
+                .request(method, &url)
                 .timeout(left.min(ATTEMPT_TIMEOUT))
                 .set("Accept", "application/json");
             if let Some(t) = &self.target.token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
-            let failure = match req.call() {
+            let sent = match body {
+                Some(b) => req
+                    .set("Content-Type", "application/json")
+                    .send_string(&b.to_string()),
+                None => req.call(),
+            };
+            let failure = match sent {
                 Ok(resp) => {
-                    let body = resp.into_string().map_err(|e| {
+                    return resp.into_string().map_err(|e| {
                         Error::new(
                             ErrorKind::Unavailable,
                             format!("read the answer for {what} from {url}: {e}"),
                         )
-                    })?;
-                    return serde_json::from_str(&body).map_err(|e| {
-                        Error::new(
-                            ErrorKind::Unavailable,
-                            format!("the API's answer for {what} is not the expected object: {e}"),
-                        )
                     });
+                }
+                Err(ureq::Error::Status(409, _)) if body.is_some() => {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!("{what} changed meanwhile (HTTP 409)"),
+                    ))
                 }
                 Err(ureq::Error::Status(code, resp)) => {
                     let msg = status_message(code, resp);
@@ -298,13 +272,14 @@ impl Client {
                             ))
                         }
                         Next::Fail(kind) => {
-                            let hint = match code {
-                                401 | 403 => ": check that the service account may get persistentvolumeclaims and storageclasses (deploy/rbac.yaml)",
-                                _ => "",
+                            let hint = match (body, code) {
+                                (Some(_), _) => ": check that the provisioner's service account may get, create and update configmaps in its namespace (deploy/rbac.yaml)",
+                                (None, 401 | 403) => ": check that the service account may get persistentvolumeclaims and storageclasses (deploy/rbac.yaml)",
+                                (None, _) => "",
                             };
                             return Err(Error::new(
                                 kind,
-                                format!("the API refused to read {what} ({msg}){hint}"),
+                                format!("the API refused to {verb} {what} ({msg}){hint}"),
                             ));
                         }
                     }
@@ -326,14 +301,14 @@ impl Client {
                 return Err(Error::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "could not read {what} from the Kubernetes API at {} ({}) after {attempt} attempts in {:.1} s: {failure}; check that the API server is reachable from the node",
+                        "could not {verb} {what} {from} the Kubernetes API at {} ({}) after {attempt} attempts in {:.1} s: {failure}; check that the API server is reachable from the node",
                         self.target.server,
                         self.target.origin,
                         started.elapsed().as_secs_f64()
                     ),
                 ));
             }
-            tracing::warn!(what, attempt, error = %failure, "API read failed; retrying");
+            tracing::warn!(what, attempt, error = %failure, "API {verb} failed; retrying");
             std::thread::sleep(pause);
         }
     }
