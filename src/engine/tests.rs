@@ -802,8 +802,8 @@ fn a_request_for_another_mode_than_the_caches_is_refused_with_the_way_out() {
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(
         e.to_string(),
-        "cache ns/c is a overlay cache but the request asks for cache mode clone: a cache's mode is fixed when it is created. \
-         Ask for mode overlay (or none), use another cache name, or remove the cache (`jobcachefs cache rm c`) to create it again as clone"
+        "cache ns/c has cache mode overlay, but the request asks for clone: a cache's mode is fixed when it is created. \
+         Ask for overlay (or no mode), use another cache name, or remove the cache (`jobcachefs cache rm c --namespace ns`) and create it again as clone"
     );
 }
 

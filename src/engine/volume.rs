@@ -748,9 +748,9 @@ pub(crate) fn check_mode(cache: &CacheRecord, asked: Option<CacheMode>) -> Resul
         Some(m) if m != cache.mode => Err(Error::new(
             ErrorKind::Conflict,
             format!(
-                "cache {} is a {} cache but the request asks for cache mode {}: a cache's mode is fixed when it is created. \
-                 Ask for mode {} (or none), use another cache name, or remove the cache (`jobcachefs cache rm {}`) to create it again as {}",
-                cache.id, cache.mode, m, cache.mode, cache.id.name, m
+                "cache {} has cache mode {}, but the request asks for {}: a cache's mode is fixed when it is created. \
+                 Ask for {} (or no mode), use another cache name, or remove the cache (`jobcachefs cache rm {} --namespace {}`) and create it again as {}",
+                cache.id, cache.mode, m, cache.mode, cache.id.name, cache.id.namespace, m
             ),
         )),
         _ => Ok(()),
