@@ -73,14 +73,17 @@ impl Engine {
     pub fn clone_store_choice(&self) -> (Result<CloneStoreKind>, String) {
         let root = self.layout.root();
         let reflink = self.host.supports_reflink(root);
-        let why = if reflink {
-            format!("{} can clone files (FICLONE)", root.display())
-        } else {
-            format!(
-                "{} cannot clone files (ext4 has no FICLONE): clones go to a {} reflink pool (sparse XFS image, direct I/O)",
-                root.display(),
-                human_bytes(self.config.clone_pool_size)
-            )
+        let pool = format!(
+            "a {} reflink pool (sparse XFS image, direct I/O)",
+            human_bytes(self.config.clone_pool_size)
+        );
+        let why = match (self.config.clone_backend, reflink) {
+            (CloneBackend::Pool, _) => format!("clone_backend = \"pool\" in the config: clones go to {pool}"),
+            (_, true) => format!("{} can clone files (FICLONE)", root.display()),
+            (_, false) => format!(
+                "{} cannot clone files (no FICLONE on its filesystem, e.g. ext4): clones go to {pool}",
+                root.display()
+            ),
         };
         let kind = match (self.config.clone_backend, reflink) {
             (CloneBackend::Pool, _) => Ok(CloneStoreKind::Pool),
