@@ -69,10 +69,15 @@ impl DiskBudget {
 impl Engine {
     /// The state dir's free space, reserve and promises, from the records and the filesystem.
     pub fn disk_budget(&self) -> Result<DiskBudget> {
+        self.budget_of(&self.volume_records()?)
+    }
+
+    /// The budget given the node's volume records (read once by a create for this and its UID).
+    fn budget_of(&self, records: &[crate::state::records::VolumeRecord]) -> Result<DiskBudget> {
         let (free, total) = self.host.fs_space(self.layout.root())?;
         let mut promised = 0u64;
         let mut volumes = 0;
-        for r in self.volume_records()? {
+        for r in records {
             if r.kind == crate::state::records::VolumeKind::Clone {
                 // A clone shares its blocks at first, but may come to own all of them: it
                 // promises its whole size, on the state dir or in the (sparse) pool image alike.
@@ -100,15 +105,24 @@ impl Engine {
         })
     }
 
-    /// Admits a new volume of `size`: the returned lock must be held until the volume's record
-    /// is written.
-    pub(crate) fn admit(&self, size: u64) -> Result<crate::state::lock::Lock> {
+    /// Admits a new volume of `size` and, with `unique_ids`, gives it a free UID (both from one
+    /// reading of the records): the returned lock must be held until the volume's record, which
+    /// makes both count, is written.
+    pub(crate) fn admit(
+        &self,
+        size: u64,
+        unique_ids: bool,
+    ) -> Result<(crate::state::lock::Lock, Option<u32>)> {
         let lock = crate::state::lock::lock(&self.layout.admission_lock())?;
-        let budget = self.disk_budget()?;
+        let (records, damaged) = self.volume_records_checked()?;
+        let budget = self.budget_of(&records)?;
         if !budget.admits(size) {
             return Err(budget.refusal("volume", size, self.layout.root()));
         }
-        Ok(lock)
+        let uid = unique_ids
+            .then(|| self.free_uid(&records, &damaged))
+            .transpose()?;
+        Ok((lock, uid))
     }
 }
 

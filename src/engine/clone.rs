@@ -263,8 +263,7 @@ impl Engine {
         if self.clone_store_kind() == Some(CloneStoreKind::Pool) {
             self.admit_clone_in_pool(&store, size)?;
         }
-        let admission = self.admit(size)?;
-        let uid = req.unique_ids.then(|| self.allocate_uid()).transpose()?;
+        let (admission, uid) = self.admit(size, req.unique_ids)?;
         let mut record = super::volume::new_record(req, dir, vol, size, VolumeKind::Clone);
         let image = clone_store::volume_image(&store, vol);
         ensure_dir(&self.layout.volume_dir(vol))?;

@@ -128,8 +128,11 @@ impl Engine {
 
     /// The lowest UID of `volume_uids` no live volume record holds. Called with the admission
     /// lock held, which the caller keeps until the record naming the UID is written.
-    pub(crate) fn allocate_uid(&self) -> Result<u32> {
-        let (records, damaged) = self.volume_records_checked()?;
+    pub(crate) fn free_uid(
+        &self,
+        records: &[VolumeRecord],
+        damaged: &[std::path::PathBuf],
+    ) -> Result<u32> {
         if !damaged.is_empty() {
             return Err(Error::new(
                 ErrorKind::Corrupt,

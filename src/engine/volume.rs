@@ -201,8 +201,7 @@ impl Engine {
         let mut record = new_record(req, &dir, &vol, size, VolumeKind::Overlay);
         // Admitted until the record is written: from then on it counts in the disk budget (and
         // holds its UID).
-        let admission = self.admit(size)?;
-        let uid = req.unique_ids.then(|| self.allocate_uid()).transpose()?;
+        let (admission, uid) = self.admit(size, req.unique_ids)?;
         ensure_dir(&self.layout.volume_dir(&vol))?;
         let lowers = match &req.cache {
             Some(id) => {
