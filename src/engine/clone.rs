@@ -351,6 +351,7 @@ impl Engine {
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &record.id).at("write", &tmp)?;
+        fsutil::fsync_file(&tmp)?;
         std::fs::rename(&tmp, &path).at("rename", &path)?;
         fsutil::fsync_dir(&self.layout.cache_dir(id))?;
         record.lease = true;
