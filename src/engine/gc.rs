@@ -74,6 +74,7 @@ impl Engine {
 
     fn gc_inner(&self, drain_queue: bool, volumes: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
+        self.gc_root_temps(&mut report);
         if volumes {
             self.gc_volumes(&mut report)?;
         }
@@ -162,6 +163,25 @@ impl Engine {
         }
         report.layers_removed.extend(self.collect_layers(id)?);
         Ok(())
+    }
+
+    /// The state root's own files written aside and renamed (`format`, `ballast`) by a process
+    /// that died before the rename: `<name>.tmp-<pid>` whose process is gone.
+    fn gc_root_temps(&self, report: &mut GcReport) {
+        for e in std::fs::read_dir(self.layout.root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((_, pid)) = name.split_once(".tmp-") else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(e.path());
+                report.tmp_removed.push(e.path());
+            }
+        }
     }
 
     /// Removes layer images no generation and no volume references, and unmounts layers no

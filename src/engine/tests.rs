@@ -1189,3 +1189,15 @@ fn layer_mounts_stay_a_while_after_their_last_volume() {
     r.engine.cache_rm(&cid("c")).unwrap();
     assert!(r.host.mount_points().is_empty(), "cache rm releases it");
 }
+
+#[test]
+fn gc_removes_what_a_dead_process_left_written_aside_in_the_state_root() {
+    let r = Rig::new();
+    let root = r.engine.layout().root().to_path_buf();
+    std::fs::write(root.join("format.tmp-999999999"), "1\n").unwrap();
+    let mine = root.join(format!("ballast.tmp-{}", std::process::id()));
+    std::fs::write(&mine, "").unwrap();
+    let report = r.engine.gc(false).unwrap();
+    assert_eq!(report.tmp_removed, vec![root.join("format.tmp-999999999")]);
+    assert!(mine.exists(), "a live process's file stays");
+}
