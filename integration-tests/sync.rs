@@ -156,9 +156,16 @@ fn real_sync_round_trip_keeps_every_kind_of_metadata() {
     if !root_or_skip("real_sync_round_trip_keeps_every_kind_of_metadata") {
         return;
     }
+    // Blobs streamed over HTTP by jobcachefs (the default), and through skopeo: the same tree.
+    for transport in ["", "direct_blobs = false\n"] {
+        round_trip_keeps_every_kind_of_metadata(transport);
+    }
+}
+
+fn round_trip_keeps_every_kind_of_metadata(transport: &str) {
     let reg = Registry::start();
-    let a = Node::with_config(&reg.config(""));
-    let b = Node::with_config(&reg.config(""));
+    let a = Node::with_config(&reg.config(transport));
+    let b = Node::with_config(&reg.config(transport));
     // Two layers: a rich tree, then deletions (whiteouts), a replaced dir (opaque), metadata changes.
     let v1 = a.create("v1", "rich", &["--size", "256Mi", "--write-back"]);
     rich_tree(&v1, false);
@@ -176,9 +183,18 @@ fn real_sync_round_trip_keeps_every_kind_of_metadata() {
     let expected = snap(&v2);
     a.delete(&v2, &[]).ok();
 
+    let mark = reg.log().len();
     let r = export(&a, "rich");
     assert_eq!(r["outcome"], "pushed");
     assert_eq!(r["layers"], 2);
+    // Which client moved the blobs: the registry's access log names it.
+    let direct = transport.is_empty();
+    let log = reg.log_since(mark);
+    let by_us = log
+        .lines()
+        .filter(|l| l.contains("/blobs/") && l.contains("jobcachefs/"))
+        .count();
+    assert_eq!(by_us > 0, direct, "transport {transport:?}:\n{log}");
     let r = import(&b, "rich");
     assert_eq!(r["outcome"], "imported");
     assert_eq!(r["new_layers"], 2);

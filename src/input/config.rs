@@ -46,6 +46,7 @@ struct RawRegistry {
     allow_devices: Option<bool>,
     pull_on_create: Option<bool>,
     timeout: Option<String>,
+    direct_blobs: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +73,9 @@ pub struct RegistryConfig {
     pub pull_on_create: bool,
     /// Longest one registry operation may take, in seconds.
     pub timeout: u64,
+    /// Move layer blobs over the registry's HTTP API directly when nothing in the containers
+    /// configuration applies to it (see `sync::registry`); false: always through skopeo.
+    pub direct_blobs: bool,
 }
 
 /// The node agent (`[agent]`).
@@ -419,6 +423,7 @@ fn registry(raw: RawRegistry, origin: &str) -> Result<RegistryConfig> {
         allow_devices: raw.allow_devices.unwrap_or(false),
         pull_on_create: raw.pull_on_create.unwrap_or(false),
         timeout,
+        direct_blobs: raw.direct_blobs.unwrap_or(true),
     })
 }
 
@@ -559,6 +564,7 @@ mod properties {
         "allow_devices",
         "pull_on_create",
         "timeout",
+        "direct_blobs",
         "interval",
         "metrics_addr",
         "prefetch",

@@ -406,6 +406,7 @@ mod tests {
             tls_verify: true,
             allow_devices: false,
             pull_on_create: false,
+            direct_blobs: true,
             timeout: 300,
         });
         assert!(names(&config).contains(&"skopeo"));

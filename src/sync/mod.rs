@@ -11,5 +11,6 @@ pub mod agent;
 pub mod line;
 pub mod oci;
 pub mod ops;
+pub(crate) mod registry;
 pub mod tarlayer;
 pub mod transport;

@@ -471,41 +471,20 @@ impl Store {
             .join("blobs/sha256")
             .join(format!("layer-{}.tmp", crate::state::fsutil::random_hex()));
         let file = std::fs::File::create(&tmp).at("create", &tmp)?;
-        let mut compressed = HashingWriter::new(std::io::BufWriter::new(file));
-        let result = (|| {
-            let mut z = zstd::stream::write::Encoder::new(&mut compressed, 1)
-                .ctx(|| "start compressing the layer".into())?;
-            // Two workers: compression overlaps with reading the tree.
-            let _ = z.multithread(2);
-            let mut plain = HashingWriter::new(&mut z);
-            fill(&mut plain)?;
-            let diff_id = plain.finish();
-            z.finish().ctx(|| "compress the layer".into())?;
-            Ok(diff_id)
-        })();
-        let diff_id = match result {
-            Ok(d) => d,
+        let (file, record) = match encode_layer(std::io::BufWriter::new(file), fill) {
+            Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
         };
-        let size = compressed.count;
-        let digest = compressed.finish();
-        compressed
-            .inner
-            .into_inner()
+        file.into_inner()
             .map_err(|e| Error::io("flush the layer", e.into_error()))?
             .sync_all()
             .at("fsync", &tmp)?;
-        let dst = self.blob_path(&digest)?;
+        let dst = self.blob_path(&record.digest)?;
         std::fs::rename(&tmp, &dst).at("rename", &dst)?;
-        Ok(BlobRecord {
-            digest,
-            size,
-            diff_id,
-            media_type: LAYER_ZSTD.into(),
-        })
+        Ok(record)
     }
 
     /// The blob record of local layer `layer`, if it was tarred or imported before.
@@ -514,6 +493,12 @@ impl Store {
             &self.dir.join("records").join(format!("{layer}.json")),
         )?;
         Ok(r.filter(|r| self.has(&r.digest)))
+    }
+
+    /// The blob record of local layer `layer`, whether or not the blob is here (a direct push or
+    /// pull keeps no copy: the registry has it).
+    pub(crate) fn record_any(&self, layer: &str) -> Result<Option<BlobRecord>> {
+        crate::state::fsutil::read_json(&self.dir.join("records").join(format!("{layer}.json")))
     }
 
     /// Remembers which blob holds local layer `layer`.
@@ -559,6 +544,34 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Compresses the plain tar that `fill` writes into `out` (zstd, the layer type jobcachefs
+/// pushes), hashing both sides on the way: returns `out` and the blob's record.
+pub(crate) fn encode_layer<W: Write>(
+    out: W,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<(W, BlobRecord)> {
+    let mut compressed = HashingWriter::new(out);
+    let mut z = zstd::stream::write::Encoder::new(&mut compressed, 1)
+        .ctx(|| "start compressing the layer".into())?;
+    // Two workers: compression overlaps with reading the tree.
+    let _ = z.multithread(2);
+    let mut plain = HashingWriter::new(&mut z);
+    fill(&mut plain)?;
+    let diff_id = plain.finish();
+    z.finish().ctx(|| "compress the layer".into())?;
+    let size = compressed.count;
+    let digest = compressed.finish();
+    Ok((
+        compressed.inner,
+        BlobRecord {
+            digest,
+            size,
+            diff_id,
+            media_type: LAYER_ZSTD.into(),
+        },
+    ))
 }
 
 /// A writer that hashes and counts what passes through it.

@@ -2,14 +2,18 @@
 //!
 //! Export tars each local layer once (a blob per layer, recorded so it is never tarred again),
 //! writes a manifest for the merged line (see [`super::line`]), and pushes it as `:<generation>`
-//! and `:latest`. Before pushing it checks that `:latest` has not moved since it was read; if it
+//! and `:latest`. Over the direct path ([`super::registry`]) the tar streams straight into the
+//! upload and no local copy is kept; through skopeo it is written to the OCI layout first. Before pushing it checks that `:latest` has not moved since it was read; if it
 //! has, another node won the race and the push is re-based on the newer line. A push that was
 //! overwritten in the remaining window is found by the next export (the agent runs one every
 //! interval): its layers are still news, and it is stacked on top again — never dropped.
 //!
 //! Import downloads only the blobs the node lacks, rebuilds each new layer as a local ext4 image
-//! from its tar (validated entry by entry first; no filesystem image from the network is ever
-//! mounted), and publishes the merged line atomically. Layers the node has (by id) are reused.
+//! from its tar (every entry validated; no filesystem image from the network is ever mounted),
+//! and publishes the merged line atomically. Over the direct path the layer is built while it
+//! downloads, each entry checked before it is written and the digests once it has arrived, in
+//! a temporary image that a failed check throws away; through skopeo the blob is downloaded,
+//! scanned whole, then built. Layers the node has (by id) are reused.
 //! Import reads any standard image too (OCI or Docker schema 2, plain/gzip/zstd layers, an index
 //! resolved to the node's platform): layers without a jobcachefs id get a chain id derived from
 //! their diff_ids, and their blobs are kept as they are (an export pushes them unchanged).
@@ -30,6 +34,7 @@ mod clone;
 
 use super::line::{self, LineLayer, Src};
 use super::oci::{self, BlobRecord, Compression, Descriptor, Manifest, ManifestKind, Store};
+use super::registry::Direct;
 use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -412,6 +417,64 @@ fn layer_blob(engine: &Engine, store: &Store, id: &CacheId, layer: &str) -> Resu
     Ok(r)
 }
 
+/// Makes sure the registry has the blob of local layer `layer` and returns its record: a blob
+/// the registry has is not sent again, one the store has is uploaded from it, and otherwise the
+/// layer is tarred straight into the upload (compressed and hashed on the way, no local copy;
+/// the record is kept, so the next export only asks the registry).
+fn layer_pushed(
+    engine: &Engine,
+    store: &Store,
+    direct: &Direct,
+    id: &CacheId,
+    layer: &str,
+    remote_has: &HashSet<&str>,
+) -> Result<BlobRecord> {
+    if let Some(r) = store.record_any(layer)? {
+        if remote_has.contains(r.digest.as_str()) || direct.has_blob(&r.digest)? {
+            return Ok(r);
+        }
+        if store.has(&r.digest) {
+            let p = store.blob_path(&r.digest)?;
+            let f = std::fs::File::open(&p).at("open", &p)?;
+            direct.upload(std::io::BufReader::new(f), || Ok(r.digest.clone()))?;
+            return Ok(r);
+        }
+    }
+    let img = engine.layout().layer_image(id, layer);
+    let m = PrivateMount::new(engine, &img, true)?;
+    let upper = m.target.join("upper");
+    let (body, pipe) = std::io::pipe().ctx(|| "make a pipe".into())?;
+    let (done, record) = std::sync::mpsc::channel();
+    let upload = std::thread::scope(|s| {
+        s.spawn(|| {
+            let out = std::io::BufWriter::with_capacity(1 << 20, pipe);
+            let r = oci::encode_layer(out, |w| tarlayer::write_layer(&upper, w).map(|_| ()))
+                .and_then(|(out, r)| {
+                    out.into_inner()
+                        .map_err(|e| Error::io("send the layer", e.into_error()))?;
+                    Ok(r)
+                });
+            // The pipe is closed here: the upload's body ends, then it asks for the digest.
+            let _ = done.send(r);
+        });
+        let mut sent = None;
+        let result = direct.upload(body, || {
+            let r = record.recv().map_err(|_| {
+                Error::new(ErrorKind::Io, "the layer's tar ended without a result")
+            })??;
+            let digest = r.digest.clone();
+            sent = Some(r);
+            Ok(digest)
+        });
+        result.map(|()| sent)
+    });
+    m.unmount()?;
+    let r = upload?
+        .ok_or_else(|| Error::new(ErrorKind::Io, "the layer's upload ended without a digest"))?;
+    store.set_record(layer, &r)?;
+    Ok(r)
+}
+
 /// Pushes cache `id`'s generation to `remote`, re-basing on a newer line when needed.
 pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportReport> {
     let result = export_inner(engine, id, remote);
@@ -484,6 +547,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
         }
         Some(_) => {}
     }
+    let direct = Direct::probe(remote, true);
     for attempt in 1..=PUSH_ATTEMPTS {
         let r = read_remote(remote, &store)?;
         if r.mode.as_deref() == Some(CacheMode::Clone.as_str()) {
@@ -531,7 +595,10 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                 }
                 Src::Local(i) => {
                     let info = &current.layers[i];
-                    let b = layer_blob(engine, &store, id, &info.id)?;
+                    let b = match &direct {
+                        Some(d) => layer_pushed(engine, &store, d, id, &info.id, &remote_digests)?,
+                        None => layer_blob(engine, &store, id, &info.id)?,
+                    };
                     let mut annotations = BTreeMap::new();
                     annotations.insert(oci::ANN_LAYER_ID.to_string(), info.id.clone());
                     if !info.covers.is_empty() {
@@ -558,7 +625,8 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             "config": {"Labels": {"io.jobcachefs.cache": id.to_string()}},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
-        let config = store.put(oci::CONFIG, &serde_json::to_vec(&config).unwrap())?;
+        let config_bytes = serde_json::to_vec(&config).unwrap();
+        let config = store.put(oci::CONFIG, &config_bytes)?;
         let mut annotations = oci::generation_annotations(&current, &undone);
         annotations.insert(oci::ANN_GENERATION.to_string(), generation.to_string());
         annotations.insert(oci::ANN_CACHE.to_string(), id.to_string());
@@ -579,8 +647,17 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             tracing::info!(cache = %id, attempt, "the registry's line moved during the push: re-basing");
             continue;
         }
-        remote.push(store.dir(), "push", &generation.to_string())?;
-        remote.push(store.dir(), "push", LATEST)?;
+        match &direct {
+            Some(d) => {
+                d.upload_bytes(&config_bytes, &manifest.config.digest)?;
+                d.put_manifest(&generation.to_string(), oci::MANIFEST, &bytes)?;
+                d.put_manifest(LATEST, oci::MANIFEST, &bytes)?;
+            }
+            None => {
+                remote.push(store.dir(), "push", &generation.to_string())?;
+                remote.push(store.dir(), "push", LATEST)?;
+            }
+        }
         let n = plan.len();
         tracing::info!(cache = %id, image = %remote.repo, generation, layers = n, new_layers, new_bytes, rebased, "exported");
         tidy(engine, &store)?;
@@ -716,7 +793,52 @@ fn import_inner(
     };
     let mut built = Vec::new();
     let mut new_bytes = 0;
-    if !missing.is_empty() {
+    let direct = if missing.iter().any(|&i| !store.has(&r.layers[i].digest)) {
+        Direct::probe(remote, false)
+    } else {
+        None
+    };
+    if let Some(direct) = &direct {
+        // Each layer is checked while it is built, in `sync/tmp`: one that fails leaves nothing
+        // but that temporary image (removed by the next sync), as the check-first path below.
+        for &i in &missing {
+            remote.time_left("download and build the layers of")?;
+            let layer = (&r.layers[i], r.compression[i]);
+            // The blob of an image jobcachefs did not make (or one named with --image) is kept
+            // as it is, so that an export pushes it unchanged to the cache's own repository; a
+            // blob of the cache's own line is the registry's to keep.
+            let keep = (remote.reference.is_some()
+                || !r.layers[i].annotations.contains_key(oci::ANN_LAYER_ID))
+            .then_some(&store);
+            let (img, info) = match build_layer_streamed(
+                engine,
+                direct,
+                layer,
+                &r.diff_ids[i],
+                &r.line[i],
+                &policy,
+                &source,
+                keep,
+            )? {
+                Some(b) => b,
+                None => {
+                    // Its files did not fit the image sized from the blob's size: fetch
+                    // the blob, then check and build it sized from what it holds.
+                    fetch_blob(direct, &store, &r.layers[i])?;
+                    let stats = scan(
+                        &store,
+                        &r.layers[i],
+                        r.compression[i],
+                        &r.diff_ids[i],
+                        &policy,
+                    )?;
+                    build_layer(engine, &store, layer, &r.line[i], &stats, &policy, &source)?
+                }
+            };
+            new_bytes += r.layers[i].size;
+            built.push((img, info));
+        }
+    } else if !missing.is_empty() {
         if missing.iter().any(|&i| !store.has(&r.layers[i].digest)) {
             remote.pull(&digest, store.dir(), "pull")?;
         }
@@ -875,14 +997,24 @@ pub fn pull_if_cold(engine: &Engine, id: &CacheId, deadline: Option<Instant>) {
 /// A downloaded layer blob, decompressed.
 fn open_blob(store: &Store, d: &Descriptor, c: Compression) -> Result<Box<dyn std::io::Read>> {
     let p = store.blob_path(&d.digest)?;
-    let f = std::io::BufReader::new(std::fs::File::open(&p).at("open", &p)?);
+    decompress(std::fs::File::open(&p).at("open", &p)?, c, &d.digest)
+}
+
+/// The plain tar of layer blob `digest`, whose bytes `input` gives.
+fn decompress<'a>(
+    input: impl std::io::Read + 'a,
+    c: Compression,
+    digest: &str,
+) -> Result<Box<dyn std::io::Read + 'a>> {
+    let f = std::io::BufReader::with_capacity(1 << 20, input);
     Ok(match c {
         Compression::None => Box::new(f),
         // Several members are valid gzip (pigz and some registries' tools write them).
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(f)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(f).at("decompress", &p)?)
-        }
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(f)
+                .ctx(|| format!("decompress layer {digest}"))?,
+        ),
     })
 }
 
@@ -957,6 +1089,152 @@ fn build_layer(
     ))
 }
 
+/// The size of an image built while its blob downloads, before anything says how much the
+/// blob holds: four times its compressed size and 256 MiB, at most what the cache-size allows
+/// (and the ext4 metadata around it). Sparse, so what the layer leaves unused costs nothing
+/// but the mkfs's own metadata (0.4 MiB per GiB). A layer that does not fit is fetched and
+/// built again from a scan (see [`build_layer_streamed`]).
+fn streamed_image_size(compressed: u64, limit: u64) -> u64 {
+    let cap = limit.saturating_add(limit / 8).saturating_add(64 << 20);
+    let guess = compressed.saturating_mul(4).saturating_add(256 << 20);
+    (guess.min(cap).div_ceil(1 << 20) * (1 << 20)).max(image::MIN_IMAGE_SIZE)
+}
+
+/// Builds a local layer image, in `<state>/sync/tmp`, from blob `d` as it downloads: the tar
+/// is checked entry by entry as it is extracted, and the blob's digest and its diff_id once
+/// it has all arrived. `Ok(None)`: the layer's files did not fit the image (see
+/// [`streamed_image_size`]); nothing is left of the attempt. With `keep`, the blob is written
+/// into that store too as it arrives (kept once it is checked).
+#[allow(clippy::too_many_arguments)]
+fn build_layer_streamed(
+    engine: &Engine,
+    direct: &Direct,
+    (d, c): (&Descriptor, Compression),
+    diff_id: &str,
+    l: &LineLayer,
+    policy: &ImportPolicy,
+    source: &str,
+    keep: Option<&Store>,
+) -> Result<Option<(PathBuf, LayerInfo)>> {
+    let kept = match keep {
+        Some(store) => Some(store.blob_path(&d.digest)?.with_extension("download")),
+        None => None,
+    };
+    let size = streamed_image_size(d.size, policy.max_bytes);
+    let img = engine
+        .layout()
+        .root()
+        .join("sync/tmp")
+        .join(format!("{}.img", l.id));
+    let _ = std::fs::remove_file(&img);
+    image::create(&img, size, 0, 0)?;
+    let built = (|| -> Result<_> {
+        let m = PrivateMount::new(engine, &img, false)?;
+        let upper = m.target.join("upper");
+        std::fs::create_dir(&upper).at("create", &upper)?;
+        std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
+        let body = direct.blob(&d.digest)?;
+        let body: Box<dyn std::io::Read + Send> = match &kept {
+            Some(p) => Box::new(Tee(body, std::fs::File::create(p).at("create", p)?)),
+            None => body,
+        };
+        let mut packed = HashingReader::new(body);
+        let mut plain = HashingReader::new(decompress(&mut packed, c, &d.digest)?);
+        tarlayer::extract_layer(&mut plain, &upper, policy)?;
+        // What follows the tar's end (padding), then what follows the compressed stream.
+        let rest = std::io::copy(&mut plain, &mut std::io::sink());
+        let unpacked = plain.finish();
+        let rest = rest.and_then(|_| std::io::copy(&mut packed, &mut std::io::sink()));
+        rest.map_err(|e| refuse(format!("layer {} does not decompress ({e})", d.digest)))?;
+        if unpacked != diff_id {
+            return Err(refuse(format!(
+                "layer {} decompresses to {unpacked}, but the image's config says {diff_id}",
+                d.digest
+            )));
+        }
+        Ok((m, packed))
+    })();
+    let (m, packed) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&img);
+            if let Some(p) = &kept {
+                let _ = std::fs::remove_file(p);
+            }
+            return if e.is_enospc() {
+                tracing::info!(layer = %l.id, image_size = size, "the layer did not fit the image sized from its blob: fetching it to size it");
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+    };
+    let got = packed.finish();
+    let checked = if got != d.digest {
+        Err(refuse(format!(
+            "layer {} arrived as {got}: the download is corrupt",
+            d.digest
+        )))
+    } else {
+        Ok(())
+    };
+    let finish = checked.and_then(|()| {
+        fault::point("sync:layer-mounted");
+        m.unmount()?;
+        fsutil::fsync_file(&img)?;
+        if let Some(p) = &kept {
+            fsutil::fsync_file(p)?;
+            let dst = p.with_extension("");
+            std::fs::rename(p, &dst).at("rename", &dst)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = finish {
+        let _ = std::fs::remove_file(&img);
+        if let Some(p) = &kept {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    Ok(Some((
+        img.clone(),
+        LayerInfo {
+            id: l.id.clone(),
+            created: fsutil::now(),
+            source: source.to_string(),
+            size,
+            allocated: fsutil::allocated_bytes(&img)?,
+            covers: l.covers.clone(),
+        },
+    )))
+}
+
+/// Downloads blob `d` into the store (hashed on the way; a corrupt download is not kept).
+fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor) -> Result<()> {
+    let dst = store.blob_path(&d.digest)?;
+    if dst.exists() {
+        return Ok(());
+    }
+    let tmp = dst.with_extension("download");
+    let result = (|| {
+        let mut body = HashingReader::new(direct.blob(&d.digest)?);
+        let mut f = std::fs::File::create(&tmp).at("create", &tmp)?;
+        std::io::copy(&mut body, &mut f).ctx(|| format!("download layer {}", d.digest))?;
+        let got = body.finish();
+        if got != d.digest {
+            return Err(refuse(format!(
+                "layer {} arrived as {got}: the download is corrupt",
+                d.digest
+            )));
+        }
+        std::fs::rename(&tmp, &dst).at("rename", &dst)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Drops blobs no local layer needs any more.
 fn tidy(engine: &Engine, store: &Store) -> Result<()> {
     // The layers of clone caches' lines: their blobs are what the next delta is stacked on.
@@ -972,6 +1250,17 @@ fn tidy(engine: &Engine, store: &Store) -> Result<()> {
     }
     store.collect(&live)?;
     Ok(())
+}
+
+/// A reader that writes what it reads into a file too.
+struct Tee<R>(R, std::fs::File);
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        std::io::Write::write_all(&mut self.1, &buf[..n])?;
+        Ok(n)
+    }
 }
 
 struct HashingReader<R> {

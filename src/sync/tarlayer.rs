@@ -478,23 +478,30 @@ pub(crate) fn scan_layer(input: impl Read, policy: &ImportPolicy) -> Result<Laye
         let mut entry = entry.map_err(malformed)?;
         check_entry(&mut entry, policy, &mut seen)?;
         stats.entries += 1;
-        // The entry's size as the archive states it (a PAX `size` overrides the header's).
-        stats.bytes = stats.bytes.saturating_add(entry.size());
-        if stats.bytes > policy.max_bytes {
-            return Err(Error::new(
-                ErrorKind::Quota,
-                format!(
-                    "refusing the image: its files claim more than the cache-size of {} bytes; raise the cache's limit if it is genuine",
-                    policy.max_bytes
-                ),
-            ));
-        }
+        stats.bytes = claimed(stats.bytes, &entry, policy)?;
     }
     Ok(stats)
 }
 
-/// Second pass: writes the layer into `dest` (the new layer's empty upper dir, on a fresh local
-/// image). Must follow a successful [`scan_layer`] of the same bytes.
+/// `so_far` plus what `entry` claims (its size as the archive states it: a PAX `size`
+/// overrides the header's), refused past the cache-size.
+fn claimed(so_far: u64, entry: &tar::Entry<impl Read>, policy: &ImportPolicy) -> Result<u64> {
+    let total = so_far.saturating_add(entry.size());
+    if total > policy.max_bytes {
+        return Err(Error::new(
+            ErrorKind::Quota,
+            format!(
+                "refusing the image: its files claim more than the cache-size of {} bytes; raise the cache's limit if it is genuine",
+                policy.max_bytes
+            ),
+        ));
+    }
+    Ok(total)
+}
+
+/// Writes the layer into `dest` (the new layer's empty upper dir, on a fresh local image),
+/// checking each entry as [`scan_layer`] does before it is written: after a failure, `dest`
+/// holds part of the layer and must be thrown away.
 pub(crate) fn extract_layer(
     input: impl Read,
     dest: &Path,
@@ -505,9 +512,11 @@ pub(crate) fn extract_layer(
     let mut seen = BTreeSet::new();
     // Directory times are set last: creating their children changes them.
     let mut dir_times: Vec<(PathBuf, TimeSpec)> = Vec::new();
+    let mut claims = 0;
     for entry in archive.entries().map_err(malformed)? {
         let mut entry = entry.map_err(malformed)?;
         let checked = check_entry(&mut entry, policy, &mut seen)?;
+        claims = claimed(claims, &entry, policy)?;
         stats.entries += 1;
         let target = dest.join(&checked.rel);
         if !checked.rel.as_os_str().is_empty() {

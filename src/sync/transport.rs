@@ -1,4 +1,5 @@
-//! The registry, through skopeo: the containers/image library buildah uses, so users'
+//! The registry, through skopeo (layer blobs go over [`super::registry`]'s direct path where
+//! it applies): the containers/image library buildah uses, so users'
 //! `auth.json`, `registries.conf` (mirrors, insecure registries) and certificates apply
 //! unchanged. skopeo rather than buildah because the images are assembled as OCI layouts here,
 //! not in containers storage: copying a layout pushes exactly these blobs (digests preserved),
@@ -29,6 +30,9 @@ pub struct Remote {
     /// The image an import reads, when the user named one: `:<tag>` or `@sha256:<hex>`
     /// (default: the line's moving tag, `:latest`). Export refuses one: it tags itself.
     pub reference: Option<String>,
+    /// Whether layer blobs may move over the registry's HTTP API directly (see
+    /// [`super::registry`]); skopeo otherwise.
+    pub direct_blobs: bool,
 }
 
 /// The registry of cache `id` and whether its imports accept device nodes: the repository
@@ -51,6 +55,10 @@ pub fn remote_for(
             timeout,
         )?,
         (None, None) => return Ok(None),
+    };
+    let remote = Remote {
+        direct_blobs: rule.is_none_or(|r| r.direct_blobs),
+        ..remote
     };
     Ok(Some((remote, rule.is_some_and(|r| r.allow_devices))))
 }
@@ -89,6 +97,7 @@ impl Remote {
             tmpdir: None,
             deadline: None,
             reference: None,
+            direct_blobs: true,
         })
     }
 
