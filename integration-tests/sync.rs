@@ -211,6 +211,47 @@ fn round_trip_keeps_every_kind_of_metadata(transport: &str) {
 }
 
 #[test]
+fn real_sync_a_layer_bigger_than_its_blob_suggests_is_built_from_a_scan() {
+    if !root_or_skip("real_sync_a_layer_bigger_than_its_blob_suggests_is_built_from_a_scan") {
+        return;
+    }
+    // 320 MiB of text compresses to well under 1 MiB: more than the image that an import sizes
+    // from the blob while it downloads (4x + 256 MiB) can hold. The import must notice the full
+    // image, fetch the blob and build the layer sized from a scan, with the same tree.
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    let v = a.create("v", "text", &["--size", "512Mi", "--write-back"]);
+    sh(&format!(
+        "cd {}; yes 'all work and no play' | head -c 335544320 > log.txt; echo end > end",
+        v.display()
+    ));
+    let expected = snap(&v);
+    a.delete(&v, &[]).ok();
+    let r = export(&a, "text");
+    assert_eq!(r["outcome"], "pushed");
+    assert!(r["new_bytes"].as_u64().unwrap() < 1 << 20, "{r}");
+    let r = b
+        .run_env(
+            &["cache", "import", "text", "-o", "json"],
+            &[("JOBCACHEFS_LOG", "info")],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("did not fit the image sized from its blob"),
+        "the streamed build did not run out of room as meant: {}",
+        r.stderr
+    );
+    assert_eq!(r.json()["outcome"], "imported");
+    let vb = b.create("vb", "text", &[]);
+    assert_same_tree(&expected, &vb, "after a scan-sized import");
+    b.delete(&vb, &[]).ok();
+    a.assert_clean();
+    b.assert_clean();
+}
+
+#[test]
 fn real_sync_delta_moves_only_the_new_layer() {
     if !root_or_skip("real_sync_delta_moves_only_the_new_layer") {
         return;
