@@ -1209,6 +1209,64 @@ fn build_layer_streamed(
     )))
 }
 
+/// Makes sure the store has the blobs of `layers` (of the image manifest `manifest`): each
+/// downloaded directly where that applies (see [`super::registry`]), else skopeo pulls them.
+fn pull_blobs(
+    remote: &Remote,
+    store: &Store,
+    manifest: &str,
+    layers: &[&Descriptor],
+) -> Result<()> {
+    if layers.iter().all(|d| store.has(&d.digest)) {
+        return Ok(());
+    }
+    match Direct::probe(remote, false) {
+        Some(direct) => {
+            for d in layers {
+                remote.time_left("download the layers of")?;
+                fetch_blob(&direct, store, d)?;
+            }
+            Ok(())
+        }
+        None => remote.pull(manifest, store.dir(), "pull"),
+    }
+}
+
+/// Pushes the image manifest `desc` of the store (its config and layer blobs with it: those
+/// the registry lacks) as each of `tags`: directly where that applies, else through skopeo.
+fn push_manifest(remote: &Remote, store: &Store, desc: &Descriptor, tags: &[&str]) -> Result<()> {
+    store.tag("push", desc)?;
+    let Some(direct) = Direct::probe(remote, true) else {
+        for tag in tags {
+            remote.push(store.dir(), "push", tag)?;
+        }
+        return Ok(());
+    };
+    let read = |digest: &str| -> Result<Vec<u8>> {
+        let p = store.blob_path(digest)?;
+        std::fs::read(&p).at("read", &p)
+    };
+    let bytes = read(&desc.digest)?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("manifest {} in the store: {e}", desc.digest),
+        )
+    })?;
+    for l in &m.layers {
+        if !direct.has_blob(&l.digest)? {
+            let p = store.blob_path(&l.digest)?;
+            let f = std::fs::File::open(&p).at("open", &p)?;
+            direct.upload(std::io::BufReader::new(f), || Ok(l.digest.clone()))?;
+        }
+    }
+    direct.upload_bytes(&read(&m.config.digest)?, &m.config.digest)?;
+    for tag in tags {
+        direct.put_manifest(tag, &desc.media_type, &bytes)?;
+    }
+    Ok(())
+}
+
 /// Downloads blob `d` into the store (hashed on the way; a corrupt download is not kept).
 fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor) -> Result<()> {
     let dst = store.blob_path(&d.digest)?;

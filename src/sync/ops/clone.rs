@@ -27,8 +27,8 @@
 //! gc removes; a crash before the record is written makes the next export push a full layer.
 
 use super::{
-    open_blob, read_remote, scan, ExportReport, ImportReport, PrivateMount, RemoteLine,
-    PUSH_ATTEMPTS,
+    open_blob, pull_blobs, push_manifest, read_remote, scan, ExportReport, ImportReport,
+    PrivateMount, RemoteLine, PUSH_ATTEMPTS,
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::files::walk::{walk_sorted, Step};
@@ -393,15 +393,13 @@ pub(super) fn export(
         let generation = r.generation + 1;
         let cache_size = engine.cache_record(id)?.map_or(0, |c| c.cache_size);
         let desc = put_manifest(store, id, &line, generation, cache_size, &current)?;
-        store.tag("push", &desc)?;
         fault::point("sync:before-push");
         let now = remote.manifest(LATEST)?.map(|b| oci::digest_of(&b));
         if now != r.digest {
             tracing::info!(cache = %id, attempt, "the registry's line moved during the push: starting again");
             continue;
         }
-        remote.push(store.dir(), "push", &generation.to_string())?;
-        remote.push(store.dir(), "push", LATEST)?;
+        push_manifest(remote, store, &desc, &[&generation.to_string(), LATEST])?;
         let n = line.len();
         save(
             store,
@@ -530,9 +528,8 @@ pub(super) fn import(
         .filter(|(img, _)| img.exists());
     let start = from.as_ref().map_or(0, |(_, n)| *n);
     let todo: Vec<usize> = (start..r.layers.len()).collect();
-    if todo.iter().any(|&i| !store.has(&r.layers[i].digest)) {
-        remote.pull(&r.manifest, store.dir(), "pull")?;
-    }
+    let needed: Vec<&Descriptor> = todo.iter().map(|&i| &r.layers[i]).collect();
+    pull_blobs(remote, store, &r.manifest, &needed)?;
     let policy = ImportPolicy {
         allow_devices,
         max_bytes: limit,
