@@ -446,9 +446,11 @@ fn layer_pushed(
     let (body, pipe) = std::io::pipe().ctx(|| "make a pipe".into())?;
     let (done, record) = std::sync::mpsc::channel();
     let upload = std::thread::scope(|s| {
-        s.spawn(|| {
+        let upper = &upper;
+        // `done` moves in: if the thread panics, the channel closes and `recv` returns.
+        s.spawn(move || {
             let out = std::io::BufWriter::with_capacity(1 << 20, pipe);
-            let r = oci::encode_layer(out, |w| tarlayer::write_layer(&upper, w).map(|_| ()))
+            let r = oci::encode_layer(out, |w| tarlayer::write_layer(upper, w).map(|_| ()))
                 .and_then(|(out, r)| {
                     out.into_inner()
                         .map_err(|e| Error::io("send the layer", e.into_error()))?;
@@ -810,20 +812,26 @@ fn import_inner(
             let keep = (remote.reference.is_some()
                 || !r.layers[i].annotations.contains_key(oci::ANN_LAYER_ID))
             .then_some(&store);
-            let (img, info) = match build_layer_streamed(
-                engine,
-                direct,
-                layer,
-                &r.diff_ids[i],
-                &r.line[i],
-                &policy,
-                &source,
-                keep,
-            )? {
+            let streamed = if store.has(&r.layers[i].digest) {
+                None // already here (a foreign image imported before): built from the store
+            } else {
+                build_layer_streamed(
+                    engine,
+                    direct,
+                    layer,
+                    &r.diff_ids[i],
+                    &r.line[i],
+                    &policy,
+                    &source,
+                    keep,
+                )?
+            };
+            let (img, info) = match streamed {
                 Some(b) => b,
                 None => {
-                    // Its files did not fit the image sized from the blob's size: fetch
-                    // the blob, then check and build it sized from what it holds.
+                    // Its files did not fit the image sized from the blob's size (or the blob
+                    // is here already): fetch it, then check and build it sized from what it
+                    // holds.
                     fetch_blob(direct, &store, &r.layers[i])?;
                     let stats = scan(
                         &store,
@@ -1133,7 +1141,7 @@ fn build_layer_streamed(
         let upper = m.target.join("upper");
         std::fs::create_dir(&upper).at("create", &upper)?;
         std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
-        let body = direct.blob(&d.digest)?;
+        let body = direct.blob(&d.digest, d.size)?;
         let body: Box<dyn std::io::Read + Send> = match &kept {
             Some(p) => Box::new(Tee(body, std::fs::File::create(p).at("create", p)?)),
             None => body,
@@ -1275,7 +1283,7 @@ fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor) -> Result<()> {
     }
     let tmp = dst.with_extension("download");
     let result = (|| {
-        let mut body = HashingReader::new(direct.blob(&d.digest)?);
+        let mut body = HashingReader::new(direct.blob(&d.digest, d.size)?);
         let mut f = std::fs::File::create(&tmp).at("create", &tmp)?;
         std::io::copy(&mut body, &mut f).ctx(|| format!("download layer {}", d.digest))?;
         let got = body.finish();
@@ -1285,7 +1293,10 @@ fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor) -> Result<()> {
                 d.digest
             )));
         }
-        std::fs::rename(&tmp, &dst).at("rename", &dst)
+        // A blob in the store is trusted by its name: it must be whole before it has one.
+        f.sync_all().at("fsync", &tmp)?;
+        std::fs::rename(&tmp, &dst).at("rename", &dst)?;
+        fsutil::fsync_dir(dst.parent().unwrap_or(Path::new(".")))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

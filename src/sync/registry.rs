@@ -22,11 +22,15 @@ use crate::error::{Error, ErrorKind, Result};
 use base64::Engine as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The longest the probe of a registry may take per scheme.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Bearer token older than this is fetched again before the next request (the token spec's
+/// default lifetime is 60 s; an operation may run for minutes).
+const TOKEN_REFRESH: Duration = Duration::from_secs(30);
 
 /// A repository reached over HTTP directly.
 pub(crate) struct Direct {
@@ -35,8 +39,10 @@ pub(crate) struct Direct {
     base: String,
     /// The repository's path in the registry.
     path: String,
-    /// The `Authorization` header, if the registry asked for one.
-    auth: Option<String>,
+    /// The `Authorization` header, if the registry asked for one, and when it was made.
+    auth: Mutex<Option<(String, Instant)>>,
+    /// How to make it again: the challenge, the credentials, whether to ask for push.
+    challenge: Option<(String, Option<String>, bool)>,
     /// The deadline and time limit of the operation, and the name for messages.
     remote: Remote,
 }
@@ -46,6 +52,21 @@ impl Direct {
     /// `push`: the operation writes (a token must grant push).
     pub(crate) fn probe(remote: &Remote, push: bool) -> Option<Direct> {
         if !remote.direct_blobs {
+            return None;
+        }
+        // skopeo honours proxies; this client does not read them.
+        if [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        {
+            tracing::debug!(image = %remote.repo, "a proxy is set: blobs go through skopeo");
             return None;
         }
         let (host, path) = remote.repo.split_once('/')?;
@@ -82,7 +103,8 @@ impl Direct {
                 agent,
                 base,
                 path: path.to_string(),
-                auth: None,
+                auth: Mutex::new(None),
+                challenge: None,
                 remote: remote.clone(),
             };
             match d.agent.get(&d.url("/v2/")).timeout(PROBE_TIMEOUT).call() {
@@ -90,7 +112,12 @@ impl Direct {
                 Err(ureq::Error::Status(401, resp)) => {
                     let challenge = resp.header("www-authenticate").unwrap_or("").to_string();
                     match d.authenticate(&challenge, creds.as_deref(), push) {
-                        Ok(()) => return Some(d),
+                        Ok(header) => {
+                            *d.auth.get_mut().unwrap_or_else(|e| e.into_inner()) =
+                                Some((header, Instant::now()));
+                            d.challenge = Some((challenge, creds, push));
+                            return Some(d);
+                        }
                         Err(why) => {
                             skip(why);
                             return None;
@@ -118,12 +145,13 @@ impl Direct {
 
     /// Answers a 401 challenge: `Basic` with the credentials, or a `Bearer` token from the
     /// challenge's realm (with the credentials, if any). Checked with one more GET of `/v2/`.
+    /// Returns the `Authorization` header.
     fn authenticate(
-        &mut self,
+        &self,
         challenge: &str,
         creds: Option<&str>,
         push: bool,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<String, String> {
         let (scheme, params) = parse_challenge(challenge)
             .ok_or_else(|| format!("unreadable authentication challenge {challenge:?}"))?;
         let header = if scheme.eq_ignore_ascii_case("basic") {
@@ -170,21 +198,64 @@ impl Direct {
             .set("Authorization", &header)
             .call()
             .map_err(|e| format!("GET /v2/ with credentials: {e}"))?;
-        self.auth = Some(header);
-        Ok(())
+        Ok(header)
+    }
+
+    /// The `Authorization` header for the next request: a Bearer token is fetched again once
+    /// it is [`TOKEN_REFRESH`] old.
+    fn authorization(&self, what: &str) -> Result<Option<String>> {
+        let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = auth
+            .as_ref()
+            .is_some_and(|(h, at)| h.starts_with("Bearer ") && at.elapsed() > TOKEN_REFRESH);
+        if stale {
+            if let Some((challenge, creds, push)) = &self.challenge {
+                let header = self
+                    .authenticate(challenge, creds.as_deref(), *push)
+                    .map_err(|why| {
+                        Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "{what} {}: renewing the registry token: {why}",
+                                self.remote.repo
+                            ),
+                        )
+                    })?;
+                *auth = Some((header, Instant::now()));
+            }
+        }
+        Ok(auth.as_ref().map(|(h, _)| h.clone()))
     }
 
     /// A request of `method` on `url`, authorised, limited by what is left of the operation's
-    /// time (the limit covers reading or sending the body too).
+    /// time (with a fresh connection per request, the limit covers reading or sending the body
+    /// too).
     fn request(&self, method: &str, url: &str, what: &str) -> Result<ureq::Request> {
         let mut r = self
             .agent
             .request(method, &self.url(url))
             .timeout(self.remote.time_left(what)?);
-        if let Some(a) = &self.auth {
-            r = r.set("Authorization", a);
+        if let Some(a) = self.authorization(what)? {
+            r = r.set("Authorization", &a);
         }
         Ok(r)
+    }
+
+    /// Refuses an answer of another status than `want` (a write the registry redirected, which
+    /// an HTTP client would repeat as a GET, must not read as done).
+    fn expect(&self, resp: ureq::Response, want: u16, what: &str) -> Result<ureq::Response> {
+        if resp.status() == want {
+            return Ok(resp);
+        }
+        Err(Error::new(
+            ErrorKind::Tool,
+            format!(
+                "{what} {}: the registry answered {} {} where the distribution API says {want}",
+                self.remote.repo,
+                resp.status(),
+                resp.status_text()
+            ),
+        ))
     }
 
     /// An error of a request that was doing `what`.
@@ -212,16 +283,17 @@ impl Direct {
         }
     }
 
-    /// The blob `digest`, as the registry sends it (follows redirects to storage backends,
-    /// without the credentials).
-    pub(crate) fn blob(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
+    /// The blob `digest` of `size` bytes, as the registry sends it (follows redirects to
+    /// storage backends, without the credentials). At most one byte more than `size` is read:
+    /// a longer answer then fails its digest check instead of filling the disk.
+    pub(crate) fn blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>> {
         let what = "download a layer from";
         let url = format!("/v2/{}/blobs/{digest}", self.path);
         let resp = self
             .request("GET", &url, what)?
             .call()
             .map_err(|e| self.failed(what, e))?;
-        Ok(Box::new(resp.into_reader()))
+        Ok(Box::new(resp.into_reader().take(size.saturating_add(1))))
     }
 
     /// Whether the registry has blob `digest` in this repository.
@@ -249,20 +321,22 @@ impl Direct {
             .request("POST", &start, what)?
             .call()
             .map_err(|e| self.failed(what, e))?;
-        let started = location(&resp, what)?;
+        let started = location(&self.expect(resp, 202, what)?, what)?;
         let resp = self
             .request("PATCH", &started, what)?
             .set("Content-Type", "application/octet-stream")
             .send(body)
             .map_err(|e| self.failed(what, e))?;
-        let written = location(&resp, what)?;
+        let written = location(&self.expect(resp, 202, what)?, what)?;
         let digest = digest()?;
         let sep = if written.contains('?') { '&' } else { '?' };
         let done = format!("{written}{sep}digest={}", digest.replace(':', "%3A"));
-        self.request("PUT", &done, what)?
+        let resp = self
+            .request("PUT", &done, what)?
             .set("Content-Length", "0")
             .call()
             .map_err(|e| self.failed(what, e))?;
+        self.expect(resp, 201, what)?;
         Ok(())
     }
 
@@ -278,10 +352,12 @@ impl Direct {
     pub(crate) fn put_manifest(&self, tag: &str, media_type: &str, bytes: &[u8]) -> Result<()> {
         let what = "push to";
         let url = format!("/v2/{}/manifests/{tag}", self.path);
-        self.request("PUT", &url, what)?
+        let resp = self
+            .request("PUT", &url, what)?
             .set("Content-Type", media_type)
             .send_bytes(bytes)
             .map_err(|e| self.failed(what, e))?;
+        self.expect(resp, 201, what)?;
         Ok(())
     }
 }
@@ -324,6 +400,9 @@ fn agent(verify: bool) -> Result<ureq::Agent> {
     Ok(ureq::AgentBuilder::new()
         .tls_config(Arc::new(tls))
         .timeout_connect(PROBE_TIMEOUT)
+        // A fresh connection per request: ureq sets a pooled connection's timeouts for reading
+        // the answer only, and an upload's body must not be able to hang without a limit.
+        .max_idle_connections(0)
         .redirect_auth_headers(ureq::RedirectAuthHeaders::Never)
         .user_agent(concat!("jobcachefs/", env!("CARGO_PKG_VERSION")))
         .build())
@@ -437,12 +516,15 @@ fn containers_config_for(host: &str) -> Option<String> {
         let Ok(text) = std::fs::read_to_string(&c) else {
             continue;
         };
+        // Conservative: the host with or without its port anywhere, a wildcard prefix, or
+        // credential helpers, and skopeo moves the blobs.
+        let bare = host.split(':').next().unwrap_or(host);
         let named = text
             .lines()
             .map(|l| l.split('#').next().unwrap_or(""))
-            .any(|l| l.contains(host));
+            .any(|l| l.contains(bare) || l.contains("*.") || l.contains("credential-helpers"));
         if named {
-            return Some(format!("{} names {host}", c.display()));
+            return Some(format!("{} may apply to {host}", c.display()));
         }
     }
     None
@@ -468,13 +550,23 @@ fn auth_files() -> Vec<PathBuf> {
         return vec![PathBuf::from(p)];
     }
     let mut v = Vec::new();
-    if let Some(r) = std::env::var_os("XDG_RUNTIME_DIR") {
-        v.push(PathBuf::from(r).join("containers/auth.json"));
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(r) => v.push(PathBuf::from(r).join("containers/auth.json")),
+        None => v.push(PathBuf::from(format!(
+            "/run/containers/{}/auth.json",
+            nix::unistd::getuid()
+        ))),
     }
-    if let Some(h) = std::env::var_os("HOME").map(PathBuf::from) {
-        v.push(h.join(".config/containers/auth.json"));
-        v.push(h.join(".docker/config.json"));
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(c) => v.push(PathBuf::from(c).join("containers/auth.json")),
+        None => v.extend(home.iter().map(|h| h.join(".config/containers/auth.json"))),
     }
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => v.push(PathBuf::from(d).join("config.json")),
+        None => v.extend(home.iter().map(|h| h.join(".docker/config.json"))),
+    }
+    v.extend(home.iter().map(|h| h.join(".dockercfg")));
     v
 }
 

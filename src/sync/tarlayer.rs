@@ -60,8 +60,19 @@ pub(crate) fn refuse(msg: String) -> Error {
     Error::invalid(format!("refusing the image: {msg}"))
 }
 
+/// A failure reading the layer's tar: the bytes themselves (refused), or the reading of them —
+/// a download cut off or timed out, a full disk under a copy — which a retry may get past.
 fn malformed(e: std::io::Error) -> Error {
-    refuse(format!("a layer is not a well-formed tar ({e})"))
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::InvalidData | K::InvalidInput | K::UnexpectedEof | K::Other => {
+            refuse(format!("a layer is not a well-formed tar ({e})"))
+        }
+        _ => Error::new(
+            ErrorKind::Unavailable,
+            format!("reading a layer failed ({e}): try again"),
+        ),
+    }
 }
 
 /// The target of a link entry, or a refusal naming the entry.
