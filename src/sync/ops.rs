@@ -1064,37 +1064,55 @@ fn build_layer(
     policy: &ImportPolicy,
     source: &str,
 ) -> Result<(PathBuf, LayerInfo)> {
-    let open = || open_blob(store, d, c);
     // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own
     // metadata; the image is sparse, so what it does not use costs nothing.
     let size = (stats.bytes + stats.bytes / 8 + stats.entries * 8192 + (64 << 20))
         .div_ceil(1 << 20)
         * (1 << 20);
-    let img = engine
-        .layout()
-        .root()
-        .join("sync/tmp")
-        .join(format!("{}.img", l.id));
-    image::create(&img, size.max(image::MIN_IMAGE_SIZE), 0, 0)?;
+    let (img, m, upper) = new_tmp_layer(engine, l, size.max(image::MIN_IMAGE_SIZE))?;
+    tarlayer::extract_layer(open_blob(store, d, c)?, &upper, policy)?;
+    fault::point("sync:layer-mounted");
+    m.unmount()?;
+    fsutil::fsync_file(&img)?;
+    let info = built_info(&img, l, source, size)?;
+    Ok((img, info))
+}
+
+/// A new, empty image of `size` for line layer `l` in `<state>/sync/tmp`, mounted privately,
+/// with `upper/` and `work/` made: the image, its mount and `upper/`.
+fn new_tmp_layer(
+    engine: &Engine,
+    l: &LineLayer,
+    size: u64,
+) -> Result<(PathBuf, PrivateMount, PathBuf)> {
+    let img = tmp_layer_image(engine, l);
+    image::create(&img, size, 0, 0)?;
     let m = PrivateMount::new(engine, &img, false)?;
     let upper = m.target.join("upper");
     std::fs::create_dir(&upper).at("create", &upper)?;
     std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
-    tarlayer::extract_layer(open()?, &upper, policy)?;
-    fault::point("sync:layer-mounted");
-    m.unmount()?;
-    fsutil::fsync_file(&img)?;
-    Ok((
-        img.clone(),
-        LayerInfo {
-            id: l.id.clone(),
-            created: fsutil::now(),
-            source: source.to_string(),
-            size,
-            allocated: fsutil::allocated_bytes(&img)?,
-            covers: l.covers.clone(),
-        },
-    ))
+    Ok((img, m, upper))
+}
+
+/// Where line layer `l`'s image is built before it is renamed into the cache.
+fn tmp_layer_image(engine: &Engine, l: &LineLayer) -> PathBuf {
+    engine
+        .layout()
+        .root()
+        .join("sync/tmp")
+        .join(format!("{}.img", l.id))
+}
+
+/// What the cache records of `img`, built for line layer `l` with `size`.
+fn built_info(img: &Path, l: &LineLayer, source: &str, size: u64) -> Result<LayerInfo> {
+    Ok(LayerInfo {
+        id: l.id.clone(),
+        created: fsutil::now(),
+        source: source.to_string(),
+        size,
+        allocated: fsutil::allocated_bytes(img)?,
+        covers: l.covers.clone(),
+    })
 }
 
 /// The size of an image built while its blob downloads, before anything says how much the
@@ -1129,18 +1147,8 @@ fn build_layer_streamed(
         None => None,
     };
     let size = streamed_image_size(d.size, policy.max_bytes);
-    let img = engine
-        .layout()
-        .root()
-        .join("sync/tmp")
-        .join(format!("{}.img", l.id));
-    let _ = std::fs::remove_file(&img);
-    image::create(&img, size, 0, 0)?;
-    let built = (|| -> Result<_> {
-        let m = PrivateMount::new(engine, &img, false)?;
-        let upper = m.target.join("upper");
-        std::fs::create_dir(&upper).at("create", &upper)?;
-        std::fs::create_dir(m.target.join("work")).at("create", &m.target)?;
+    let built = (|| -> Result<PathBuf> {
+        let (img, m, upper) = new_tmp_layer(engine, l, size)?;
         let body = direct.blob(&d.digest, d.size)?;
         let body: Box<dyn std::io::Read + Send> = match &kept {
             Some(p) => Box::new(Tee(body, std::fs::File::create(p).at("create", p)?)),
@@ -1160,33 +1168,13 @@ fn build_layer_streamed(
                 d.digest
             )));
         }
-        Ok((m, packed))
-    })();
-    let (m, packed) = match built {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = std::fs::remove_file(&img);
-            if let Some(p) = &kept {
-                let _ = std::fs::remove_file(p);
-            }
-            return if e.is_enospc() {
-                tracing::info!(layer = %l.id, image_size = size, "the layer did not fit the image sized from its blob: fetching it to size it");
-                Ok(None)
-            } else {
-                Err(e)
-            };
+        let got = packed.finish();
+        if got != d.digest {
+            return Err(refuse(format!(
+                "layer {} arrived as {got}: the download is corrupt",
+                d.digest
+            )));
         }
-    };
-    let got = packed.finish();
-    let checked = if got != d.digest {
-        Err(refuse(format!(
-            "layer {} arrived as {got}: the download is corrupt",
-            d.digest
-        )))
-    } else {
-        Ok(())
-    };
-    let finish = checked.and_then(|()| {
         fault::point("sync:layer-mounted");
         m.unmount()?;
         fsutil::fsync_file(&img)?;
@@ -1195,26 +1183,27 @@ fn build_layer_streamed(
             let dst = p.with_extension("");
             std::fs::rename(p, &dst).at("rename", &dst)?;
         }
-        Ok(())
-    });
-    if let Err(e) = finish {
-        let _ = std::fs::remove_file(&img);
-        if let Some(p) = &kept {
-            let _ = std::fs::remove_file(p);
+        Ok(img)
+    })();
+    match built {
+        Ok(img) => {
+            let info = built_info(&img, l, source, size)?;
+            Ok(Some((img, info)))
         }
-        return Err(e);
+        Err(e) => {
+            // The mount went with the closure; the files are all that is left.
+            let _ = std::fs::remove_file(tmp_layer_image(engine, l));
+            if let Some(p) = &kept {
+                let _ = std::fs::remove_file(p);
+            }
+            if e.is_enospc() {
+                tracing::info!(layer = %l.id, image_size = size, "the layer did not fit the image sized from its blob: fetching it to size it");
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
     }
-    Ok(Some((
-        img.clone(),
-        LayerInfo {
-            id: l.id.clone(),
-            created: fsutil::now(),
-            source: source.to_string(),
-            size,
-            allocated: fsutil::allocated_bytes(&img)?,
-            covers: l.covers.clone(),
-        },
-    )))
 }
 
 /// Makes sure the store has the blobs of `layers` (of the image manifest `manifest`): each
