@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod csi;
 pub mod doctor;
 pub mod engine;
 pub mod error;

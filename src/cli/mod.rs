@@ -99,6 +99,21 @@ enum Command {
         #[arg(long)]
         rounds: Option<u64>,
     },
+    /// The CSI plugin (driver csi.jobcachefs.io): Identity and Node services, and the
+    /// Controller service with --controller, over a unix socket. kubelet calls it when a pod
+    /// starts (a fresh volume from the cache's newest generation) and when it ends (the commit).
+    /// Runs in the foreground; SIGTERM lets the calls in flight finish, then stops.
+    Csi {
+        /// The socket to serve, as unix:///PATH.
+        #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        /// This node's Kubernetes name (the DaemonSet passes spec.nodeName).
+        #[arg(long, env = "KUBE_NODE_NAME")]
+        node_id: String,
+        /// Also serve the Controller service (CreateVolume/DeleteVolume for PVCs).
+        #[arg(long)]
+        controller: bool,
+    },
     /// Print shell completions for SHELL to stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -149,8 +164,9 @@ fn engine(cli: &Cli) -> Result<Engine> {
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
     let mut config = Config::load(&path, explicit)?;
-    if let Command::Hook(_) = cli.command {
-        // The provisioner gives a teardown 120 s: a due squash is queued for the agent instead.
+    if let Command::Hook(_) | Command::Csi { .. } = cli.command {
+        // The provisioner gives a teardown 120 s, kubelet an unpublish 2 minutes (and the next
+        // pod waits for nothing of it): a due squash is queued for the agent instead.
         config.squash_inline = false;
     }
     let engine = Engine::open(&cli.state_dir, config)?;
@@ -200,6 +216,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             *rounds,
         ),
         Command::Gc { drain } => node::gc(&engine, *drain, json),
+        Command::Csi {
+            endpoint,
+            node_id,
+            controller,
+        } => {
+            jobcachefs::csi::serve(
+                engine,
+                jobcachefs::csi::Options {
+                    endpoint: endpoint.clone(),
+                    node_id: node_id.clone(),
+                    controller: *controller,
+                },
+            )?;
+            Ok(exit::OK)
+        }
         Command::Completions { .. } | Command::Man | Command::Doctor => unreachable!(),
     }
 }

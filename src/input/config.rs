@@ -35,6 +35,16 @@ struct RawConfig {
     #[serde(default)]
     registry: Vec<RawRegistry>,
     agent: Option<RawAgent>,
+    csi: Option<RawCsi>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCsi {
+    inline_write_back: Option<Vec<String>>,
+    inline_default_size: Option<String>,
+    inline_max_size: Option<String>,
+    publish_deadline: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +100,33 @@ pub struct AgentConfig {
     /// Seconds a hook volume must exist before the agent may discard it because the API no
     /// longer has its PV (the provisioner creates the PV only after the setup succeeded).
     pub orphan_after: u64,
+}
+
+/// The CSI plugin (`[csi]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsiConfig {
+    /// Who may write back through inline ephemeral volumes: `NS` (every service account of the
+    /// namespace) or `NS/SERVICEACCOUNT`, as kubelet reports them (the pod's author cannot forge
+    /// either). Checked to be DNS labels.
+    pub inline_write_back: Vec<String>,
+    /// Size of an inline volume that names none.
+    pub inline_default_size: u64,
+    /// The largest `size` an inline volume may ask for.
+    pub inline_max_size: u64,
+    /// Seconds from the start of a publish by which a pull of a cold cache must have given up
+    /// (kubelet gives a NodePublishVolume 2 minutes, then retries).
+    pub publish_deadline: u64,
+}
+
+impl Default for CsiConfig {
+    fn default() -> Self {
+        CsiConfig {
+            inline_write_back: Vec::new(),
+            inline_default_size: 2 << 30,
+            inline_max_size: 20 << 30,
+            publish_deadline: 90,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -213,6 +250,8 @@ pub struct Config {
     pub registries: Vec<RegistryConfig>,
     /// The node agent.
     pub agent: AgentConfig,
+    /// The CSI plugin.
+    pub csi: CsiConfig,
 }
 
 impl Default for Config {
@@ -238,6 +277,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             registries: Vec::new(),
             agent: AgentConfig::default(),
+            csi: CsiConfig::default(),
         }
     }
 }
@@ -353,6 +393,7 @@ impl Config {
                 .map(|r| registry(r, origin))
                 .collect::<Result<_>>()?,
             agent: agent(raw.agent.unwrap_or_default(), origin)?,
+            csi: csi(raw.csi.unwrap_or_default(), origin)?,
         })
     }
 
@@ -445,6 +486,55 @@ fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
             )?,
             None => d.orphan_after,
         },
+    })
+}
+
+fn csi(raw: RawCsi, origin: &str) -> Result<CsiConfig> {
+    let d = CsiConfig::default();
+    let inline_write_back = raw.inline_write_back.unwrap_or_default();
+    for entry in &inline_write_back {
+        let mut parts = entry.splitn(2, '/');
+        let ns = parts.next().unwrap_or_default();
+        let sa = parts.next();
+        let ok = crate::input::names::validate_label("namespace", ns).is_ok()
+            && sa.is_none_or(|sa| {
+                crate::input::names::validate_subdomain("service account", sa).is_ok()
+            });
+        if !ok {
+            return Err(Error::invalid(format!(
+                "csi.inline_write_back in {origin} has {entry:?}: give \"NAMESPACE\" or \"NAMESPACE/SERVICEACCOUNT\" (Kubernetes names, lower case)"
+            )));
+        }
+    }
+    let size = |key: &str, v: &Option<String>, default: u64| -> Result<u64> {
+        match v {
+            Some(s) => parse_size(&format!("csi.{key} in {origin}"), s),
+            None => Ok(default),
+        }
+    };
+    let inline_default_size = size(
+        "inline_default_size",
+        &raw.inline_default_size,
+        d.inline_default_size,
+    )?;
+    let inline_max_size = size("inline_max_size", &raw.inline_max_size, d.inline_max_size)?;
+    if inline_default_size > inline_max_size {
+        return Err(Error::invalid(format!(
+            "csi.inline_default_size in {origin} ({inline_default_size} bytes) is above csi.inline_max_size ({inline_max_size} bytes): lower the one or raise the other"
+        )));
+    }
+    let publish_deadline = match raw.publish_deadline {
+        Some(s) => crate::input::quantity::parse_duration(
+            &format!("csi.publish_deadline in {origin}"),
+            &s,
+        )?,
+        None => d.publish_deadline,
+    };
+    Ok(CsiConfig {
+        inline_write_back,
+        inline_default_size,
+        inline_max_size,
+        publish_deadline,
     })
 }
 

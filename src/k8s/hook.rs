@@ -180,18 +180,8 @@ fn create(
         )?),
         _ => None,
     };
-    let volume = engine.volume_create(&CreateRequest {
-        dir: req.path.clone(),
-        cache: decision.cache,
-        size: Some(decision.size),
-        write_back: decision.write_back,
-        cache_size: decision.cache_size,
-        root: Some(req.root),
-        labels: l,
-        cache_mode: decision.cache_mode,
-        unique_ids: decision.unique_ids,
-        cache_gid,
-    })?;
+    let volume =
+        engine.volume_create(&decision.request(req.path.clone(), Some(req.root), l, cache_gid))?;
     Ok(HookOutcome::Created {
         volume: Box::new(volume),
         repeated: false,

@@ -1,6 +1,16 @@
-//! What a volume gets, decided from the PVC's annotations and its StorageClass's parameters
-//! (pure; no I/O). The StorageClass is the trust boundary: a PVC can name its cache and opt out
-//! of writing back, never opt in beyond its class.
+//! What a volume gets, decided from what a Kubernetes front end was given (pure; no I/O): the
+//! one place where the hook and the CSI plugin turn their inputs into an engine request.
+//!
+//! - A PVC (hook, or CSI CreateVolume): its annotations and its StorageClass's parameters. The
+//!   StorageClass is the trust boundary: a PVC can name its cache and opt out of writing back,
+//!   never opt in beyond its class ([`decide`]).
+//! - The CSI volume context of a PV that CreateVolume made ([`volume_context`] writes it,
+//!   [`decide_from_context`] reads it back on the node): the same decision, carried to the node.
+//! - An inline CSI volume ([`decide_inline`]): the pod's author writes its attributes, so trust
+//!   comes only from what kubelet adds (the pod's namespace and service account) checked against
+//!   the node's `[csi] inline_write_back`.
+//!
+//! Every path ends in [`Decision::request`].
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::input::names::CacheId;
@@ -189,6 +199,280 @@ pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> 
     })
 }
 
+impl Decision {
+    /// The engine request for a volume at `dir` with this decision.
+    pub fn request(
+        &self,
+        dir: std::path::PathBuf,
+        root: Option<crate::state::records::RootOwner>,
+        labels: BTreeMap<String, String>,
+        cache_gid: Option<u32>,
+    ) -> crate::engine::CreateRequest {
+        crate::engine::CreateRequest {
+            dir,
+            cache: self.cache.clone(),
+            size: Some(self.size),
+            write_back: self.write_back,
+            cache_size: self.cache_size,
+            root,
+            labels,
+            cache_mode: self.cache_mode,
+            unique_ids: self.unique_ids,
+            cache_gid,
+        }
+    }
+}
+
+/// Inline CSI volume attribute: the cache's name in the pod's namespace (required).
+pub const ATTR_CACHE: &str = "cache";
+/// Inline CSI volume attribute: the volume's size (a quantity, e.g. `4Gi`).
+pub const ATTR_SIZE: &str = "size";
+/// Inline CSI volume attribute: `overlay` or `clone`, for a cache this volume creates.
+pub const ATTR_CACHE_MODE: &str = "cacheMode";
+/// Inline CSI volume attribute: `"true"` asks to write back (granted by the node's config).
+pub const ATTR_WRITE_BACK: &str = "writeBack";
+const INLINE_KEYS: [&str; 4] = [ATTR_CACHE, ATTR_SIZE, ATTR_CACHE_MODE, ATTR_WRITE_BACK];
+
+/// The prefix of the keys kubelet (and the external-provisioner) add to CSI requests.
+pub const CSI_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The pod a CSI volume is published for, as kubelet reports it (`podInfoOnMount: true`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    /// `csi.storage.k8s.io/pod.namespace`.
+    pub namespace: String,
+    /// `csi.storage.k8s.io/pod.name`.
+    pub name: String,
+    /// `csi.storage.k8s.io/pod.uid`.
+    pub uid: String,
+    /// `csi.storage.k8s.io/serviceAccount.name`.
+    pub service_account: String,
+}
+
+/// Whether `[csi] inline_write_back` grants writing back to the pod's namespace or its
+/// service account there.
+pub fn inline_may_write_back(allowed: &[String], pod: &PodFacts) -> bool {
+    allowed.iter().any(|entry| match entry.split_once('/') {
+        Some((ns, sa)) => ns == pod.namespace && sa == pod.service_account,
+        None => *entry == pod.namespace,
+    })
+}
+
+/// Decides an inline CSI volume from its attributes (the pod author's; kubelet's own
+/// `csi.storage.k8s.io/*` keys are skipped) and the pod kubelet reports.
+pub fn decide_inline(
+    attrs: &BTreeMap<String, String>,
+    pod: &PodFacts,
+    csi: &crate::input::config::CsiConfig,
+) -> Result<Decision> {
+    let what = format!("inline volume of pod {}/{}", pod.namespace, pod.name);
+    if let Some(k) = attrs
+        .keys()
+        .find(|k| !k.starts_with(CSI_PREFIX) && !INLINE_KEYS.contains(&k.as_str()))
+    {
+        return Err(Error::invalid(format!(
+            "{what} has unknown volumeAttributes key {k:?}: jobcachefs understands {}",
+            INLINE_KEYS.join(", ")
+        )));
+    }
+    let name = attrs.get(ATTR_CACHE).ok_or_else(|| {
+        Error::invalid(format!(
+            "{what} has no volumeAttributes.{ATTR_CACHE}: name the cache (e.g. cache: maven)"
+        ))
+    })?;
+    let cache = CacheId::new(&pod.namespace, name)
+        .map_err(|e| Error::invalid(format!("{what}'s volumeAttributes.{ATTR_CACHE}: {e}")))?;
+    let size = match attrs.get(ATTR_SIZE) {
+        Some(v) => parse_size(&format!("{what}'s volumeAttributes.{ATTR_SIZE}"), v)?,
+        None => csi.inline_default_size,
+    };
+    if size > csi.inline_max_size {
+        return Err(Error::new(
+            ErrorKind::Quota,
+            format!(
+                "{what} asks for volumeAttributes.{ATTR_SIZE} {} ({size} bytes), above this node's csi.inline_max_size of {} ({} bytes): ask for at most {} or use a PVC of a class that allows more",
+                human_bytes(size),
+                human_bytes(csi.inline_max_size),
+                csi.inline_max_size,
+                human_bytes(csi.inline_max_size)
+            ),
+        ));
+    }
+    let cache_mode = attrs
+        .get(ATTR_CACHE_MODE)
+        .map(|v| {
+            crate::state::records::CacheMode::parse(
+                &format!("{what}'s volumeAttributes.{ATTR_CACHE_MODE}"),
+                v,
+            )
+        })
+        .transpose()?;
+    let asked = attrs
+        .get(ATTR_WRITE_BACK)
+        .map(|v| parse_bool(&format!("{what}'s volumeAttributes.{ATTR_WRITE_BACK}"), v))
+        .transpose()?
+        .unwrap_or(false);
+    let mut notes = Vec::new();
+    let write_back = asked && inline_may_write_back(&csi.inline_write_back, pod);
+    if asked && !write_back {
+        notes.push(format!(
+            "{what} asks to write back, but neither namespace {:?} nor service account {}/{} is in this node's [csi] inline_write_back: its changes will be discarded",
+            pod.namespace, pod.namespace, pod.service_account
+        ));
+    }
+    Ok(Decision {
+        cache: Some(cache),
+        write_back,
+        cache_size: None,
+        size,
+        cache_mode,
+        unique_ids: false,
+        notes,
+    })
+}
+
+/// Volume context key: the PVC's namespace (the namespace of the volume's cache).
+pub const CTX_NAMESPACE: &str = "jobcachefs.io/namespace";
+/// Volume context key: the volume's size in bytes.
+pub const CTX_SIZE: &str = "jobcachefs.io/size";
+/// Volume context key: the PVC's name.
+pub const CTX_PVC: &str = "jobcachefs.io/pvc";
+/// Volume context key: the PV's name.
+pub const CTX_PV: &str = "jobcachefs.io/pv";
+/// Volume context key: the StorageClass's name.
+pub const CTX_STORAGE_CLASS: &str = "jobcachefs.io/storage-class";
+
+/// The CSI volume context of a PV that CreateVolume provisions for `claim`: everything the
+/// node needs, decided once (the PVC's annotations may change later; the PV keeps this).
+/// Sizes in bytes, booleans as `"true"`/`"false"`.
+pub fn volume_context(
+    d: &Decision,
+    claim: &ClaimFacts,
+    class: &str,
+    pv: &str,
+) -> BTreeMap<String, String> {
+    let mut c = BTreeMap::new();
+    c.insert(CTX_NAMESPACE.to_string(), claim.namespace.clone());
+    if let Some(id) = &d.cache {
+        c.insert(ANNOTATION_CACHE.to_string(), id.name.clone());
+    }
+    c.insert(KEY_WRITE_BACK.to_string(), d.write_back.to_string());
+    c.insert(CTX_SIZE.to_string(), d.size.to_string());
+    if let Some(s) = d.cache_size {
+        c.insert(PARAM_CACHE_SIZE.to_string(), s.to_string());
+    }
+    if let Some(m) = d.cache_mode {
+        c.insert(PARAM_CACHE_MODE.to_string(), m.to_string());
+    }
+    c.insert(PARAM_UNIQUE_IDS.to_string(), d.unique_ids.to_string());
+    c.insert(CTX_PVC.to_string(), claim.name.clone());
+    c.insert(CTX_PV.to_string(), pv.to_string());
+    c.insert(CTX_STORAGE_CLASS.to_string(), class.to_string());
+    c
+}
+
+/// Reads back on the node what [`volume_context`] wrote, for a pod in `pod_namespace`: a PV
+/// bound to a PVC of one namespace never serves another namespace's pod its cache.
+pub fn decide_from_context(
+    volume_id: &str,
+    ctx: &BTreeMap<String, String>,
+    pod_namespace: &str,
+) -> Result<Decision> {
+    let what = format!("volume {volume_id:?}");
+    let get = |k: &str| {
+        ctx.get(k).ok_or_else(|| {
+            Error::invalid(format!(
+                "{what}'s volume context has no {k:?}: it was not provisioned by jobcachefs's CreateVolume; use a StorageClass with provisioner csi.jobcachefs.io, or an inline volume"
+            ))
+        })
+    };
+    let namespace = get(CTX_NAMESPACE)?;
+    if namespace != pod_namespace {
+        return Err(Error::invalid(format!(
+            "{what} belongs to namespace {namespace:?}, but the pod publishing it is in {pod_namespace:?}: caches stay per namespace"
+        )));
+    }
+    let size: u64 = get(CTX_SIZE)?.parse().map_err(|_| {
+        Error::invalid(format!(
+            "{what}'s volume context {CTX_SIZE} is {:?}: a number of bytes",
+            ctx[CTX_SIZE]
+        ))
+    })?;
+    let cache = ctx
+        .get(ANNOTATION_CACHE)
+        .map(|n| CacheId::new(namespace, n))
+        .transpose()?;
+    let write_back = parse_bool(&format!("{what}'s {KEY_WRITE_BACK}"), get(KEY_WRITE_BACK)?)?;
+    let cache_size = ctx
+        .get(PARAM_CACHE_SIZE)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                Error::invalid(format!(
+                    "{what}'s volume context {PARAM_CACHE_SIZE} is {v:?}: a number of bytes"
+                ))
+            })
+        })
+        .transpose()?;
+    let cache_mode = ctx
+        .get(PARAM_CACHE_MODE)
+        .map(|v| {
+            crate::state::records::CacheMode::parse(&format!("{what}'s {PARAM_CACHE_MODE}"), v)
+        })
+        .transpose()?;
+    let unique_ids = match ctx.get(PARAM_UNIQUE_IDS) {
+        Some(v) => parse_bool(&format!("{what}'s {PARAM_UNIQUE_IDS}"), v)?,
+        None => false,
+    };
+    Ok(Decision {
+        write_back: write_back && cache.is_some(),
+        cache,
+        cache_size,
+        size,
+        cache_mode,
+        unique_ids,
+        notes: Vec::new(),
+    })
+}
+
+/// The StorageClass parameters and the PVC/PV names in a CreateVolume's `parameters` (the
+/// external-provisioner's `--extra-create-metadata` adds the names under [`CSI_PREFIX`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateParameters {
+    /// The class's own parameters.
+    pub class: BTreeMap<String, String>,
+    /// The PVC's namespace.
+    pub pvc_namespace: String,
+    /// The PVC's name.
+    pub pvc_name: String,
+    /// The PV's name (the CreateVolume's `name` when absent).
+    pub pv_name: Option<String>,
+}
+
+/// Splits a CreateVolume's parameters.
+pub fn split_create_parameters(params: &BTreeMap<String, String>) -> Result<CreateParameters> {
+    let get = |k: &str| {
+        params.get(&format!("{CSI_PREFIX}{k}")).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "CreateVolume's parameters lack {CSI_PREFIX}{k}: run the csi-provisioner sidecar with --extra-create-metadata (deploy/csi does)"
+            ))
+        })
+    };
+    let pvc_namespace = get("pvc/namespace")?;
+    let pvc_name = get("pvc/name")?;
+    crate::input::names::validate_label("PVC namespace", &pvc_namespace)?;
+    crate::input::names::validate_subdomain("PVC name", &pvc_name)?;
+    Ok(CreateParameters {
+        class: params
+            .iter()
+            .filter(|(k, _)| !k.starts_with(CSI_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        pvc_namespace,
+        pvc_name,
+        pv_name: get("pv/name").ok(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +595,154 @@ mod tests {
         )
         .unwrap();
         assert!(decide(0, &claim(&[]), &class(&[])).is_err());
+    }
+
+    fn pod(ns: &str, sa: &str) -> PodFacts {
+        PodFacts {
+            namespace: ns.into(),
+            name: "build-1".into(),
+            uid: "u-1".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn attrs(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn csi(allowed: &[&str]) -> crate::input::config::CsiConfig {
+        crate::input::config::CsiConfig {
+            inline_write_back: allowed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inline_write_back_only_for_listed_namespaces_and_accounts() {
+        let wb = attrs(&[
+            (ATTR_CACHE, "maven"),
+            (ATTR_WRITE_BACK, "true"),
+            ("csi.storage.k8s.io/pod.namespace", "forged"),
+        ]);
+        for (allowed, ns, sa, want) in [
+            (vec!["release"], "release", "default", true),
+            (vec!["release/builder"], "release", "builder", true),
+            (vec!["release/builder"], "release", "default", false),
+            (vec!["release/builder"], "pr", "builder", false),
+            (vec!["release"], "releases", "default", false),
+            (vec![], "release", "builder", false),
+        ] {
+            let d = decide_inline(&wb, &pod(ns, sa), &csi(&allowed)).unwrap();
+            assert_eq!(d.write_back, want, "{allowed:?} {ns}/{sa}");
+            // The cache is the pod's namespace's, whatever the attributes say.
+            assert_eq!(d.cache, Some(CacheId::new(ns, "maven").unwrap()));
+            assert_eq!(d.notes.is_empty(), want, "{:?}", d.notes);
+        }
+        let d = decide_inline(&wb, &pod("pr", "x"), &csi(&[])).unwrap();
+        assert!(d.notes[0].contains("discarded"), "{:?}", d.notes);
+        // Not asked: no write-back, no note, even where it would be allowed.
+        let ro = attrs(&[(ATTR_CACHE, "maven")]);
+        let d = decide_inline(&ro, &pod("release", "b"), &csi(&["release"])).unwrap();
+        assert!(!d.write_back && d.notes.is_empty());
+        assert_eq!(
+            d.size,
+            crate::input::config::CsiConfig::default().inline_default_size
+        );
+    }
+
+    #[test]
+    fn inline_attributes_are_checked_and_named() {
+        for (a, kind, needle) in [
+            (
+                attrs(&[]),
+                ErrorKind::InvalidInput,
+                "volumeAttributes.cache",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "Maven_Repo")]),
+                ErrorKind::InvalidInput,
+                "Maven_Repo",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), (ATTR_SIZE, "4Xi")]),
+                ErrorKind::InvalidInput,
+                "4Xi",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), (ATTR_SIZE, "1Ti")]),
+                ErrorKind::Quota,
+                "inline_max_size",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), (ATTR_CACHE_MODE, "copy")]),
+                ErrorKind::InvalidInput,
+                "copy",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), (ATTR_WRITE_BACK, "yes")]),
+                ErrorKind::InvalidInput,
+                "\"yes\"",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), ("writeback", "true")]),
+                ErrorKind::InvalidInput,
+                "\"writeback\"",
+            ),
+            (
+                attrs(&[(ATTR_CACHE, "m"), (KEY_WRITE_BACK, "true")]),
+                ErrorKind::InvalidInput,
+                KEY_WRITE_BACK,
+            ),
+        ] {
+            let e = decide_inline(&a, &pod("ci", "default"), &csi(&["ci"])).unwrap_err();
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn volume_context_round_trips_and_stays_in_its_namespace() {
+        let cl = class(&[
+            (KEY_WRITE_BACK, "true"),
+            (PARAM_CACHE_SIZE, "20Gi"),
+            (PARAM_CACHE_MODE, "clone"),
+        ]);
+        let d = decide(GI, &claim(&[(ANNOTATION_CACHE, "gradle")]), &cl).unwrap();
+        let ctx = volume_context(&d, &claim(&[]), "jobcache-csi", "pvc-1");
+        assert_eq!(ctx[CTX_PVC], "job-1-cache");
+        let back = decide_from_context("pvc-1", &ctx, "ci").unwrap();
+        assert_eq!(back.cache, d.cache);
+        assert_eq!(back.write_back, d.write_back);
+        assert_eq!(back.size, d.size);
+        assert_eq!(back.cache_size, d.cache_size);
+        assert_eq!(back.cache_mode, d.cache_mode);
+        let e = decide_from_context("pvc-1", &ctx, "other").unwrap_err();
+        assert!(e.to_string().contains("caches stay per namespace"), "{e}");
+        let e = decide_from_context("pvc-1", &BTreeMap::new(), "ci").unwrap_err();
+        assert!(e.to_string().contains(CTX_NAMESPACE), "{e}");
+        let mut bad = ctx.clone();
+        bad.insert(CTX_SIZE.into(), "2Gi".into());
+        assert!(decide_from_context("pvc-1", &bad, "ci").is_err());
+    }
+
+    #[test]
+    fn create_parameters_split_off_the_provisioners_keys() {
+        let p = attrs(&[
+            (KEY_WRITE_BACK, "true"),
+            ("csi.storage.k8s.io/pvc/name", "gradle-cache"),
+            ("csi.storage.k8s.io/pvc/namespace", "ci"),
+            ("csi.storage.k8s.io/pv/name", "pvc-9"),
+        ]);
+        let s = split_create_parameters(&p).unwrap();
+        assert_eq!(s.class, attrs(&[(KEY_WRITE_BACK, "true")]));
+        assert_eq!(
+            (s.pvc_namespace.as_str(), s.pvc_name.as_str()),
+            ("ci", "gradle-cache")
+        );
+        assert_eq!(s.pv_name.as_deref(), Some("pvc-9"));
+        let e = split_create_parameters(&attrs(&[(KEY_WRITE_BACK, "true")])).unwrap_err();
+        assert!(e.to_string().contains("--extra-create-metadata"), "{e}");
     }
 }

@@ -41,6 +41,72 @@ pub mod names {
     pub const PULL_MS: &str = "pull_milliseconds";
     /// Failed pulls.
     pub const PULL_FAILURES: &str = "pull_failures";
+    /// CSI NodePublishVolume calls that failed.
+    pub const CSI_PUBLISH_FAILURES: &str = "csi_publish_failures";
+    /// CSI NodeUnpublishVolume calls that failed.
+    pub const CSI_UNPUBLISH_FAILURES: &str = "csi_unpublish_failures";
+}
+
+/// Latency histograms: their names (each kept as bucket counters in the same file).
+pub mod histograms {
+    /// Seconds a successful CSI NodePublishVolume took.
+    pub const CSI_PUBLISH: &str = "csi_publish_seconds";
+    /// Seconds a successful CSI NodeUnpublishVolume (the delete: commit or discard) took.
+    pub const CSI_UNPUBLISH: &str = "csi_unpublish_seconds";
+    /// Every histogram, for `/metrics`.
+    pub const ALL: [(&str, &str); 2] = [
+        (CSI_PUBLISH, "Time a successful CSI NodePublishVolume took (the volume's create)."),
+        (
+            CSI_UNPUBLISH,
+            "Time a successful CSI NodeUnpublishVolume took (the volume's delete: commit or discard).",
+        ),
+    ];
+}
+
+/// Upper bounds (seconds) of the histogram buckets: from the ~15 ms of a warm create to the
+/// minutes of a commit that must squash first; `+Inf` is implied.
+pub const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The counters of one observation of `seconds` in histogram `name`: its bucket (the first
+/// whose bound holds it, or `inf`), the count and the sum in microseconds.
+pub fn observation(name: &str, seconds: f64) -> [(String, u64); 3] {
+    let bucket = BUCKETS
+        .iter()
+        .position(|b| seconds <= *b)
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "inf".into());
+    [
+        (format!("{name}_bucket_{bucket}"), 1),
+        (format!("{name}_count"), 1),
+        (format!("{name}_sum_us"), (seconds * 1e6).round() as u64),
+    ]
+}
+
+/// Records that histogram `name` observed `elapsed`, plus `deltas`, in one update.
+pub fn observe(layout: &Layout, name: &str, elapsed: std::time::Duration, deltas: &[(&str, u64)]) {
+    let obs = observation(name, elapsed.as_secs_f64());
+    let mut all: Vec<(&str, u64)> = obs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    all.extend_from_slice(deltas);
+    add(layout, &all);
+}
+
+/// Histogram `name` from `counters`: cumulative bucket counts per bound (`+Inf` last), the
+/// count and the sum in seconds, as Prometheus exposes them.
+pub fn histogram(counters: &BTreeMap<String, u64>, name: &str) -> (Vec<(String, u64)>, u64, f64) {
+    let get = |k: String| counters.get(&k).copied().unwrap_or(0);
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+    for (i, b) in BUCKETS.iter().enumerate() {
+        cumulative += get(format!("{name}_bucket_{i}"));
+        buckets.push((b.to_string(), cumulative));
+    }
+    cumulative += get(format!("{name}_bucket_inf"));
+    buckets.push(("+Inf".into(), cumulative));
+    let count = get(format!("{name}_count"));
+    let sum = get(format!("{name}_sum_us")) as f64 / 1e6;
+    (buckets, count, sum)
 }
 
 /// Adds `deltas` to the node's counters.
@@ -69,4 +135,29 @@ pub fn read(layout: &Layout) -> BTreeMap<String, u64> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_everything() {
+        let mut c = BTreeMap::new();
+        for secs in [0.001, 0.005, 0.012, 0.3, 400.0] {
+            for (k, v) in observation("h", secs) {
+                *c.entry(k).or_default() += v;
+            }
+        }
+        let (buckets, count, sum) = histogram(&c, "h");
+        assert_eq!(count, 5);
+        assert!((sum - 400.318).abs() < 1e-6, "{sum}");
+        let at = |le: &str| buckets.iter().find(|(b, _)| b == le).unwrap().1;
+        assert_eq!(at("0.005"), 2); // a bound holds what equals it
+        assert_eq!(at("0.025"), 3);
+        assert_eq!(at("0.5"), 4);
+        assert_eq!(at("120"), 4);
+        assert_eq!(at("+Inf"), 5);
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1));
+    }
 }

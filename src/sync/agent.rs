@@ -381,11 +381,32 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
         vec![(String::new(), get(names::PULL_MS) / 1000.0)],
     );
     metric(
+        "jobcachefs_csi_publish_failures_total",
+        "counter",
+        "CSI NodePublishVolume calls that failed (kubelet retries them).",
+        vec![(String::new(), get(names::CSI_PUBLISH_FAILURES))],
+    );
+    metric(
+        "jobcachefs_csi_unpublish_failures_total",
+        "counter",
+        "CSI NodeUnpublishVolume calls that failed (kubelet retries them).",
+        vec![(String::new(), get(names::CSI_UNPUBLISH_FAILURES))],
+    );
+    metric(
         "jobcachefs_agent_rounds_total",
         "counter",
         "Sync rounds this agent process finished.",
         vec![(String::new(), rounds as f64)],
     );
+    for (name, help) in stats::histograms::ALL {
+        let (buckets, count, sum) = stats::histogram(&s, name);
+        let full = format!("jobcachefs_{name}");
+        out.push_str(&format!("# HELP {full} {help}\n# TYPE {full} histogram\n"));
+        for (le, n) in buckets {
+            out.push_str(&format!("{full}_bucket{{le=\"{le}\"}} {n}\n"));
+        }
+        out.push_str(&format!("{full}_sum {sum}\n{full}_count {count}\n"));
+    }
     out
 }
 
