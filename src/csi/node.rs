@@ -188,9 +188,16 @@ impl Plugin {
         )?
         .to_string();
         let target = target_path(&r.target_path, "target_path")?;
-        check_capability(r.volume_capability.as_ref())?;
+        // A capability the volume cannot have: the spec's FAILED_PRECONDITION for publish.
+        check_capability(r.volume_capability.as_ref()).map_err(|s| {
+            if r.volume_capability.is_none() {
+                s
+            } else {
+                Status::failed_precondition(s.message())
+            }
+        })?;
         if r.readonly {
-            return Err(invalid(
+            return Err(Status::failed_precondition(
                 "readonly is true: a jobcachefs volume is the job's writable view of its cache (changes stay out of the cache unless it writes back); drop readOnly from the pod's volume (writeBack unset, or the jobcache-csi class, keeps the cache unchanged)",
             ));
         }
