@@ -221,7 +221,14 @@ impl Api {
     }
 
     /// Records a PVC as the API returns it while its volume is being provisioned.
-    pub fn pvc(&self, ns: &str, name: &str, class: &str, annotations: &[(&str, &str)], storage: &str) {
+    pub fn pvc(
+        &self,
+        ns: &str,
+        name: &str,
+        class: &str,
+        annotations: &[(&str, &str)],
+        storage: &str,
+    ) {
         let mut ann = serde_json::Map::new();
         ann.insert(
             "volume.kubernetes.io/storage-provisioner".into(),
@@ -292,4 +299,3 @@ pub fn pvc_path(ns: &str, name: &str) -> String {
 pub fn sc_path(name: &str) -> String {
     format!("/apis/storage.k8s.io/v1/storageclasses/{name}")
 }
-
