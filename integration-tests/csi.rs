@@ -1,0 +1,473 @@
+//! The CSI plugin driven the way kubelet drives it, over its real unix socket: registration
+//! (GetPluginInfo, NodeGetInfo), NodeGetCapabilities, NodePublishVolume with the pod info kubelet
+//! adds (the target's parent exists, the target does not), writes, NodeUnpublishVolume, retries
+//! of both, the plugin SIGKILLed between them, and bad requests. Real loop devices, ext4 and
+//! overlayfs underneath.
+
+mod common;
+
+use bpfman_csi::v1 as csi;
+use common::{root_or_skip, Node};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+/// A running `jobcachefs csi`.
+struct Plugin {
+    child: Child,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Plugin {
+    fn start(node: &Node) -> Plugin {
+        let sock = node.tmp.path().join("plugin/csi.sock");
+        let log = node.tmp.path().join(format!(
+            "plugin-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let mut c = node.command();
+        c.args([
+            "csi",
+            "--endpoint",
+            &format!("unix://{}", sock.display()),
+            "--node-id",
+            "node-1",
+        ]);
+        c.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = c.spawn().expect("start jobcachefs csi");
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the plugin did not serve {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Plugin { child, sock, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// kubelet's side: a CSI client over the plugin's socket.
+struct Kubelet {
+    rt: tokio::runtime::Runtime,
+    channel: Channel,
+    pods: PathBuf,
+}
+
+impl Kubelet {
+    fn connect(plugin: &Plugin, node: &Node) -> Kubelet {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sock = plugin.sock.clone();
+        let channel = rt
+            .block_on(
+                Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        tokio::net::UnixStream::connect(sock.clone())
+                    })),
+            )
+            .unwrap();
+        Kubelet {
+            rt,
+            channel,
+            pods: node.vol("pods"),
+        }
+    }
+
+    fn node(&self) -> csi::node_client::NodeClient<Channel> {
+        csi::node_client::NodeClient::new(self.channel.clone())
+    }
+
+    /// The target kubelet gives an inline volume `vol` of pod `uid`; its parent made.
+    fn target(&self, uid: &str, vol: &str) -> PathBuf {
+        let parent = self
+            .pods
+            .join(uid)
+            .join("volumes/kubernetes.io~csi")
+            .join(vol);
+        std::fs::create_dir_all(&parent).unwrap();
+        parent.join("mount")
+    }
+
+    fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        let mut n = self.node();
+        self.rt.block_on(n.node_publish_volume(req)).map(|_| ())
+    }
+
+    fn unpublish(&self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node();
+        self.rt
+            .block_on(n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            }))
+            .map(|_| ())
+    }
+}
+
+fn mount_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// An inline volume's publish as kubelet sends it: the author's attributes, then pod info.
+fn inline(
+    id: &str,
+    target: &Path,
+    ns: &str,
+    sa: &str,
+    attrs: &[(&str, &str)],
+) -> csi::NodePublishVolumeRequest {
+    let mut ctx: HashMap<String, String> = attrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in [
+        ("csi.storage.k8s.io/pod.name", "build"),
+        ("csi.storage.k8s.io/pod.namespace", ns),
+        (
+            "csi.storage.k8s.io/pod.uid",
+            "2f0e4b8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b",
+        ),
+        ("csi.storage.k8s.io/serviceAccount.name", sa),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ] {
+        ctx.insert(k.into(), v.into());
+    }
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        volume_context: ctx,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn real_csi_kubelet_lifecycle_inline_trust_and_retries() {
+    if !root_or_skip("real_csi_kubelet_lifecycle_inline_trust_and_retries") {
+        return;
+    }
+    let node = Node::with_config("[csi]\ninline_write_back = [\"release/builder\"]\n");
+    let mut plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    // Registration, as the registrar and kubelet make it.
+    let mut id = csi::identity_client::IdentityClient::new(k.channel.clone());
+    let info =
+        k.rt.block_on(id.get_plugin_info(csi::GetPluginInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.name, "csi.jobcachefs.io");
+    let ni =
+        k.rt.block_on(k.node().node_get_info(csi::NodeGetInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(ni.node_id, "node-1");
+    assert_eq!(
+        ni.accessible_topology.unwrap().segments["topology.csi.jobcachefs.io/node"],
+        "node-1"
+    );
+    let caps =
+        k.rt.block_on(
+            k.node()
+                .node_get_capabilities(csi::NodeGetCapabilitiesRequest {}),
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.capabilities.len(), 2);
+
+    // A listed service account writes back; the publish and the unpublish are retried.
+    let t1 = k.target("pod-a", "m2");
+    let req = inline(
+        "csi-a",
+        &t1,
+        "release",
+        "builder",
+        &[("cache", "maven"), ("writeBack", "true"), ("size", "256Mi")],
+    );
+    k.publish(req.clone()).unwrap();
+    k.publish(req.clone()).unwrap();
+    std::fs::write(t1.join("dep.jar"), "v1").unwrap();
+    let mut n = k.node();
+    let stats =
+        k.rt.block_on(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "csi-a".into(),
+            volume_path: t1.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage.len(), 2);
+    assert!(
+        stats.usage[0].total > 200 << 20 && stats.usage[0].total <= 256 << 20,
+        "{:?}",
+        stats.usage
+    );
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    // Another volume at the same target is refused.
+    let e = k
+        .publish(inline(
+            "csi-other",
+            &t1,
+            "release",
+            "builder",
+            &[("cache", "maven")],
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    k.unpublish("csi-a", &t1).unwrap();
+    k.unpublish("csi-a", &t1).unwrap();
+    assert!(!t1.exists(), "the target is removed");
+    assert_eq!(
+        node.run_env(
+            &[
+                "cache",
+                "show",
+                "maven",
+                "--namespace",
+                "release",
+                "-o",
+                "json"
+            ],
+            &[]
+        )
+        .ok()
+        .json()["generation"],
+        1
+    );
+
+    // The very next publish sees the commit. An unlisted service account of the same namespace
+    // asking to write back gets a working volume whose changes are discarded.
+    let t2 = k.target("pod-b", "m2");
+    k.publish(inline(
+        "csi-b",
+        &t2,
+        "release",
+        "default",
+        &[("cache", "maven"), ("writeBack", "true")],
+    ))
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(t2.join("dep.jar")).unwrap(), "v1");
+    std::fs::write(t2.join("dep.jar"), "poisoned").unwrap();
+    k.unpublish("csi-b", &t2).unwrap();
+    assert_eq!(
+        node.run(&[
+            "cache",
+            "show",
+            "maven",
+            "--namespace",
+            "release",
+            "-o",
+            "json"
+        ])
+        .ok()
+        .json()["generation"],
+        1
+    );
+    assert!(
+        plugin.log().contains("inline_write_back"),
+        "{}",
+        plugin.log()
+    );
+
+    // Namespace isolation: the same cache name in another namespace is another cache.
+    let t3 = k.target("pod-c", "m2");
+    k.publish(inline("csi-c", &t3, "pr", "builder", &[("cache", "maven")]))
+        .unwrap();
+    assert!(!t3.join("dep.jar").exists());
+
+    // SIGKILL between publish and unpublish; restarted on the stale socket, the unpublish works.
+    let t4 = k.target("pod-d", "m2");
+    k.publish(inline(
+        "csi-d",
+        &t4,
+        "release",
+        "builder",
+        &[("cache", "maven"), ("writeBack", "true")],
+    ))
+    .unwrap();
+    std::fs::write(t4.join("dep.jar"), "v2").unwrap();
+    drop(k);
+    plugin.signal(nix::sys::signal::Signal::SIGKILL);
+    let mut plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    k.unpublish("csi-d", &t4).unwrap();
+    k.unpublish("csi-c", &t3).unwrap();
+    assert_eq!(
+        node.run(&[
+            "cache",
+            "show",
+            "maven",
+            "--namespace",
+            "release",
+            "-o",
+            "json"
+        ])
+        .ok()
+        .json()["generation"],
+        2
+    );
+    // An unpublish of a target that was never published.
+    k.unpublish("csi-z", &k.target("pod-z", "m2")).unwrap();
+    drop(k);
+    let st = plugin.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        st.success(),
+        "SIGTERM stops the plugin cleanly: {st:?}\n{}",
+        plugin.log()
+    );
+    assert!(!plugin.sock.exists(), "the socket is removed");
+    node.assert_clean_volumes();
+}
+
+#[test]
+fn real_csi_bad_requests_get_spec_codes_and_leave_nothing() {
+    if !root_or_skip("real_csi_bad_requests_get_spec_codes_and_leave_nothing") {
+        return;
+    }
+    let node = Node::new();
+    let plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    let t = k.target("pod-x", "v");
+    use tonic::Code::*;
+    let ok = inline("csi-x", &t, "ci", "default", &[("cache", "maven")]);
+    let mut cases: Vec<(csi::NodePublishVolumeRequest, tonic::Code, &str)> = Vec::new();
+    let mut r = ok.clone();
+    r.volume_id.clear();
+    cases.push((r, InvalidArgument, "volume_id"));
+    let mut r = ok.clone();
+    r.target_path = "relative/mount".into();
+    cases.push((r, InvalidArgument, "target_path"));
+    let mut r = ok.clone();
+    r.volume_capability = None;
+    cases.push((r, InvalidArgument, "volume_capability"));
+    let mut r = ok.clone();
+    r.volume_capability.as_mut().unwrap().access_type =
+        Some(csi::volume_capability::AccessType::Block(Default::default()));
+    cases.push((r, FailedPrecondition, "block"));
+    let mut r = ok.clone();
+    r.readonly = true;
+    cases.push((r, FailedPrecondition, "readonly"));
+    let mut r = ok.clone();
+    r.volume_context.remove("csi.storage.k8s.io/pod.namespace");
+    cases.push((r, InvalidArgument, "podInfoOnMount"));
+    cases.push((
+        inline("csi-x", &t, "ci", "default", &[]),
+        InvalidArgument,
+        "volumeAttributes.cache",
+    ));
+    cases.push((
+        inline("csi-x", &t, "ci", "default", &[("cache", "Maven_Repo")]),
+        InvalidArgument,
+        "Maven_Repo",
+    ));
+    cases.push((
+        inline(
+            "csi-x",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "m"), ("size", "4Xi")],
+        ),
+        InvalidArgument,
+        "4Xi",
+    ));
+    cases.push((
+        inline(
+            "csi-x",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "m"), ("size", "1Ti")],
+        ),
+        ResourceExhausted,
+        "inline_max_size",
+    ));
+    cases.push((
+        inline(
+            "csi-x",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "m"), ("writeBack", "yes")],
+        ),
+        InvalidArgument,
+        "\"yes\"",
+    ));
+    cases.push((
+        inline(
+            "csi-x",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "m"), ("cacheMode", "copy")],
+        ),
+        InvalidArgument,
+        "copy",
+    ));
+    cases.push((
+        inline(
+            "csi-x",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "m"), ("jobcachefs.io/write-back", "true")],
+        ),
+        InvalidArgument,
+        "jobcachefs.io/write-back",
+    ));
+    let mut r = ok.clone();
+    r.volume_context
+        .insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    cases.push((r, InvalidArgument, "jobcachefs.io/namespace"));
+    for (req, code, needle) in cases {
+        let e = k.publish(req).unwrap_err();
+        assert_eq!(e.code(), code, "{needle}: {e:?}");
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+        assert_eq!(
+            node.run(&["volume", "ls", "-o", "json"]).ok().json(),
+            serde_json::json!([]),
+            "{needle}: a record was left"
+        );
+        assert!(!t.exists(), "{needle}: the target was left");
+        node.assert_clean_volumes();
+    }
+    assert_eq!(
+        node.run(&["cache", "ls", "-o", "json"]).ok().json(),
+        serde_json::json!([])
+    );
+    let e = k.unpublish("", &t).unwrap_err();
+    assert_eq!(e.code(), InvalidArgument);
+    node.assert_clean();
+}
