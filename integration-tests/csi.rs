@@ -26,6 +26,10 @@ struct Plugin {
 
 impl Plugin {
     fn start(node: &Node) -> Plugin {
+        Plugin::start_with(node, &[], &[])
+    }
+
+    fn start_with(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Plugin {
         let sock = node.tmp.path().join("plugin/csi.sock");
         let log = node.tmp.path().join(format!(
             "plugin-{}.log",
@@ -39,6 +43,10 @@ impl Plugin {
             "--node-id",
             "node-1",
         ]);
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
         c.stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = c.spawn().expect("start jobcachefs csi");
@@ -473,4 +481,367 @@ fn real_csi_bad_requests_get_spec_codes_and_leave_nothing() {
     let e = k.unpublish("", &t).unwrap_err();
     assert_eq!(e.code(), InvalidArgument);
     node.assert_clean();
+}
+
+/// A persistent volume's publish: the context CreateVolume returned, plus kubelet's pod info.
+fn persistent(
+    id: &str,
+    target: &Path,
+    ns: &str,
+    ctx: &HashMap<String, String>,
+) -> csi::NodePublishVolumeRequest {
+    let mut r = inline(id, target, ns, "default", &[]);
+    for (k, v) in ctx {
+        r.volume_context.insert(k.clone(), v.clone());
+    }
+    r.volume_context
+        .insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    r
+}
+
+fn create_request(params: &[(&str, &str)], node: Option<&str>) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: "pvc-7d1c".into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 1 << 30,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        accessibility_requirements: node.map(|n| csi::TopologyRequirement {
+            requisite: vec![],
+            preferred: vec![csi::Topology {
+                segments: [("topology.csi.jobcachefs.io/node".to_string(), n.to_string())]
+                    .into_iter()
+                    .collect(),
+            }],
+        }),
+        ..Default::default()
+    }
+}
+
+fn generation(node: &Node, ns: &str, cache: &str) -> u64 {
+    let r = node.run(&["cache", "show", cache, "--namespace", ns, "-o", "json"]);
+    if r.code == 4 {
+        return 0;
+    }
+    r.ok().json()["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn real_csi_controller_create_volume_and_a_pvc_reused_by_two_pods() {
+    if !root_or_skip("real_csi_controller_create_volume_and_a_pvc_reused_by_two_pods") {
+        return;
+    }
+    let api = common::api::Api::start();
+    api.pvc(
+        "ci",
+        "gradle-cache",
+        "jobcache-csi-writeback",
+        &[("jobcachefs.io/cache", "gradle")],
+        "1Gi",
+    );
+    let node = Node::new();
+    let kubeconfig = api.kubeconfig.display().to_string();
+    let plugin = Plugin::start_with(&node, &["--controller"], &[("KUBECONFIG", &kubeconfig)]);
+    let k = Kubelet::connect(&plugin, &node);
+    let mut ctl = csi::controller_client::ControllerClient::new(k.channel.clone());
+    let meta = [
+        ("csi.storage.k8s.io/pvc/name", "gradle-cache"),
+        ("csi.storage.k8s.io/pvc/namespace", "ci"),
+        ("csi.storage.k8s.io/pv/name", "pvc-7d1c"),
+    ];
+    let mut params = vec![
+        ("jobcachefs.io/write-back", "true"),
+        ("jobcachefs.io/cache-size", "2Gi"),
+    ];
+    params.extend_from_slice(&meta);
+    let v =
+        k.rt.block_on(ctl.create_volume(create_request(&params, Some("node-1"))))
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    assert_eq!(v.volume_id, "pvc-7d1c");
+    assert_eq!(v.capacity_bytes, 1 << 30);
+    assert_eq!(
+        v.accessible_topology[0].segments["topology.csi.jobcachefs.io/node"],
+        "node-1"
+    );
+    assert_eq!(v.volume_context["jobcachefs.io/cache"], "gradle");
+    assert_eq!(v.volume_context["jobcachefs.io/write-back"], "true");
+    // Retried (the provisioner does): the same answer.
+    let again =
+        k.rt.block_on(ctl.create_volume(create_request(&params, Some("node-1"))))
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    assert_eq!(again, v);
+
+    // One PVC, two pods one after the other: each starts from the newest generation and
+    // commits at its end.
+    let t1 = k.target("pod-1", "pvc-7d1c");
+    k.publish(persistent(&v.volume_id, &t1, "ci", &v.volume_context))
+        .unwrap();
+    std::fs::write(t1.join("one"), "1").unwrap();
+    k.unpublish(&v.volume_id, &t1).unwrap();
+    assert_eq!(generation(&node, "ci", "gradle"), 1);
+    let t2 = k.target("pod-2", "pvc-7d1c");
+    k.publish(persistent(&v.volume_id, &t2, "ci", &v.volume_context))
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(t2.join("one")).unwrap(), "1");
+    std::fs::write(t2.join("two"), "2").unwrap();
+    k.unpublish(&v.volume_id, &t2).unwrap();
+    assert_eq!(generation(&node, "ci", "gradle"), 2);
+    let show = node.run(&["volume", "ls", "-o", "json"]).ok().json();
+    assert_eq!(show, serde_json::json!([]));
+    let history = node
+        .run(&[
+            "cache",
+            "history",
+            "gradle",
+            "--namespace",
+            "ci",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    let text = history.to_string();
+    assert!(
+        text.contains("gradle-cache") && text.contains("node-1"),
+        "{text}"
+    );
+    // The PV's context serves only pods of its own namespace.
+    let e = k
+        .publish(persistent(
+            &v.volume_id,
+            &k.target("pod-3", "pvc-7d1c"),
+            "other",
+            &v.volume_context,
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("caches stay per namespace"),
+        "{}",
+        e.message()
+    );
+
+    use tonic::Code::*;
+    for (req, code, needle) in [
+        (
+            create_request(&params[..2], Some("node-1")),
+            InvalidArgument,
+            "--extra-create-metadata",
+        ),
+        (
+            create_request(&params, None),
+            InvalidArgument,
+            "WaitForFirstConsumer",
+        ),
+        (
+            create_request(
+                &[("jobcachefs.io/write-back", "yes"), meta[0], meta[1]],
+                Some("node-1"),
+            ),
+            InvalidArgument,
+            "\"yes\"",
+        ),
+        (
+            create_request(
+                &[("csi.storage.k8s.io/pvc/name", "gone"), meta[1]],
+                Some("node-1"),
+            ),
+            NotFound,
+            "gone",
+        ),
+    ] {
+        let e = k.rt.block_on(ctl.create_volume(req)).unwrap_err();
+        assert_eq!(e.code(), code, "{needle}: {e:?}");
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    k.rt.block_on(ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: Default::default(),
+    }))
+    .unwrap();
+    node.assert_clean_volumes();
+}
+
+#[test]
+fn real_csi_sixteen_pods_publish_on_one_cache_at_once() {
+    if !root_or_skip("real_csi_sixteen_pods_publish_on_one_cache_at_once") {
+        return;
+    }
+    let node = Node::with_config("[csi]\ninline_write_back = [\"ci\"]\n");
+    let plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    let targets: Vec<PathBuf> = (0..16)
+        .map(|i| k.target(&format!("pod-{i}"), "cache"))
+        .collect();
+    let calls: Vec<_> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut n = k.node();
+            let req = inline(
+                &format!("csi-{i}"),
+                t,
+                "ci",
+                "default",
+                &[("cache", "npm"), ("writeBack", "true"), ("size", "128Mi")],
+            );
+            async move { n.node_publish_volume(req).await }
+        })
+        .collect();
+    for r in k.rt.block_on(futures_join(calls)) {
+        r.unwrap();
+    }
+    for (i, t) in targets.iter().enumerate() {
+        std::fs::write(t.join(format!("pkg-{i}")), format!("{i}")).unwrap();
+    }
+    let calls: Vec<_> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut n = k.node();
+            let req = csi::NodeUnpublishVolumeRequest {
+                volume_id: format!("csi-{i}"),
+                target_path: t.display().to_string(),
+            };
+            async move { n.node_unpublish_volume(req).await }
+        })
+        .collect();
+    for r in k.rt.block_on(futures_join(calls)) {
+        r.unwrap();
+    }
+    assert_eq!(
+        generation(&node, "ci", "npm"),
+        16,
+        "every pod's unpublish committed"
+    );
+    let t = k.target("pod-check", "cache");
+    k.publish(inline(
+        "csi-check",
+        &t,
+        "ci",
+        "default",
+        &[("cache", "npm")],
+    ))
+    .unwrap();
+    for i in 0..16 {
+        assert_eq!(
+            std::fs::read_to_string(t.join(format!("pkg-{i}"))).unwrap(),
+            format!("{i}")
+        );
+    }
+    k.unpublish("csi-check", &t).unwrap();
+    // The agent's /metrics counts them in its histograms.
+    let engine = jobcachefs::Engine::open(&node.state(), Default::default()).unwrap();
+    let text = jobcachefs::sync::agent::metrics(&engine, 0);
+    assert!(
+        text.contains("jobcachefs_csi_publish_seconds_count 17"),
+        "{text}"
+    );
+    assert!(
+        text.contains("jobcachefs_csi_unpublish_seconds_count 17"),
+        "{text}"
+    );
+    assert!(
+        text.contains("jobcachefs_csi_publish_seconds_bucket{le=\"+Inf\"} 17"),
+        "{text}"
+    );
+    node.assert_clean_volumes();
+}
+
+/// Awaits every future, concurrently, in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[test]
+fn real_csi_clone_mode_inline_volume_holds_buildah_storage() {
+    if !root_or_skip("real_csi_clone_mode_inline_volume_holds_buildah_storage") {
+        return;
+    }
+    let node = Node::with_config(
+        "clone_pool_size = \"4Gi\"\ndefault_cache_size = \"1Gi\"\n[csi]\ninline_write_back = [\"ci/builder\"]\n",
+    );
+    let plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    let attrs = [
+        ("cache", "containers"),
+        ("cacheMode", "clone"),
+        ("writeBack", "true"),
+        ("size", "1Gi"),
+    ];
+    let buildah = |graphroot: &Path, args: &[&str]| -> std::process::Output {
+        let run = node.tmp.path().join("buildah-run");
+        std::fs::create_dir_all(&run).unwrap();
+        let conf = node.tmp.path().join("storage.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                graphroot.display(),
+                run.display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("buildah")
+            .env("CONTAINERS_STORAGE_CONF", &conf)
+            .args(args)
+            .output()
+            .expect("buildah runs (scripts/setup installs it)")
+    };
+    let t1 = k.target("pod-1", "storage");
+    k.publish(inline("csi-1", &t1, "ci", "builder", &attrs))
+        .unwrap();
+    let ctx = node.tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Containerfile"), "FROM scratch\nCOPY app /app\n").unwrap();
+    std::fs::write(ctx.join("app"), "main").unwrap();
+    let out = buildah(
+        &t1,
+        &[
+            "build",
+            "--storage-driver",
+            "overlay",
+            "-t",
+            "localhost/csi-test:1",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "buildah build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    k.unpublish("csi-1", &t1).unwrap();
+    assert_eq!(generation(&node, "ci", "containers"), 1);
+    let t2 = k.target("pod-2", "storage");
+    k.publish(inline("csi-2", &t2, "ci", "builder", &attrs))
+        .unwrap();
+    let images = buildah(&t2, &["images", "--format", "{{.Name}}:{{.Tag}}"]);
+    assert!(
+        String::from_utf8_lossy(&images.stdout).contains("localhost/csi-test:1"),
+        "the next pod finds the image: {}{}",
+        String::from_utf8_lossy(&images.stdout),
+        String::from_utf8_lossy(&images.stderr)
+    );
+    k.unpublish("csi-2", &t2).unwrap();
+    node.assert_clean_volumes();
 }
