@@ -260,23 +260,7 @@ fn real_csi_kubelet_lifecycle_inline_trust_and_retries() {
     k.unpublish("csi-a", &t1).unwrap();
     k.unpublish("csi-a", &t1).unwrap();
     assert!(!t1.exists(), "the target is removed");
-    assert_eq!(
-        node.run_env(
-            &[
-                "cache",
-                "show",
-                "maven",
-                "--namespace",
-                "release",
-                "-o",
-                "json"
-            ],
-            &[]
-        )
-        .ok()
-        .json()["generation"],
-        1
-    );
+    assert_eq!(generation(&node, "release", "maven"), 1);
 
     // The very next publish sees the commit. An unlisted service account of the same namespace
     // asking to write back gets a working volume whose changes are discarded.
@@ -292,20 +276,7 @@ fn real_csi_kubelet_lifecycle_inline_trust_and_retries() {
     assert_eq!(std::fs::read_to_string(t2.join("dep.jar")).unwrap(), "v1");
     std::fs::write(t2.join("dep.jar"), "poisoned").unwrap();
     k.unpublish("csi-b", &t2).unwrap();
-    assert_eq!(
-        node.run(&[
-            "cache",
-            "show",
-            "maven",
-            "--namespace",
-            "release",
-            "-o",
-            "json"
-        ])
-        .ok()
-        .json()["generation"],
-        1
-    );
+    assert_eq!(generation(&node, "release", "maven"), 1);
     assert!(
         plugin.log().contains("inline_write_back"),
         "{}",
@@ -335,20 +306,7 @@ fn real_csi_kubelet_lifecycle_inline_trust_and_retries() {
     let k = Kubelet::connect(&plugin, &node);
     k.unpublish("csi-d", &t4).unwrap();
     k.unpublish("csi-c", &t3).unwrap();
-    assert_eq!(
-        node.run(&[
-            "cache",
-            "show",
-            "maven",
-            "--namespace",
-            "release",
-            "-o",
-            "json"
-        ])
-        .ok()
-        .json()["generation"],
-        2
-    );
+    assert_eq!(generation(&node, "release", "maven"), 2);
     // An unpublish of a target that was never published.
     k.unpublish("csi-z", &k.target("pod-z", "m2")).unwrap();
     drop(k);

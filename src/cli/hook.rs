@@ -9,7 +9,6 @@ use clap::Args;
 use jobcachefs::input::hook_args::{env_from, resolve, Accounts, RawInputs};
 use jobcachefs::input::quantity::human_bytes;
 use jobcachefs::k8s::hook::{self, HookOutcome};
-use jobcachefs::k8s::{client::Client, kubeconfig};
 use jobcachefs::Engine;
 
 #[derive(Args)]
@@ -40,9 +39,8 @@ pub(super) fn run(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
         },
         &Accounts::from_system(),
     )?;
-    let budget = std::time::Duration::from_secs(engine.config().kubernetes.api_timeout);
     let outcome = hook::run(engine, &req, || {
-        Client::new(kubeconfig::discover()?, budget)
+        jobcachefs::k8s::volumes::client(engine.config())
     })?;
     if json {
         print_json(&outcome);

@@ -29,10 +29,7 @@ impl Controller {
     }
 
     fn client(&self) -> Result<Client, Status> {
-        let budget = std::time::Duration::from_secs(self.config.kubernetes.api_timeout);
-        crate::k8s::kubeconfig::discover()
-            .and_then(|t| Client::new(t, budget))
-            .map_err(|e| status(&e))
+        crate::k8s::volumes::client(&self.config).map_err(|e| status(&e))
     }
 
     fn create(&self, r: csi::CreateVolumeRequest) -> Result<csi::Volume, Status> {

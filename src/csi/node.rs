@@ -260,8 +260,8 @@ impl Plugin {
     /// The publish, on the blocking pool.
     fn publish(&self, p: &Publish) -> Result<(), Status> {
         let engine = &self.engine;
-        if let Ok(existing) = engine.volume_show(&p.target) {
-            let theirs = existing.record.labels.get(labels::VOLUME_ID);
+        if let Ok(Some(existing)) = engine.volume_record_at(&p.target) {
+            let theirs = existing.labels.get(labels::VOLUME_ID);
             if theirs.map(String::as_str) != Some(p.volume_id.as_str()) {
                 return Err(Status::already_exists(format!(
                     "target_path {} already holds volume {}: unpublish it first",
@@ -275,35 +275,25 @@ impl Plugin {
         for n in &p.decision.notes {
             tracing::warn!(volume = %p.volume_id, pod = %format!("{}/{}", p.pod.namespace, p.pod.name), "{n}");
         }
-        if let Some(id) = &p.decision.cache {
-            let deadline = Instant::now()
-                + std::time::Duration::from_secs(engine.config().csi.publish_deadline);
-            crate::sync::ops::pull_if_cold(engine, id, Some(deadline));
-        }
-        let cache_gid = match (&p.decision.cache, p.decision.unique_ids) {
-            (Some(id), true) => {
-                let budget = std::time::Duration::from_secs(engine.config().kubernetes.api_timeout);
-                let client = crate::k8s::kubeconfig::discover()
-                    .and_then(|t| crate::k8s::client::Client::new(t, budget))
-                    .map_err(|e| status(&e))?;
-                Some(
-                    crate::k8s::gids::cache_gid(&client, id, engine.config().cache_gids)
-                        .map_err(|e| status(&e))?,
-                )
-            }
-            _ => None,
-        };
-        let req = p
-            .decision
-            .request(p.target.clone(), None, self.labels(p), cache_gid);
-        match engine.volume_create(&req) {
+        let deadline =
+            Instant::now() + std::time::Duration::from_secs(engine.config().csi.publish_deadline);
+        let created = crate::k8s::volumes::create(
+            engine,
+            &p.decision,
+            p.target.clone(),
+            None,
+            self.labels(p),
+            deadline,
+            || crate::k8s::volumes::client(engine.config()),
+        );
+        match created {
             Ok(_) => Ok(()),
             // The same target holds this volume with another decision (a retry after the node's
             // config or the attributes changed): the spec's incompatible re-publish.
             Err(e)
                 if e.kind() == crate::ErrorKind::Conflict
-                    && engine.volume_show(&p.target).is_ok_and(|v| {
-                        v.record.state == crate::state::records::VolumeState::Ready
+                    && engine.volume_record_at(&p.target).is_ok_and(|v| {
+                        v.is_some_and(|v| v.state == crate::state::records::VolumeState::Ready)
                     }) =>
             {
                 Err(Status::already_exists(e.to_string()))
@@ -316,8 +306,8 @@ impl Plugin {
     fn unpublish(&self, volume_id: &str, target: &Path) -> Result<DeleteOutcome, Status> {
         let engine = &self.engine;
         let mut refused = None;
-        if let Ok(existing) = engine.volume_show(target) {
-            let theirs = existing.record.labels.get(labels::VOLUME_ID);
+        if let Ok(Some(existing)) = engine.volume_record_at(target) {
+            let theirs = existing.labels.get(labels::VOLUME_ID);
             if theirs.is_some_and(|t| t != volume_id) {
                 return Err(Status::not_found(format!(
                     "target_path {} holds volume {:?}, not {volume_id:?}: nothing unpublished",
@@ -325,11 +315,7 @@ impl Plugin {
                     theirs.cloned().unwrap_or_default()
                 )));
             }
-            refused = existing
-                .record
-                .labels
-                .get(labels::WRITE_BACK_REFUSED)
-                .cloned();
+            refused = existing.labels.get(labels::WRITE_BACK_REFUSED).cloned();
         }
         let outcome = engine
             .volume_delete(target, false)
@@ -338,13 +324,7 @@ impl Plugin {
             tracing::warn!(volume = %volume_id, "changes discarded: {why}");
         }
         remove_target(target)?;
-        match engine.gc_shared() {
-            Ok(report) if !report.errors.is_empty() => {
-                tracing::warn!(errors = ?report.errors, "gc after unpublish found problems")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "gc after unpublish failed"),
-        }
+        crate::k8s::volumes::repair_after_delete(engine, "unpublish");
         Ok(outcome)
     }
 }

@@ -660,6 +660,14 @@ impl Engine {
         Ok(out)
     }
 
+    /// The record of the volume at `dir`, if there is one: one file read, where
+    /// [`Engine::volume_show`] reads every record and the mount table (the CSI plugin asks this
+    /// on every publish and unpublish).
+    pub fn volume_record_at(&self, dir: &Path) -> Result<Option<VolumeRecord>> {
+        let dir = resolve_dir(dir)?;
+        read_json(&self.layout.volume_record(&volume_id(&dir)))
+    }
+
     /// One volume by DIR.
     pub fn volume_show(&self, dir: &Path) -> Result<VolumeInfo> {
         let dir = resolve_dir(dir)?;

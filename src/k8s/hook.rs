@@ -168,20 +168,15 @@ fn create(
         l.insert(labels::PVC_UID.to_string(), uid.clone());
     }
     l.insert(labels::STORAGE_CLASS.to_string(), class_name);
-    if let Some(id) = &decision.cache {
-        crate::sync::ops::pull_if_cold(engine, id, Some(deadline));
-    }
-    // A cache's GID is the cluster's: allocated once through the API, the same on every node.
-    let cache_gid = match (&decision.cache, decision.unique_ids) {
-        (Some(id), true) => Some(super::gids::cache_gid(
-            &client,
-            id,
-            engine.config().cache_gids,
-        )?),
-        _ => None,
-    };
-    let volume =
-        engine.volume_create(&decision.request(req.path.clone(), Some(req.root), l, cache_gid))?;
+    let volume = super::volumes::create(
+        engine,
+        &decision,
+        req.path.clone(),
+        Some(req.root),
+        l,
+        deadline,
+        move || Ok(client),
+    )?;
     Ok(HookOutcome::Created {
         volume: Box::new(volume),
         repeated: false,
@@ -192,15 +187,7 @@ fn create(
 fn delete(engine: &Engine, req: &HookRequest) -> Result<HookOutcome> {
     let result = engine.volume_delete(&req.path, false)?;
     remove_folder(&req.path)?;
-    // Cheap repair of what crashed runs left in the state dir; it never fails the teardown, whose
-    // own work is done. Squashes stay queued for the node agent (`squash_inline = false` here).
-    match engine.gc_shared() {
-        Ok(report) if !report.errors.is_empty() => {
-            tracing::warn!(errors = ?report.errors, "gc after teardown found problems")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "gc after teardown failed"),
-    }
+    super::volumes::repair_after_delete(engine, "teardown");
     Ok(HookOutcome::Deleted {
         path: req.path.clone(),
         result,

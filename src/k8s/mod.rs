@@ -5,6 +5,7 @@
 //! - [`kubeconfig`] and [`client`]: reading the PVC and StorageClass from the API.
 //! - [`gids`]: the cluster-wide table of cache GIDs (a ConfigMap, optimistic concurrency).
 //! - [`hook`]: the setup/teardown entry point on top of the engine.
+//! - [`volumes`]: what the hook and the CSI plugin do around the engine's create and delete.
 
 pub mod client;
 pub mod gids;
@@ -12,3 +13,4 @@ pub mod hook;
 pub mod kubeconfig;
 pub mod path;
 pub mod policy;
+pub mod volumes;
