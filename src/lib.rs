@@ -17,6 +17,7 @@ pub mod input;
 pub mod k8s;
 pub mod state;
 pub mod sync;
+pub mod webhook;
 
 pub use engine::{Engine, ProgressHook};
 pub use error::{Error, ErrorKind, Result};

@@ -12,11 +12,17 @@ collection creates <collection>/<name>.json (409 AlreadyExists if it exists); PU
 object only if the body's metadata.resourceVersion is the stored one (409 Conflict otherwise)
 and bumps it. Faults apply to writes too (a 409 in faults.json forces a conflict).
 
+PATCH with `Content-Type: application/merge-patch+json` merges the body into the object (RFC 7386:
+null removes a key); a metadata.resourceVersion in the patch is a precondition (409 when stale),
+as the API server treats it. GET of a collection (a directory of objects) answers a List of its
+objects, filtered by `labelSelector` terms of the forms `key` and `key=value`.
+
 Usage: server.py --root DIR --cert CRT --key KEY --token TOKEN --port-file FILE
 (binds 127.0.0.1 on a free port and writes the port to FILE once listening).
 """
 
 import argparse
+import urllib.parse
 import json
 import os
 import ssl
@@ -93,6 +99,23 @@ class Handler(BaseHTTPRequestHandler):
         if os.path.isfile(file):
             with open(file) as f:
                 return self.answer(200, json.load(f))
+        folder = os.path.join(self.server.root, *parts)
+        if os.path.isdir(folder):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            terms = [t for t in ",".join(query.get("labelSelector", [])).split(",") if t]
+            items = []
+            for entry in sorted(os.listdir(folder)):
+                if not entry.endswith(".json"):
+                    continue
+                with LOCK, open(os.path.join(folder, entry)) as f:
+                    obj = json.load(f)
+                labels = obj.get("metadata", {}).get("labels") or {}
+                if all(selects(labels, t) for t in terms):
+                    items.append(obj)
+            return self.answer(
+                200,
+                {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items},
+            )
         kind, name = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
         group = "storage.k8s.io" if parts[0] == "apis" and len(parts) > 1 and parts[1] == "storage.k8s.io" else ""
         details = {"name": name, "kind": kind}
@@ -140,6 +163,32 @@ class Handler(BaseHTTPRequestHandler):
                 json.dump(obj, f)
         return self.answer(201, obj)
 
+    def do_PATCH(self):
+        parts = self.write_common()
+        if parts is None:
+            return
+        if self.headers.get("Content-Type") != "application/merge-patch+json":
+            self.read_body()
+            return self.answer(415, status(415, "UnsupportedMediaType", "only merge patches here"))
+        patch = self.read_body()
+        file = os.path.join(self.server.root, *parts) + ".json"
+        with LOCK:
+            if not os.path.isfile(file):
+                return self.answer(404, status(404, "NotFound", "not found"))
+            with open(file) as f:
+                stored = json.load(f)
+            have = stored.get("metadata", {}).get("resourceVersion")
+            want = patch.get("metadata", {}).get("resourceVersion")
+            if want is not None and want != have:
+                return self.answer(409, status(409, "Conflict", "the object has been modified"))
+            obj = merge(stored, patch)
+            obj.setdefault("metadata", {})["resourceVersion"] = str(int(have or "0") + 1)
+            tmp = file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+            os.rename(tmp, file)
+        return self.answer(200, obj)
+
     def do_PUT(self):
         parts = self.write_common()
         if parts is None:
@@ -158,6 +207,27 @@ class Handler(BaseHTTPRequestHandler):
             with open(file, "w") as f:
                 json.dump(obj, f)
         return self.answer(200, obj)
+
+
+def selects(labels, term):
+    if "=" in term:
+        k, v = term.split("=", 1)
+        return labels.get(k) == v
+    return term in labels
+
+
+def merge(target, patch):
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        else:
+            target[k] = merge(target.get(k), v)
+    return target
 
 
 def main():

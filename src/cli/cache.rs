@@ -78,6 +78,17 @@ pub(super) enum CacheCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Which nodes of the cluster hold a cache, or every cache without NAME: generation,
+    /// allocated size, limit and last use, as each node's agent publishes them on its Node
+    /// (reads the Kubernetes API as kubectl finds it: KUBECONFIG, ~/.kube/config, or a pod's
+    /// service account).
+    Where {
+        /// The cache (every cache when absent).
+        name: Option<String>,
+        /// Namespace of the cache (default: `default` with NAME; every namespace without).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -150,8 +161,44 @@ pub(super) fn run(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
             *dry_run,
             json,
         )?,
+        CacheCmd::Where { .. } => unreachable!("run_where runs without the engine"),
     }
     Ok(exit::OK)
+}
+
+/// `cache where`: needs the API, not this machine's state dir (an operator runs it anywhere).
+pub(super) fn run_where(
+    config: &jobcachefs::input::config::Config,
+    cmd: &CacheCmd,
+    json: bool,
+) -> Result<u8> {
+    let CacheCmd::Where { name, namespace } = cmd else {
+        unreachable!("only cache where");
+    };
+    let only = match name {
+        Some(n) => Some(CacheId::new(
+            namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            n,
+        )?),
+        None => None,
+    };
+    let api = jobcachefs::k8s::volumes::client(config)?;
+    let mut view = jobcachefs::k8s::placement::cluster_view(&api, only.as_ref())?;
+    if let (None, Some(ns)) = (&only, namespace) {
+        view.retain(|h| h.cache.split_once('/').is_some_and(|(n, _)| n == ns));
+    }
+    json_or(json, &view, |v| output::print_holdings(v));
+    Ok(match (&only, view.is_empty()) {
+        // As `cache show` of a missing cache: scripts can branch on "nowhere".
+        (Some(_), true) => {
+            eprintln!(
+                "no node says it holds cache {}: its agents publish what they hold every round (--node-name, API access)",
+                only.as_ref().map(|i| i.to_string()).unwrap_or_default()
+            );
+            exit::NOT_FOUND
+        }
+        _ => exit::OK,
+    })
 }
 
 fn ls(engine: &Engine, json: bool) -> Result<()> {

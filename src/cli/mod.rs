@@ -98,6 +98,10 @@ enum Command {
         /// Run this many rounds, then exit (default: run until stopped).
         #[arg(long)]
         rounds: Option<u64>,
+        /// This node's Kubernetes name (the DaemonSet passes spec.nodeName): with API access
+        /// the agent labels its Node with the caches it holds, for placement and `cache where`.
+        #[arg(long, env = "KUBE_NODE_NAME")]
+        node_name: Option<String>,
     },
     /// The CSI plugin (driver csi.jobcachefs.io): Identity and Node services, and the
     /// Controller service with --controller, over a unix socket. kubelet calls it when a pod
@@ -113,6 +117,20 @@ enum Command {
         /// Also serve the Controller service (CreateVolume/DeleteVolume for PVCs).
         #[arg(long)]
         controller: bool,
+    },
+    /// The placement admission webhook (HTTPS, AdmissionReview v1 at /mutate): Pods that use a
+    /// cache get preferred node affinity for the nodes warm for it. Never refuses a Pod. Runs
+    /// in the foreground.
+    Webhook {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: String,
+        /// PEM certificate chain (read again when it changes).
+        #[arg(long, default_value = "/tls/tls.crt")]
+        tls_cert: PathBuf,
+        /// PEM private key.
+        #[arg(long, default_value = "/tls/tls.key")]
+        tls_key: PathBuf,
     },
     /// Print shell completions for SHELL to stdout.
     Completions {
@@ -158,12 +176,16 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         .unwrap_or(exit::FAILURE)
 }
 
-fn engine(cli: &Cli) -> Result<Engine> {
+fn load_config(cli: &Cli) -> Result<Config> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
-    let mut config = Config::load(&path, explicit)?;
+    Ok(Config::load(&path, explicit)?)
+}
+
+fn engine(cli: &Cli) -> Result<Engine> {
+    let mut config = load_config(cli)?;
     if let Command::Hook(_) | Command::Csi { .. } = cli.command {
         // The provisioner gives a teardown 120 s, kubelet an unpublish 2 minutes (and the next
         // pod waits for nothing of it): a due squash is queued for the agent instead.
@@ -194,8 +216,25 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         _ => {}
     }
-    let engine = engine(&cli)?;
     let json = cli.output == Format::Json;
+    if let Command::Webhook {
+        listen,
+        tls_cert,
+        tls_key,
+    } = &cli.command
+    {
+        jobcachefs::webhook::serve(jobcachefs::webhook::Options {
+            listen: listen.clone(),
+            cert: tls_cert.clone(),
+            key: tls_key.clone(),
+            api: jobcachefs::webhook::api(),
+        })?;
+        return Ok(exit::OK);
+    }
+    if let Command::Cache(cmd @ cache::CacheCmd::Where { .. }) = &cli.command {
+        return cache::run_where(&load_config(&cli)?, cmd, json);
+    }
+    let engine = engine(&cli)?;
     if let Command::Doctor = cli.command {
         return Ok(node::doctor(&engine, json));
     }
@@ -208,12 +247,14 @@ pub fn run(cli: Cli) -> Result<u8> {
             interval,
             metrics_addr,
             rounds,
+            node_name,
         } => node::agent(
             &engine,
             &cli.state_dir,
             interval.as_deref(),
             metrics_addr.as_deref(),
             *rounds,
+            node_name.as_deref(),
         ),
         Command::Gc { drain } => node::gc(&engine, *drain, json),
         Command::Csi {
@@ -231,7 +272,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             )?;
             Ok(exit::OK)
         }
-        Command::Completions { .. } | Command::Man | Command::Doctor => unreachable!(),
+        Command::Completions { .. } | Command::Man | Command::Doctor | Command::Webhook { .. } => {
+            unreachable!()
+        }
     }
 }
 

@@ -45,6 +45,7 @@ pub(super) fn agent(
     interval: Option<&str>,
     metrics_addr: Option<&str>,
     rounds: Option<u64>,
+    node_name: Option<&str>,
 ) -> Result<u8> {
     let config = engine.config().clone();
     let interval = match interval {
@@ -59,6 +60,7 @@ pub(super) fn agent(
             interval: Duration::from_secs(interval),
             metrics_addr: (addr != "off").then_some(addr),
             rounds,
+            node_name: node_name.filter(|n| !n.is_empty()).map(str::to_string),
         },
     )?;
     Ok(exit::OK)

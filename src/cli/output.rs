@@ -125,6 +125,30 @@ pub fn print_caches(caches: &[CacheInfo]) {
     t.print();
 }
 
+pub fn print_holdings(view: &[jobcachefs::k8s::placement::Holding]) {
+    let mut t = Table::new(&[
+        "CACHE",
+        "NODE",
+        "GEN",
+        "MODE",
+        "ALLOCATED",
+        "LIMIT",
+        "LAST USED",
+    ]);
+    for h in view {
+        t.row(vec![
+            h.cache.clone(),
+            h.node.clone(),
+            h.details.generation.to_string(),
+            h.details.mode.clone(),
+            human_bytes(h.details.allocated),
+            human_bytes(h.details.limit),
+            ago(h.details.last_used),
+        ]);
+    }
+    t.print();
+}
+
 pub fn print_cache(c: &CacheInfo) {
     println!("Cache:       {}/{}", c.namespace, c.name);
     println!("Mode:        {}", c.mode);

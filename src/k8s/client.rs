@@ -193,7 +193,24 @@ impl Client {
         body: &serde_json::Value,
         what: &str,
     ) -> Result<serde_json::Value> {
-        let text = self.request(method, path, Some(body), what)?;
+        let text = self.request(method, path, Some((body, "application/json")), what)?;
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Applies a JSON merge patch (RFC 7386) to an object. A `metadata.resourceVersion` in the
+    /// patch is a precondition: a stale one answers 409, an error of kind `Conflict`.
+    pub(crate) fn patch(
+        &self,
+        path: &str,
+        patch: &serde_json::Value,
+        what: &str,
+    ) -> Result<serde_json::Value> {
+        let text = self.request(
+            "PATCH",
+            path,
+            Some((patch, "application/merge-patch+json")),
+            what,
+        )?;
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 
@@ -213,7 +230,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Option<(&serde_json::Value, &str)>,
         what: &str,
     ) -> Result<String> {
         let (verb, from) = if body.is_none() {
@@ -241,8 +258,8 @@ impl Client {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
             let sent = match body {
-                Some(b) => req
-                    .set("Content-Type", "application/json")
+                Some((b, content_type)) => req
+                    .set("Content-Type", content_type)
                     .send_string(&b.to_string()),
                 None => req.call(),
             };
@@ -273,7 +290,8 @@ impl Client {
                         }
                         Next::Fail(kind) => {
                             let hint = match (body, code) {
-                                (Some(_), _) => ": check that the provisioner's service account may get, create and update configmaps in its namespace (deploy/rbac.yaml)",
+                                (Some(_), _) if path.contains("/configmaps") => ": check that the provisioner's service account may get, create and update configmaps in its namespace (deploy/rbac.yaml)",
+                                (Some(_), _) => ": check that the service account may get and patch it (the RBAC in deploy/)",
                                 (None, 401 | 403) => ": check that the service account may get persistentvolumeclaims and storageclasses (deploy/rbac.yaml)",
                                 (None, _) => "",
                             };

@@ -4,6 +4,7 @@
 //! - [`policy`]: what a volume gets from its PVC's annotations and its class's parameters (pure).
 //! - [`kubeconfig`] and [`client`]: reading the PVC and StorageClass from the API.
 //! - [`gids`]: the cluster-wide table of cache GIDs (a ConfigMap, optimistic concurrency).
+//! - [`placement`]: the Node labels and annotation that say which caches a node holds.
 //! - [`hook`]: the setup/teardown entry point on top of the engine.
 //! - [`volumes`]: what the hook and the CSI plugin do around the engine's create and delete.
 
@@ -12,5 +13,6 @@ pub mod gids;
 pub mod hook;
 pub mod kubeconfig;
 pub mod path;
+pub mod placement;
 pub mod policy;
 pub mod volumes;

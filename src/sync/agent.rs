@@ -36,6 +36,9 @@ pub struct AgentOptions {
     pub metrics_addr: Option<String>,
     /// Rounds to run (`None`: forever).
     pub rounds: Option<u64>,
+    /// This node's Kubernetes name: with API access, the agent labels its Node with the caches
+    /// it holds (`crate::k8s::placement`). `None`: no labels (plain runners).
+    pub node_name: Option<String>,
 }
 
 struct Backoff {
@@ -73,6 +76,16 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
         std::thread::spawn(move || serve(listener, dir, cfg, rounds));
     }
     let api = pv_api(&config);
+    let mut labeler = match (&opts.node_name, &api) {
+        (Some(node), Some(_)) => pv_api(&config)
+            .map(|c| crate::k8s::placement::NodeLabeler::new(c, node.clone())),
+        (Some(_), None) => None,
+        (None, Some(_)) => {
+            tracing::info!("agent: no node name (--node-name, env KUBE_NODE_NAME): the Node is not labelled with its caches, and placement cannot prefer it");
+            None
+        }
+        (None, None) => None,
+    };
     let mut backoff: BTreeMap<CacheId, Backoff> = BTreeMap::new();
     loop {
         let started = Instant::now();
@@ -80,6 +93,13 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
             discard_orphans(&engine, api, Duration::from_secs(config.agent.orphan_after));
         }
         round(&engine, &mut backoff, opts.interval);
+        // After the round: its pulls and the commits since the last one are what the node holds.
+        if let Some(l) = &mut labeler {
+            match engine.cache_list() {
+                Ok(caches) => l.round(&caches),
+                Err(e) => tracing::warn!(error = %e, "agent: could not list caches for the node labels"),
+            }
+        }
         let n = rounds.fetch_add(1, Ordering::Relaxed) + 1;
         if opts.rounds.is_some_and(|r| n >= r) {
             return Ok(());
@@ -88,7 +108,7 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
     }
 }
 
-/// The API client of the orphan check, when API access is configured: a service account (in a
+/// The API client of the orphan check and the node labels, when API access is configured: a service account (in a
 /// pod) or an explicit `KUBECONFIG`. Never `~/.kube/config`: a kubeconfig that happens to be
 /// there may name another cluster, whose 404s would discard this node's volumes.
 fn pv_api(config: &Config) -> Option<Client> {
