@@ -803,3 +803,94 @@ fn real_csi_clone_mode_inline_volume_holds_buildah_storage() {
     k.unpublish("csi-2", &t2).unwrap();
     node.assert_clean_volumes();
 }
+
+/// GetCapacity as the csi-provisioner beside the plugin (`--node-deployment --enable-capacity`)
+/// asks it for its node: what disk admission would still admit, following the volumes as they
+/// come and go, capped by the class's max-volume-size; another node's capacity is not known
+/// here and is refused with the fix.
+#[test]
+fn real_csi_get_capacity_follows_disk_admission() {
+    if !root_or_skip("real_csi_get_capacity_follows_disk_admission") {
+        return;
+    }
+    let node = Node::with_config("[csi]\ninline_max_size = \"64Gi\"\n");
+    let plugin = Plugin::start_with(&node, &["--controller"], &[]);
+    let k = Kubelet::connect(&plugin, &node);
+    let mut ctl = csi::controller_client::ControllerClient::new(k.channel.clone());
+    let caps =
+        k.rt.block_on(ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(caps.capabilities.len(), 2, "{caps:?}");
+    let ask = |ctl: &mut csi::controller_client::ControllerClient<Channel>,
+               node_name: &str,
+               params: &[(&str, &str)]| {
+        k.rt.block_on(ctl.get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![mount_cap()],
+            parameters: params
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            accessible_topology: Some(csi::Topology {
+                segments: [(
+                    "topology.csi.jobcachefs.io/node".to_string(),
+                    node_name.to_string(),
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        }))
+        .map(|r| r.into_inner())
+    };
+    let before = ask(&mut ctl, "node-1", &[]).unwrap();
+    assert!(before.available_capacity > 0, "{before:?}");
+    assert_eq!(before.maximum_volume_size, Some(before.available_capacity));
+    // A volume promises its size (sparse: it allocates next to nothing yet), and the
+    // capacity falls by it; other writers on this filesystem move it a little.
+    let size = (before.available_capacity / 2).min(16 << 30);
+    let target = k.target("pod-cap", "cache");
+    k.publish(inline(
+        "csi-cap",
+        &target,
+        "ci",
+        "default",
+        &[("cache", "npm"), ("size", &size.to_string())],
+    ))
+    .unwrap();
+    let during = ask(&mut ctl, "node-1", &[]).unwrap();
+    let fell = before.available_capacity - during.available_capacity;
+    assert!(
+        (fell - size).abs() < 512 << 20,
+        "capacity fell by {fell}, the volume promised {size}"
+    );
+    // What is left is what admission admits: a volume above it is refused.
+    let too_big = during.available_capacity + (1 << 30);
+    let t2 = k.target("pod-cap2", "cache");
+    let refused = k
+        .publish(inline(
+            "csi-cap2",
+            &t2,
+            "ci",
+            "default",
+            &[("cache", "npm"), ("size", &too_big.to_string())],
+        ))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    k.unpublish("csi-cap", &target).unwrap();
+    let after = ask(&mut ctl, "node-1", &[]).unwrap();
+    assert!(
+        (after.available_capacity - before.available_capacity).abs() < 512 << 20,
+        "before {before:?}, after {after:?}"
+    );
+    // The class's max-volume-size caps the largest volume, not the total.
+    let capped = ask(&mut ctl, "node-1", &[("jobcachefs.io/max-volume-size", "1Gi")]).unwrap();
+    assert_eq!(capped.maximum_volume_size, Some(1 << 30));
+    let bad = ask(&mut ctl, "node-1", &[("jobcachefs.io/max-volume-size", "lots")]).unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    let other = ask(&mut ctl, "node-2", &[]).unwrap_err();
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+    assert!(other.message().contains("--node-deployment"), "{other:?}");
+    drop(k);
+    drop(plugin);
+    node.assert_clean();
+}

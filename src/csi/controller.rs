@@ -4,6 +4,12 @@
 //! returns a volume whose context carries the decision and whose topology is the node the
 //! scheduler picked (WaitForFirstConsumer). The controller keeps no state: the volume is made
 //! on the node at each pod's publish, so DeleteVolume has nothing to remove.
+//!
+//! GetCapacity answers for this node only: what disk admission would still admit here (the
+//! state dir's free space less the reserve, times the overcommit factor, less what live
+//! volumes may still write), capped by the class's `max-volume-size`. The csi-provisioner
+//! beside each node's plugin (`--node-deployment --enable-capacity`) publishes it as the node's
+//! CSIStorageCapacity, so that the scheduler does not pick a node that would refuse the volume.
 
 use super::node::check_capability;
 use super::status::{invalid, status};
@@ -12,20 +18,60 @@ use crate::error::{Error, ErrorKind};
 use crate::input::config::Config;
 use crate::k8s::client::Client;
 use crate::k8s::policy::{self, ClaimFacts, ClassFacts};
+use super::node::Plugin;
 use bpfman_csi::v1 as csi;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The Controller service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Controller {
     config: Config,
+    plugin: Arc<Plugin>,
 }
 
 impl Controller {
-    /// The service with the node configuration's API timeout.
-    pub fn new(config: Config) -> Self {
-        Controller { config }
+    /// The service of the node `plugin` serves (its engine answers GetCapacity; CreateVolume
+    /// uses the node configuration's API timeout).
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        Controller {
+            config: plugin.engine().config().clone(),
+            plugin,
+        }
+    }
+
+    fn capacity(&self, r: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse, Status> {
+        for cap in &r.volume_capabilities {
+            check_capability(Some(cap))?;
+        }
+        let me = self.plugin.node_id();
+        if let Some(node) = r
+            .accessible_topology
+            .as_ref()
+            .and_then(|t| t.segments.get(TOPOLOGY_NODE))
+        {
+            if node != me {
+                return Err(Status::failed_precondition(format!(
+                    "GetCapacity for node {node:?} asked of the plugin on node {me:?}: a node's disk is known only on that node; run the csi-provisioner with --node-deployment beside each node's plugin (deploy/csi/node.yaml)"
+                )));
+            }
+        }
+        // The class's parameters alone (no PVC here); CreateVolume checks the others.
+        let max_volume = r
+            .parameters
+            .get(policy::PARAM_MAX_VOLUME_SIZE)
+            .map(|v| crate::input::quantity::parse_size(policy::PARAM_MAX_VOLUME_SIZE, v))
+            .transpose()
+            .map_err(|e| status(&e))?;
+        let budget = self.plugin.engine().disk_budget().map_err(|e| status(&e))?;
+        let available = budget.promisable().saturating_sub(budget.promised);
+        let maximum = max_volume.map_or(available, |m| m.min(available));
+        Ok(csi::GetCapacityResponse {
+            available_capacity: i64::try_from(available).unwrap_or(i64::MAX),
+            maximum_volume_size: Some(i64::try_from(maximum).unwrap_or(i64::MAX)),
+            minimum_volume_size: None,
+        })
     }
 
     fn client(&self) -> Result<Client, Status> {
@@ -195,13 +241,14 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         use csi::controller_service_capability::rpc::Type;
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
-            capabilities: vec![csi::ControllerServiceCapability {
-                r#type: Some(csi::controller_service_capability::Type::Rpc(
-                    csi::controller_service_capability::Rpc {
-                        r#type: Type::CreateDeleteVolume as i32,
-                    },
-                )),
-            }],
+            capabilities: [Type::CreateDeleteVolume, Type::GetCapacity]
+                .into_iter()
+                .map(|t| csi::ControllerServiceCapability {
+                    r#type: Some(csi::controller_service_capability::Type::Rpc(
+                        csi::controller_service_capability::Rpc { r#type: t as i32 },
+                    )),
+                })
+                .collect(),
         }))
     }
 
@@ -228,9 +275,15 @@ impl csi::controller_server::Controller for Controller {
 
     async fn get_capacity(
         &self,
-        _request: Request<csi::GetCapacityRequest>,
+        request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
-        Err(unimplemented("GetCapacity"))
+        let r = request.into_inner();
+        let me = self.clone();
+        let answer = blocking(move || me.capacity(r)).await.inspect_err(
+            |s| tracing::warn!(call = "GetCapacity", code = ?s.code(), "refused: {}", s.message()),
+        )?;
+        tracing::debug!(call = "GetCapacity", available = answer.available_capacity, "CSI call");
+        Ok(Response::new(answer))
     }
 
     async fn create_snapshot(

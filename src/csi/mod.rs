@@ -130,9 +130,7 @@ async fn run(engine: Engine, opts: Options, path: PathBuf) -> Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let shared = std::sync::Arc::new(node::Plugin::new(engine, opts.node_id.clone()));
     let controller = opts.controller.then(|| {
-        csi::controller_server::ControllerServer::new(controller::Controller::new(
-            shared.engine().config().clone(),
-        ))
+        csi::controller_server::ControllerServer::new(controller::Controller::new(shared.clone()))
     });
     tracing::info!(
         socket = %path.display(),

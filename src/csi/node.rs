@@ -78,6 +78,11 @@ impl Plugin {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+
+    /// The node it serves.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
 }
 
 /// The Node service as gRPC serves it: the plugin shared with the blocking pool's calls.
