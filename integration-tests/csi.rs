@@ -825,21 +825,22 @@ fn real_csi_get_capacity_follows_disk_admission() {
     let ask = |ctl: &mut csi::controller_client::ControllerClient<Channel>,
                node_name: &str,
                params: &[(&str, &str)]| {
-        k.rt.block_on(ctl.get_capacity(csi::GetCapacityRequest {
-            volume_capabilities: vec![mount_cap()],
-            parameters: params
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            accessible_topology: Some(csi::Topology {
-                segments: [(
-                    "topology.csi.jobcachefs.io/node".to_string(),
-                    node_name.to_string(),
-                )]
-                .into(),
+        k.rt.block_on(
+            ctl.get_capacity(csi::GetCapacityRequest {
+                volume_capabilities: vec![mount_cap()],
+                parameters: params
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+                accessible_topology: Some(csi::Topology {
+                    segments: [(
+                        "topology.csi.jobcachefs.io/node".to_string(),
+                        node_name.to_string(),
+                    )]
+                    .into(),
+                }),
             }),
-            ..Default::default()
-        }))
+        )
         .map(|r| r.into_inner())
     };
     let before = ask(&mut ctl, "node-1", &[]).unwrap();
@@ -875,7 +876,11 @@ fn real_csi_get_capacity_follows_disk_admission() {
             &[("cache", "npm"), ("size", &too_big.to_string())],
         ))
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
     k.unpublish("csi-cap", &target).unwrap();
     let after = ask(&mut ctl, "node-1", &[]).unwrap();
     assert!(
@@ -883,9 +888,19 @@ fn real_csi_get_capacity_follows_disk_admission() {
         "before {before:?}, after {after:?}"
     );
     // The class's max-volume-size caps the largest volume, not the total.
-    let capped = ask(&mut ctl, "node-1", &[("jobcachefs.io/max-volume-size", "1Gi")]).unwrap();
+    let capped = ask(
+        &mut ctl,
+        "node-1",
+        &[("jobcachefs.io/max-volume-size", "1Gi")],
+    )
+    .unwrap();
     assert_eq!(capped.maximum_volume_size, Some(1 << 30));
-    let bad = ask(&mut ctl, "node-1", &[("jobcachefs.io/max-volume-size", "lots")]).unwrap_err();
+    let bad = ask(
+        &mut ctl,
+        "node-1",
+        &[("jobcachefs.io/max-volume-size", "lots")],
+    )
+    .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
     let other = ask(&mut ctl, "node-2", &[]).unwrap_err();
     assert_eq!(other.code(), tonic::Code::FailedPrecondition);

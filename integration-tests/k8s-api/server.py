@@ -4,8 +4,8 @@
 Serves recorded objects over HTTPS, the way the API does: GET <api path> answers the JSON file
 <root>/<api path>.json with 200, or a `Status` object with 404 (NotFound) when there is none, or
 401 when the bearer token is wrong. Faults are injected per path through <root>/faults.json
-({"<api path>": [500, 500]}: the next two GETs of that path answer 500; a code of 0 means "hang
-for 30 s"). Every request is appended to <root>/requests.log as "<METHOD> <path> <code>".
+({"<api path>": [500, 500]}: the next two requests of that path answer 500; a key
+"PATCH <api path>" injects into that verb only; a code of 0 means "hang for 30 s"). Every request is appended to <root>/requests.log as "<METHOD> <path> <code>".
 
 Writes, as the API does them for the objects the hook keeps (the table of cache GIDs): POST to a
 collection creates <collection>/<name>.json (409 AlreadyExists if it exists); PUT replaces an
@@ -72,10 +72,11 @@ class Handler(BaseHTTPRequestHandler):
                     faults = json.load(f)
             except FileNotFoundError:
                 return None
-            codes = faults.get(path) or []
-            if not codes:
+            # "<METHOD> <path>" (one verb) before "<path>" (every verb).
+            key = next((k for k in (f"{self.command} {path}", path) if faults.get(k)), None)
+            if key is None:
                 return None
-            code = codes.pop(0)
+            code = faults[key].pop(0)
             with open(faults_path, "w") as f:
                 json.dump(faults, f)
             return code

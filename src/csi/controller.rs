@@ -12,13 +12,13 @@
 //! CSIStorageCapacity, so that the scheduler does not pick a node that would refuse the volume.
 
 use super::node::check_capability;
+use super::node::Plugin;
 use super::status::{invalid, status};
 use super::{blocking, TOPOLOGY_NODE};
 use crate::error::{Error, ErrorKind};
 use crate::input::config::Config;
 use crate::k8s::client::Client;
 use crate::k8s::policy::{self, ClaimFacts, ClassFacts};
-use super::node::Plugin;
 use bpfman_csi::v1 as csi;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -282,7 +282,11 @@ impl csi::controller_server::Controller for Controller {
         let answer = blocking(move || me.capacity(r)).await.inspect_err(
             |s| tracing::warn!(call = "GetCapacity", code = ?s.code(), "refused: {}", s.message()),
         )?;
-        tracing::debug!(call = "GetCapacity", available = answer.available_capacity, "CSI call");
+        tracing::debug!(
+            call = "GetCapacity",
+            available = answer.available_capacity,
+            "CSI call"
+        );
         Ok(Response::new(answer))
     }
 

@@ -288,7 +288,9 @@ pub fn cluster_view(api: &Client, only: Option<&CacheId>) -> Result<Vec<Holding>
         ),
         None => "/api/v1/nodes".to_string(),
     };
-    let nodes = api.get_value(&path, "the cluster's Nodes")?.unwrap_or(Value::Null);
+    let nodes = api
+        .get_value(&path, "the cluster's Nodes")?
+        .unwrap_or(Value::Null);
     Ok(holdings(&nodes, only))
 }
 
@@ -350,9 +352,12 @@ mod tests {
         assert_eq!(labels["cache.jobcachefs.io/ci.npm"], "1");
         assert!(labels.get("kubernetes.io/hostname").is_none());
         assert_eq!(p["metadata"]["resourceVersion"], "7");
-        let note: NodeCaches =
-            serde_json::from_str(p["metadata"]["annotations"][ANNOTATION_CACHES].as_str().unwrap())
-                .unwrap();
+        let note: NodeCaches = serde_json::from_str(
+            p["metadata"]["annotations"][ANNOTATION_CACHES]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(note, want);
     }
 
@@ -365,10 +370,16 @@ mod tests {
         }});
         assert_eq!(node_patch(&node, &want), None);
         // Nothing held, nothing said: no patch either.
-        assert_eq!(node_patch(&json!({"metadata": {}}), &NodeCaches::new()), None);
+        assert_eq!(
+            node_patch(&json!({"metadata": {}}), &NodeCaches::new()),
+            None
+        );
         // Nothing held any more: the labels and the annotation go.
         let p = node_patch(&node, &NodeCaches::new()).unwrap();
-        assert_eq!(p["metadata"]["labels"]["cache.jobcachefs.io/ci.maven"], Value::Null);
+        assert_eq!(
+            p["metadata"]["labels"]["cache.jobcachefs.io/ci.maven"],
+            Value::Null
+        );
         assert_eq!(p["metadata"]["annotations"][ANNOTATION_CACHES], Value::Null);
     }
 
@@ -389,7 +400,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("ci/maven", "n2", 3), ("ci/maven", "n1", 2), ("ci/npm", "n1", 1)]
+            [
+                ("ci/maven", "n2", 3),
+                ("ci/maven", "n1", 2),
+                ("ci/npm", "n1", 1)
+            ]
         );
         let id = CacheId::new("ci", "npm").unwrap();
         assert_eq!(holdings(&list, Some(&id)).len(), 1);

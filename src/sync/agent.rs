@@ -77,8 +77,9 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
     }
     let api = pv_api(&config);
     let mut labeler = match (&opts.node_name, &api) {
-        (Some(node), Some(_)) => pv_api(&config)
-            .map(|c| crate::k8s::placement::NodeLabeler::new(c, node.clone())),
+        (Some(node), Some(_)) => {
+            pv_api(&config).map(|c| crate::k8s::placement::NodeLabeler::new(c, node.clone()))
+        }
         (Some(_), None) => None,
         (None, Some(_)) => {
             tracing::info!("agent: no node name (--node-name, env KUBE_NODE_NAME): the Node is not labelled with its caches, and placement cannot prefer it");
@@ -97,7 +98,9 @@ pub fn run(state_dir: PathBuf, config: Config, opts: AgentOptions) -> Result<()>
         if let Some(l) = &mut labeler {
             match engine.cache_list() {
                 Ok(caches) => l.round(&caches),
-                Err(e) => tracing::warn!(error = %e, "agent: could not list caches for the node labels"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent: could not list caches for the node labels")
+                }
             }
         }
         let n = rounds.fetch_add(1, Ordering::Relaxed) + 1;

@@ -86,7 +86,12 @@ fn load_cert(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<Certif
         std::fs::read(key).map_err(|e| Error::io(format!("read the key {}", key.display()), e))?;
     let der = rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| bad(&format!("the key {}", key.display()), &e))?
-        .ok_or_else(|| bad(&format!("the key {}", key.display()), &"no PEM private key in it"))?;
+        .ok_or_else(|| {
+            bad(
+                &format!("the key {}", key.display()),
+                &"no PEM private key in it",
+            )
+        })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&der)
         .map_err(|e| bad(&format!("the key {}", key.display()), &e))?;
     Ok(Arc::new(CertifiedKey::new(certs, signer)))
@@ -117,7 +122,9 @@ impl ResolvesServerCert for CertFiles {
                         tracing::info!(cert = %self.cert.display(), "webhook: certificate reloaded");
                         *cur = (k, now, Instant::now());
                     }
-                    Err(e) => tracing::warn!(error = %e, "webhook: the changed certificate does not load yet; serving the previous one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook: the changed certificate does not load yet; serving the previous one")
+                    }
                 }
             }
         }

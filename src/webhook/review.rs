@@ -127,7 +127,9 @@ pub fn caches_of(pod: &Value, ns: &str, claims: &dyn Claims) -> Vec<CacheId> {
 /// Whether the Pod decides its node itself.
 fn places_itself(pod: &Value) -> bool {
     let spec = &pod["spec"];
-    spec["nodeSelector"].as_object().is_some_and(|m| !m.is_empty())
+    spec["nodeSelector"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty())
         || !spec["affinity"]["nodeAffinity"].is_null()
         || spec["nodeName"].as_str().is_some_and(|n| !n.is_empty())
 }
@@ -200,7 +202,8 @@ pub fn mutate(pod: &Value, ns: &str, claims: &dyn Claims) -> Mutation {
         Outcome::Preferred
     };
     if pod["spec"]["affinity"].is_object() {
-        m.patch.push(json!({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": affinity}));
+        m.patch
+            .push(json!({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": affinity}));
     } else {
         m.patch.push(
             json!({"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": affinity}}),
@@ -256,9 +259,10 @@ pub fn answer(body: &[u8], claims: &dyn Claims) -> (Value, Answered) {
     let checked = match (&review, request) {
         (Err(e), _) => Err(format!("the body is not JSON: {e}")),
         (Ok(_), Some(_)) if uid.is_empty() => Err("the review has no request.uid".to_string()),
-        (Ok(_), Some(r)) if r["kind"]["kind"] != "Pod" || !r["object"].is_object() => Err(
-            format!("not a Pod but {}: check the webhook's rules", r["kind"]["kind"]),
-        ),
+        (Ok(_), Some(r)) if r["kind"]["kind"] != "Pod" || !r["object"].is_object() => Err(format!(
+            "not a Pod but {}: check the webhook's rules",
+            r["kind"]["kind"]
+        )),
         (Ok(_), Some(r)) => Ok(r),
         (Ok(_), None) => Err("no request in the review".to_string()),
     };
@@ -338,12 +342,21 @@ mod tests {
 
     fn preferred_keys(m: &Mutation) -> Vec<String> {
         let v = &m.patch[0]["value"];
-        let a = if v["nodeAffinity"].is_object() { &v["nodeAffinity"] } else { v };
+        let a = if v["nodeAffinity"].is_object() {
+            &v["nodeAffinity"]
+        } else {
+            v
+        };
         a["preferredDuringSchedulingIgnoredDuringExecution"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t["preference"]["matchExpressions"][0]["key"].as_str().unwrap().to_string())
+            .map(|t| {
+                t["preference"]["matchExpressions"][0]["key"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     }
 
@@ -364,7 +377,10 @@ mod tests {
             inline("npm"),
             inline("Not_A_Name"),
         ]));
-        let got: Vec<String> = caches_of(&p, "ci", &Fake).iter().map(|c| c.to_string()).collect();
+        let got: Vec<String> = caches_of(&p, "ci", &Fake)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         assert_eq!(got, ["ci/npm", "ci/gradle", "ci/maven"]);
     }
 
@@ -400,7 +416,10 @@ mod tests {
         p["metadata"]["annotations"] = json!({"team": "a"});
         let m = mutate(&p, "ci", &Fake);
         assert_eq!(m.patch[0]["path"], "/spec/affinity/nodeAffinity");
-        assert_eq!(m.patch[1]["path"], "/metadata/annotations/jobcachefs.io~1placed");
+        assert_eq!(
+            m.patch[1]["path"],
+            "/metadata/annotations/jobcachefs.io~1placed"
+        );
     }
 
     #[test]
@@ -411,7 +430,10 @@ mod tests {
         assert_eq!(m.outcome, Outcome::Required);
         let terms = &m.patch[0]["value"]["nodeAffinity"]
             ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
-        assert_eq!(terms[0]["matchExpressions"][0]["key"], "cache.jobcachefs.io/ci.maven");
+        assert_eq!(
+            terms[0]["matchExpressions"][0]["key"],
+            "cache.jobcachefs.io/ci.maven"
+        );
         // npm is warm nowhere: preferred, with a warning, never a stranded Pod.
         let mut p = pod(json!([inline("maven"), inline("npm")]));
         p["metadata"]["annotations"] = json!({ANNOTATION_PLACEMENT: "required"});
