@@ -210,6 +210,13 @@ fn real_placement_agents_label_their_own_nodes_and_cache_where_reads_them() {
         cache_labels(&read_node(&api, "n1")),
         [(long_key(), "1".to_string())]
     );
+    // Prune: the last cache goes, and so do the last label and the annotation.
+    a.run(&["cache", "prune", "--max-total", "1Ki"]).ok();
+    assert_eq!(agent_round(&a, &api, "n1"), 1);
+    let n1 = read_node(&api, "n1");
+    assert!(cache_labels(&n1).is_empty(), "{n1}");
+    assert!(n1["metadata"]["annotations"]["jobcachefs.io/caches"].is_null());
+    assert_eq!(n1["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
     // A node name the API does not know: the agent says so and goes on syncing.
     let unknown = a.run_env(
         &[
