@@ -7,7 +7,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::api::{openssl, Api};
+use common::api::{make_ca, sign_server_cert, Api};
 use common::registry::Registry;
 use common::{root_or_skip, sh, Node};
 use serde_json::{json, Value};
@@ -67,23 +67,25 @@ fn commit(n: &Node, ns: &str, cache: &str, file: &str) {
     assert!(r.stdout.contains("committed"), "{}", r.stdout);
 }
 
+/// One agent round on `n` as Node `name`, with the API.
+fn agent_once(n: &Node, api: &Api, name: &str) -> common::Run {
+    let kc = api.kubeconfig.display().to_string();
+    let args = [
+        "agent",
+        "--rounds",
+        "1",
+        "--metrics-addr",
+        "off",
+        "--node-name",
+        name,
+    ];
+    n.run_env(&args, &[("KUBECONFIG", &kc)])
+}
+
 /// One agent round on `n` as Node `name`; the PATCHes it sent.
 fn agent_round(n: &Node, api: &Api, name: &str) -> usize {
     let before = api.requests().len();
-    let kc = api.kubeconfig.display().to_string();
-    n.run_env(
-        &[
-            "agent",
-            "--rounds",
-            "1",
-            "--metrics-addr",
-            "off",
-            "--node-name",
-            name,
-        ],
-        &[("KUBECONFIG", &kc)],
-    )
-    .ok();
+    agent_once(n, api, name).ok();
     api.requests()[before..]
         .iter()
         .filter(|l| l.starts_with("PATCH ") && l.ends_with(" 200"))
@@ -218,18 +220,7 @@ fn real_placement_agents_label_their_own_nodes_and_cache_where_reads_them() {
     assert!(n1["metadata"]["annotations"]["jobcachefs.io/caches"].is_null());
     assert_eq!(n1["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
     // A node name the API does not know: the agent says so and goes on syncing.
-    let unknown = a.run_env(
-        &[
-            "agent",
-            "--rounds",
-            "1",
-            "--metrics-addr",
-            "off",
-            "--node-name",
-            "n9",
-        ],
-        &env,
-    );
+    let unknown = agent_once(&a, &api, "n9");
     assert_eq!(unknown.code, 0);
     assert!(
         unknown.stderr.contains("Node n9 does not exist"),
@@ -289,66 +280,12 @@ impl Drop for Webhook {
     }
 }
 
-/// A CA `name` and a serving certificate for 127.0.0.1 signed by it, as tls.crt/tls.key.
+/// A CA `name` and a serving certificate for 127.0.0.1 and the Service signed by it, as
+/// tls.crt/tls.key.
 fn make_certs(dir: &Path, name: &str) {
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-        dir,
-    );
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "new.key",
-            "-out",
-            "new.csr",
-            "-subj",
-            "/CN=jobcachefs-webhook.jobcachefs-system.svc",
-        ],
-        dir,
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:jobcachefs-webhook.jobcachefs-system.svc\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "new.csr",
-            "-CA",
-            &format!("{name}.crt"),
-            "-CAkey",
-            &format!("{name}.key"),
-            "-CAcreateserial",
-            "-out",
-            "new.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-        dir,
-    );
+    make_ca(dir, name, name);
+    let san = format!("IP:127.0.0.1,DNS:{SERVICE_HOST}");
+    sign_server_cert(dir, name, "new", SERVICE_HOST, &san);
     // Renamed into place, as the kubelet updates a mounted Secret.
     std::fs::rename(dir.join("new.key"), dir.join("tls.key")).unwrap();
     std::fs::rename(dir.join("new.crt"), dir.join("tls.crt")).unwrap();

@@ -32,6 +32,69 @@ pub fn openssl(args: &[&str], cwd: &Path) {
     );
 }
 
+/// A CA of the test's: `<name>.key` and `<name>.crt` in `dir`, subject CN `cn`.
+pub fn make_ca(dir: &Path, name: &str, cn: &str) {
+    let (key, crt, subj) = (
+        format!("{name}.key"),
+        format!("{name}.crt"),
+        format!("/CN={cn}"),
+    );
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &crt,
+            "-days", "2", "-subj", &subj,
+        ],
+        dir,
+    );
+}
+
+/// A server certificate `<out>.crt` (key `<out>.key`) for `san` (`IP:127.0.0.1,DNS:…`), signed
+/// by the CA `<ca>.crt` that [`make_ca`] made in `dir`.
+pub fn sign_server_cert(dir: &Path, ca: &str, out: &str, cn: &str, san: &str) {
+    let (key, csr, crt) = (
+        format!("{out}.key"),
+        format!("{out}.csr"),
+        format!("{out}.crt"),
+    );
+    let subj = format!("/CN={cn}");
+    openssl(
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subj,
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join(format!("{out}.ext")),
+        format!("subjectAltName={san}\n"),
+    )
+    .unwrap();
+    let (ca_crt, ca_key, ext) = (
+        format!("{ca}.crt"),
+        format!("{ca}.key"),
+        format!("{out}.ext"),
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+        dir,
+    );
+}
+
 /// How the stand-in's certificate is made.
 #[derive(Clone, Copy, PartialEq)]
 pub enum ServerCert {
@@ -78,63 +141,13 @@ impl Api {
         }
         // A CA of our own and a server certificate for 127.0.0.1 signed by it.
         if cert == ServerCert::SignedByCa {
-            openssl(
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=jobcachefs-test-ca",
-                ],
+            make_ca(d, "ca", "jobcachefs-test-ca");
+            sign_server_cert(
                 d,
-            );
-            openssl(
-                &[
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-keyout",
-                    "server.key",
-                    "-out",
-                    "server.csr",
-                    "-subj",
-                    "/CN=kube-apiserver",
-                ],
-                d,
-            );
-            std::fs::write(
-                d.join("san.ext"),
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-            )
-            .unwrap();
-            openssl(
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    "server.csr",
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    "server.crt",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    "san.ext",
-                ],
-                d,
+                "ca",
+                "server",
+                "kube-apiserver",
+                "IP:127.0.0.1,DNS:localhost",
             );
         }
         let root = d.join("root");

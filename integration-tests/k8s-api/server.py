@@ -31,6 +31,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOCK = threading.RLock()
+# A write without a resourceVersion precondition.
+ANY = object()
 
 
 def status(code, reason, message, details=None):
@@ -175,29 +177,19 @@ class Handler(BaseHTTPRequestHandler):
             self.read_body()
             return self.answer(415, status(415, "UnsupportedMediaType", "only merge patches here"))
         patch = self.read_body()
-        file = os.path.join(self.server.root, *parts) + ".json"
-        with LOCK:
-            if not os.path.isfile(file):
-                return self.answer(404, status(404, "NotFound", "not found"))
-            with open(file) as f:
-                stored = json.load(f)
-            have = stored.get("metadata", {}).get("resourceVersion")
-            want = patch.get("metadata", {}).get("resourceVersion")
-            if want is not None and want != have:
-                return self.answer(409, status(409, "Conflict", "the object has been modified"))
-            obj = merge(stored, patch)
-            obj.setdefault("metadata", {})["resourceVersion"] = str(int(have or "0") + 1)
-            tmp = file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(obj, f)
-            os.rename(tmp, file)
-        return self.answer(200, obj)
+        wanted = patch.get("metadata", {}).get("resourceVersion", ANY)
+        return self.update(parts, lambda stored: merge(stored, patch), wanted)
 
     def do_PUT(self):
         parts = self.write_common()
         if parts is None:
             return
         obj = self.read_body()
+        return self.update(parts, lambda _: obj, obj.get("metadata", {}).get("resourceVersion"))
+
+    def update(self, parts, new_of, wanted):
+        """Replaces the stored object by new_of(stored) if `wanted` is its resourceVersion (ANY:
+        whatever it is), bumping the version, as the API server does."""
         file = os.path.join(self.server.root, *parts) + ".json"
         with LOCK:
             if not os.path.isfile(file):
@@ -205,11 +197,15 @@ class Handler(BaseHTTPRequestHandler):
             with open(file) as f:
                 stored = json.load(f)
             have = stored.get("metadata", {}).get("resourceVersion")
-            if obj.get("metadata", {}).get("resourceVersion") != have:
+            if wanted is not ANY and wanted != have:
                 return self.answer(409, status(409, "Conflict", "the object has been modified"))
-            obj["metadata"]["resourceVersion"] = str(int(have or "0") + 1)
-            with open(file, "w") as f:
+            obj = new_of(stored)
+            obj.setdefault("metadata", {})["resourceVersion"] = str(int(have or "0") + 1)
+            # Readers do not take the lock: they see the old file or the new one.
+            tmp = file + ".tmp"
+            with open(tmp, "w") as f:
                 json.dump(obj, f)
+            os.rename(tmp, file)
         return self.answer(200, obj)
 
 
