@@ -126,6 +126,40 @@ fn real_fidelity_after_commit_and_squash() {
 }
 
 #[test]
+fn real_idle_cache_is_squashed_by_gc_drain_with_its_tree_intact() {
+    if !root_or_skip("real_idle_cache_is_squashed_by_gc_drain_with_its_tree_intact") {
+        return;
+    }
+    let n = Node::with_config("squash_idle_seconds = 60\nkeep_generations = 1\n");
+    let v1 = n.create("v1", "idle", &["--size", "256Mi", "--write-back"]);
+    rich_tree(&v1, true);
+    n.delete(&v1, &[]).ok();
+    let v2 = n.create("v2", "idle", &["--size", "256Mi", "--write-back"]);
+    sh(&format!(
+        "cd {d}; echo more >> a/b/c/random; rm -r empty; mkdir -p new; echo n > new/n",
+        d = v2.display()
+    ));
+    let expected = snap(&v2);
+    n.delete(&v2, &[]).ok();
+    assert_eq!(n.show("idle")["depth"], 2);
+
+    // Used just now: a drain leaves it alone.
+    n.run(&["gc", "--drain"]).ok();
+    assert_eq!(n.show("idle")["depth"], 2, "a cache in use is not squashed");
+    // Its last create two minutes ago: the next drain folds it into one layer.
+    sh(&format!(
+        "touch -d '-120 seconds' {}",
+        n.state().join("caches/default/idle/last-used").display()
+    ));
+    n.run(&["gc", "--drain"]).ok();
+    assert_eq!(n.show("idle")["depth"], 1, "an idle cache is squashed");
+    let v3 = n.create("v3", "idle", &[]);
+    assert_same_tree(&expected, &v3, "after the idle squash");
+    n.delete(&v3, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
 fn real_concurrent_volumes_of_one_cache() {
     if !root_or_skip("real_concurrent_volumes_of_one_cache") {
         return;

@@ -390,8 +390,51 @@ impl Engine {
                 Err(err) => report.errors.push(format!("squash {id}: {err}")),
             }
         }
+        self.squash_idle(report)
+    }
+
+    /// Squashes overlay caches of more than one layer that no volume was created on for
+    /// `squash_idle_seconds`: a cold lookup through a volume pays for every layer (measured in
+    /// docs/design.md, "Reads through layers"), so an idle cache is folded while no job waits,
+    /// and the next job reads one layer. Commits stay a rename; the copy happens here, off every
+    /// job's path and without the cache lock (see [`Engine::squash`]).
+    fn squash_idle(&self, report: &mut GcReport) -> Result<()> {
+        let idle_for = self.config.squash_idle_seconds;
+        if idle_for == 0 {
+            return Ok(());
+        }
+        let now = crate::state::fsutil::now();
+        for id in self.cache_ids()? {
+            let Some(record) = self.cache_record(&id)? else {
+                continue;
+            };
+            if record.mode != crate::state::records::CacheMode::Overlay
+                || report.squashed.contains(&id.to_string())
+            {
+                continue;
+            }
+            let last_used = std::fs::metadata(self.layout.last_used(&id))
+                .map(|m| std::os::unix::fs::MetadataExt::mtime(&m) as u64)
+                .unwrap_or(record.created);
+            if !idle_due(idle_for, now, last_used, self.current(&id)?.layers.len()) {
+                continue;
+            }
+            match self.squash(&id) {
+                Ok(o) if o.generation().is_some() => {
+                    tracing::info!(cache = %id, idle = now.saturating_sub(last_used), "idle cache squashed");
+                    report.squashed.push(id.to_string());
+                }
+                Ok(_) => {}
+                Err(err) => report.errors.push(format!("squash {id} (idle): {err}")),
+            }
+        }
         Ok(())
     }
+}
+
+/// Whether a cache of `depth` layers last used at `last_used` is due an idle squash at `now`.
+fn idle_due(idle_for: u64, now: u64, last_used: u64, depth: usize) -> bool {
+    idle_for > 0 && depth > 1 && now.saturating_sub(last_used) >= idle_for
 }
 
 /// The volume id whose upper an overlay's options name, if it is one of ours.
@@ -406,6 +449,18 @@ fn upper_volume_of(options: &str, uppers: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_squash_needs_depth_and_idleness() {
+        assert!(idle_due(600, 1_000, 400, 2));
+        assert!(!idle_due(600, 1_000, 401, 2), "used 599 s ago");
+        assert!(!idle_due(600, 1_000, 0, 1), "one layer: nothing to fold");
+        assert!(!idle_due(0, 1_000, 0, 8), "0 turns it off");
+        assert!(
+            !idle_due(600, 100, 500, 3),
+            "a clock that went back is not idleness"
+        );
+    }
 
     #[test]
     fn finds_the_volume_of_an_overlay() {

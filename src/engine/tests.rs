@@ -612,6 +612,38 @@ fn a_commit_past_the_depth_queues_a_squash_when_not_inline() {
 }
 
 #[test]
+fn gc_drain_squashes_a_cache_left_idle_and_leaves_a_busy_one() {
+    let r = Rig::new();
+    for c in ["idle", "busy"] {
+        r.job("a", c, "f", "1");
+        r.job("b", c, "g", "2");
+    }
+    // The idle cache's last create was squash_idle_seconds ago; the busy one's just now.
+    let old = std::time::SystemTime::now()
+        - std::time::Duration::from_secs(Config::default().squash_idle_seconds + 5);
+    std::fs::File::options()
+        .write(true)
+        .open(r.engine.layout().last_used(&cid("idle")))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let report = r.engine.gc(true).unwrap();
+    assert_eq!(report.squashed, vec!["ns/idle".to_string()]);
+    assert_eq!(r.engine.current(&cid("idle")).unwrap().layers.len(), 1);
+    assert_eq!(r.engine.current(&cid("busy")).unwrap().layers.len(), 2);
+    assert_eq!(r.read("idle", "f").as_deref(), Some("1"));
+    assert_eq!(r.read("idle", "g").as_deref(), Some("2"));
+    // gc without --drain (the hook's cheap pass) never copies.
+    std::fs::File::options()
+        .write(true)
+        .open(r.engine.layout().last_used(&cid("busy")))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert!(r.engine.gc(false).unwrap().squashed.is_empty());
+}
+
+#[test]
 fn a_crashed_squash_leaves_the_old_generation_and_gc_clears_its_scratch() {
     let r = Rig::new();
     r.job("a", "c", "f", "1");

@@ -41,6 +41,15 @@ pub fn create(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
             "8192".as_ref(),
             "-O".as_ref(),
             "^has_journal".as_ref(),
+            // One flex group for the whole image: its bitmaps and inode tables packed together at
+            // the start, whatever the size. A squashed base is as large as its cache-size (10Gi by
+            // default: 80 block groups, 5 flex groups of the default 16), and ext4 spreads
+            // directories over the flex groups, so a cold read of a tree of small files seeks
+            // between them. Measured (16,000 small files copied into an image, read through a
+            // buffered loop device, medians of 5): cold tar 0.51x the host dir in a 2 GiB
+            // image, 0.79x in 8 GiB, 0.55x in 8 GiB with one flex group.
+            "-G".as_ref(),
+            "4096".as_ref(),
             "-E".as_ref(),
             format!("lazy_itable_init=1,nodiscard,root_owner={uid}:{gid}").as_ref(),
             "-L".as_ref(),

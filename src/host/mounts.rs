@@ -77,10 +77,11 @@ pub fn is_mounted(table: &[MountEntry], path: &Path) -> bool {
 }
 
 /// Attaches `image` to a loop device and mounts it at `target` (`nosuid,nodev`, read-only when
-/// asked). The device does direct I/O (see [`loopback`]) with the image's block size as its
-/// logical block size. On failure nothing stays attached.
+/// asked). A writable device does direct I/O (see [`loopback`]) with the image's block size as
+/// its logical block size; a read-only one is buffered (see [`loopback::direct_io_for`]). On
+/// failure nothing stays attached.
 pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
-    let direct_io = loopback::direct_io_default();
+    let direct_io = loopback::direct_io_for(read_only);
     let block_size = if direct_io {
         loopback::block_size_for(image, loopback::ext4_block_size(image))
     } else {

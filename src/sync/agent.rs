@@ -1,7 +1,8 @@
 //! `jobcachefs agent`: the node's background worker. Every interval it pulls newer generations of
 //! the caches this node holds (and of the configured `prefetch` caches), pushes what was
-//! committed here, and drains the squash queue (the hook leaves squashes to it). It serves
-//! Prometheus metrics meanwhile. A failing registry is retried with a growing backoff per cache;
+//! committed here, and drains the squash queue (the hook leaves squashes to it; caches of several
+//! layers left idle for `squash_idle_seconds` are squashed too). It serves Prometheus metrics
+//! meanwhile. A failing registry is retried with a growing backoff per cache;
 //! volume create and delete never wait for any of this. With API access it also discards the
 //! hook's volumes whose PV is gone: local-path-provisioner deletes a PV without a teardown when
 //! the PV's Node object no longer exists, and nothing else would ever free such a volume.
