@@ -269,7 +269,7 @@ impl Default for Config {
             // cold through 4 layers took 1.09-1.92x the host dir's time, through 8 layers
             // 1.60-2.03x (bench/run depth, four runs on a shared machine). Deeper stacks wait
             // for a squash; idle ones get one sooner (squash_idle_seconds).
-            max_depth: 4,
+            max_depth: 8,
             squash_delta_size: 4 << 30,
             squash_inline: true,
             squash_idle_seconds: 600,
