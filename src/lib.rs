@@ -15,6 +15,7 @@ pub mod files;
 pub mod host;
 pub mod input;
 pub mod k8s;
+pub mod run;
 pub mod state;
 pub mod sync;
 pub mod webhook;

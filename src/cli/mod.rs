@@ -1,11 +1,12 @@
 //! The command line: the clap types shared by every command, logging, exit codes and the
-//! dispatch to one file per command group ([`volume`], [`cache`], [`hook`], [`node`]).
+//! dispatch to one file per command group ([`volume`], [`cache`], [`hook`], [`node`], [`run`]).
 //! Everything here is presentation; the checks and the work are in the library.
 
 mod cache;
 mod hook;
 mod node;
 mod output;
+mod run;
 mod volume;
 
 use anyhow::Result;
@@ -71,6 +72,19 @@ enum Command {
     /// Inspect and manage caches.
     #[command(subcommand)]
     Cache(cache::CacheCmd),
+    /// Run CMD with a cache volume at --dir for its life: made before CMD starts (CMD gets
+    /// JOBCACHEFS_DIR), deleted when it ends — committed under --write-back on-success if CMD
+    /// exited 0, under always whatever its exit code, never under never (the default).
+    ///
+    /// SIGINT, SIGTERM and SIGHUP are passed on to CMD's process group and the volume is
+    /// discarded. The exit code is CMD's (128 + the signal when a signal killed it); 127/126
+    /// when CMD cannot be found/executed (nothing is made); jobcachefs' own codes when its setup
+    /// fails, or when CMD exited 0 and the commit failed. A run killed with SIGKILL is repaired
+    /// by the next run of the same DIR or by `gc`.
+    Run(run::RunArgs),
+    /// Node-wide operations.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
     /// Repair what crashes left and remove unreferenced layers; safe at any time.
     Gc {
         /// Also run queued squashes.
@@ -257,6 +271,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             node_name.as_deref(),
         ),
         Command::Gc { drain } => node::gc(&engine, *drain, json),
+        Command::Run(args) => run::run(&engine, args),
+        Command::Node(cmd) => node::run(&engine, cmd, json),
         Command::Csi {
             endpoint,
             node_id,

@@ -1,4 +1,4 @@
-//! The node-wide commands: `gc`, `doctor` and `agent`.
+//! The node-wide commands: `gc`, `doctor`, `agent` and `node release`.
 
 use super::exit;
 use super::output::{self, json_or, print_json};
@@ -9,6 +9,41 @@ use jobcachefs::sync::agent::{self, AgentOptions};
 use jobcachefs::Engine;
 use std::path::Path;
 use std::time::Duration;
+
+#[derive(clap::Subcommand)]
+pub(super) enum NodeCmd {
+    /// Unmount what this node keeps mounted between volumes (the kept layer mounts, the reflink
+    /// pool of clone-mode caches) and detach their loop devices, when no volume is live: before
+    /// an upgrade or an uninstall. Refused (exit 5, nothing changed) while volumes are live,
+    /// naming them. Nothing is lost: the next create mounts what it needs. Idempotent.
+    Release,
+}
+
+pub(super) fn run(engine: &Engine, cmd: &NodeCmd, json: bool) -> Result<u8> {
+    match cmd {
+        NodeCmd::Release => {
+            let report = engine.node_release()?;
+            if json {
+                print_json(&report);
+            } else if report.is_empty() {
+                println!("nothing to release: no layer mount, pool or loop device of this state dir is left");
+            } else {
+                for m in &report.unmounted {
+                    println!("unmounted: {}", m.display());
+                }
+                for l in &report.loops_released {
+                    println!("loop device released: {}", l.display());
+                }
+                println!(
+                    "node released: {} mount(s), {} loop device(s)",
+                    report.unmounted.len(),
+                    report.loops_released.len()
+                );
+            }
+            Ok(exit::OK)
+        }
+    }
+}
 
 /// `doctor`: fails (exit 1) when any finding is a failure.
 pub(super) fn doctor(engine: &Engine, json: bool) -> u8 {

@@ -273,6 +273,13 @@ pub fn print_gc(r: &GcReport) {
             .map(|p| p.display().to_string())
             .collect(),
     );
+    show(
+        "discarded the volume of a killed run",
+        r.runs_repaired
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    );
     show("removed layer", r.layers_removed.clone());
     show(
         "unmounted",

@@ -39,6 +39,9 @@ pub struct GcReport {
     pub squashed: Vec<String>,
     /// Clone caches whose write lease named a volume that is gone.
     pub leases_released: Vec<String>,
+    /// Volumes of a `jobcachefs run` that was killed: discarded (what was left of the job
+    /// killed first).
+    pub runs_repaired: Vec<PathBuf>,
     /// Problems that did not stop the run.
     pub errors: Vec<String>,
 }
@@ -55,6 +58,7 @@ impl GcReport {
             && self.tmp_removed.is_empty()
             && self.squashed.is_empty()
             && self.leases_released.is_empty()
+            && self.runs_repaired.is_empty()
     }
 }
 
@@ -77,6 +81,7 @@ impl Engine {
         self.gc_root_temps(&mut report);
         if volumes {
             self.gc_volumes(&mut report)?;
+            self.gc_run_locks()?;
         }
         for id in self.cache_ids()? {
             if let Err(e) = self.gc_cache(&id, &mut report) {
@@ -94,6 +99,17 @@ impl Engine {
     fn gc_volumes(&self, report: &mut GcReport) -> Result<()> {
         let table = self.host.mount_table()?;
         for record in self.volume_records()? {
+            if record.labels.contains_key(super::runs::RUN_LABEL) {
+                // A run's volume is its run's until the run dies (its run lock comes first).
+                match self.gc_run_volume(&record) {
+                    Ok(true) => report.runs_repaired.push(record.dir.clone()),
+                    Ok(false) => {}
+                    Err(e) => report
+                        .errors
+                        .push(format!("volume {}: {e}", record.dir.display())),
+                }
+                continue;
+            }
             let Some(_vlock) = lock::try_lock(&self.layout.volume_lock(&record.id))? else {
                 continue; // a hook is working on it right now
             };

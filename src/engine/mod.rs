@@ -1,7 +1,8 @@
 //! The engine: caches of immutable ext4 layers, per-volume overlay volumes, O(1) commit, squash,
 //! quotas and crash repair, on top of the on-disk layout in [`crate::state::layout`].
 //!
-//! Lock order (never taken the other way round): volume lock → squash lock → cache lock. Nothing
+//! Lock order (never taken the other way round): run lock → volume lock → squash lock → cache
+//! lock (→ pool lock). Nothing
 //! holds a cache lock for longer than a few mounts or a rename: squash copies without it.
 
 mod admission;
@@ -12,6 +13,8 @@ mod gc;
 mod identity;
 mod publish;
 mod rebuild;
+mod release;
+mod runs;
 mod squash;
 mod volume;
 
@@ -20,6 +23,8 @@ pub use cache::{CacheInfo, PruneCandidate};
 pub use clone::CloneStoreKind;
 pub use gc::GcReport;
 pub use publish::HistoryEntry;
+pub use release::ReleaseReport;
+pub use runs::{process_start, RunClaim, RunOwner, RUN_LABEL};
 pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
 

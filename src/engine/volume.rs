@@ -77,6 +77,14 @@ pub enum DeleteOutcome {
     },
 }
 
+/// What [`Engine::check_request`] found: the request's mode, size, canonical DIR and volume id.
+struct Checked {
+    mode: CacheMode,
+    size: u64,
+    dir: PathBuf,
+    vol: String,
+}
+
 /// A volume as `volume ls` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeInfo {
@@ -137,39 +145,12 @@ impl Engine {
     /// Creates a volume at `req.dir`, or returns the existing one when the same request is
     /// repeated.
     pub fn volume_create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
-        if let Some(cache_size) = req.cache_size {
-            check_cache_size(cache_size)?;
-        }
-        let (mode, cache) = self.mode_for(req)?;
-        let size = match mode {
-            CacheMode::Overlay => req.size.unwrap_or(self.config.default_volume_size),
-            CacheMode::Clone => self.clone_size(cache.as_ref(), req.size, req.cache_size)?,
-        };
-        self.check_volume_size(size)?;
-        if req.write_back && req.cache.is_none() {
-            return Err(Error::invalid(
-                "--write-back needs a cache: add --cache NAME",
-            ));
-        }
-        let dir = resolve_dir(&req.dir)?;
-        let root = self.layout.root();
-        if dir.starts_with(root) || root.starts_with(&dir) {
-            return Err(Error::invalid(format!(
-                "volume DIR {:?} overlaps the state dir {:?}: mount volumes outside it",
-                dir.display().to_string(),
-                root.display().to_string()
-            )));
-        }
-        let vol = volume_id(&dir);
-        if !self.layout.volume_record(&vol).exists() {
-            // Refuse a bad DIR or a size the disk cannot back before anything is created (not
-            // even the lock file); both are checked again under the locks below.
-            self.check_new_dir(&dir)?;
-            let budget = self.disk_budget()?;
-            if !budget.admits(size) {
-                return Err(budget.refusal("volume", size, self.layout.root()));
-            }
-        }
+        let Checked {
+            mode,
+            size,
+            dir,
+            vol,
+        } = self.check_request(req)?;
         let _vlock = self.lock_volume(&vol)?;
         if let Some(existing) = read_json::<VolumeRecord>(&self.layout.volume_record(&vol))? {
             match existing.state {
@@ -265,6 +246,54 @@ impl Engine {
         };
         crate::state::stats::add(&self.layout, &[(counter, 1)]);
         Ok(record)
+    }
+
+    /// Checks a create request without changing anything: what `volume_create` refuses first
+    /// (`jobcachefs run` asks this of every volume before it makes the first).
+    pub fn volume_check(&self, req: &CreateRequest) -> Result<()> {
+        self.check_request(req).map(|_| ())
+    }
+
+    /// The checks at the start of every create, before any file (not even a lock file) is
+    /// made; DIR and the size are checked again under the locks.
+    fn check_request(&self, req: &CreateRequest) -> Result<Checked> {
+        if let Some(cache_size) = req.cache_size {
+            check_cache_size(cache_size)?;
+        }
+        let (mode, cache) = self.mode_for(req)?;
+        let size = match mode {
+            CacheMode::Overlay => req.size.unwrap_or(self.config.default_volume_size),
+            CacheMode::Clone => self.clone_size(cache.as_ref(), req.size, req.cache_size)?,
+        };
+        self.check_volume_size(size)?;
+        if req.write_back && req.cache.is_none() {
+            return Err(Error::invalid(
+                "--write-back needs a cache: add --cache NAME",
+            ));
+        }
+        let dir = resolve_dir(&req.dir)?;
+        let root = self.layout.root();
+        if dir.starts_with(root) || root.starts_with(&dir) {
+            return Err(Error::invalid(format!(
+                "volume DIR {:?} overlaps the state dir {:?}: mount volumes outside it",
+                dir.display().to_string(),
+                root.display().to_string()
+            )));
+        }
+        let vol = volume_id(&dir);
+        if !self.layout.volume_record(&vol).exists() {
+            self.check_new_dir(&dir)?;
+            let budget = self.disk_budget()?;
+            if !budget.admits(size) {
+                return Err(budget.refusal("volume", size, self.layout.root()));
+            }
+        }
+        Ok(Checked {
+            mode,
+            size,
+            dir,
+            vol,
+        })
     }
 
     /// Refuses a DIR that is a file, a mount point or not empty (a missing DIR is fine).

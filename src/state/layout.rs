@@ -17,6 +17,9 @@
 //!     upper.img             the volume's writable image (upper/ and work/)
 //!   locks/volumes/<id>.lock flock per volume (outside the volume dir so it outlives it)
 //!   locks/admission.lock    flock: a create's disk admission until its record is written
+//!   locks/runs/<id>.lock    flock held by the `jobcachefs run` that owns the volume, for the
+//!                           run's whole life; holds the job's process group (JSON). Free while
+//!                           the volume (labelled jobcachefs.io/run) exists: its run died
 //!   mnt/layers/<ns>/<name>/<layer>/   read-only layer mounts, shared by all volumes
 //!   mnt/uppers/<volume-id>/           the volume image mounts (upperdir/workdir live here)
 //!   mnt/squash/<ns>/<name>/{view,new} the squash's read-only overlay and the new base
@@ -152,6 +155,19 @@ impl Layout {
             .join("locks")
             .join("volumes")
             .join(format!("{vol}.lock"))
+    }
+
+    /// The lock a `jobcachefs run` holds on its volume for its whole life (and its owner).
+    pub fn run_lock(&self, vol: &str) -> PathBuf {
+        self.root
+            .join("locks")
+            .join("runs")
+            .join(format!("{vol}.lock"))
+    }
+
+    /// Where the run locks live.
+    pub fn run_locks(&self) -> PathBuf {
+        self.root.join("locks").join("runs")
     }
 
     /// An allocated file released when a record cannot be written on a full disk.
