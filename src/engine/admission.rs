@@ -117,6 +117,10 @@ impl Engine {
         let (records, damaged) = self.volume_records_checked()?;
         let budget = self.budget_of(&records)?;
         if !budget.admits(size) {
+            crate::state::stats::add(
+                &self.layout,
+                &[(crate::state::stats::names::ADMISSION_REFUSALS, 1)],
+            );
             return Err(budget.refusal("volume", size, self.layout.root()));
         }
         let uid = unique_ids

@@ -260,7 +260,12 @@ impl Engine {
         };
         let next = self.publish(id, layers, provenance)?;
         fault::point("squash:published");
-        crate::state::stats::add(&self.layout, &[(crate::state::stats::names::SQUASHES, 1)]);
+        crate::state::stats::observe(
+            &self.layout,
+            crate::state::stats::histograms::SQUASH,
+            started.elapsed(),
+            &[(crate::state::stats::names::SQUASHES, 1)],
+        );
         let _ = std::fs::remove_file(self.layout.squash_due(id));
         self.collect_layers(id)?;
         tracing::info!(cache = %id, generation = next.generation, folded = base_ids.len(),

@@ -13,6 +13,7 @@ use crate::state::layout::volume_id;
 use crate::state::records::{
     CacheMode, CacheRecord, RootOwner, VolumeKind, VolumeRecord, VolumeState,
 };
+use crate::state::stats;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -145,6 +146,20 @@ impl Engine {
     /// Creates a volume at `req.dir`, or returns the existing one when the same request is
     /// repeated.
     pub fn volume_create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
+        let started = std::time::Instant::now();
+        let result = self.volume_create_inner(req);
+        if result.is_ok() {
+            stats::observe(
+                &self.layout,
+                stats::histograms::VOLUME_CREATE,
+                started.elapsed(),
+                &[],
+            );
+        }
+        result
+    }
+
+    fn volume_create_inner(&self, req: &CreateRequest) -> Result<VolumeRecord> {
         let Checked {
             mode,
             size,
@@ -285,6 +300,7 @@ impl Engine {
             self.check_new_dir(&dir)?;
             let budget = self.disk_budget()?;
             if !budget.admits(size) {
+                stats::add(&self.layout, &[(stats::names::ADMISSION_REFUSALS, 1)]);
                 return Err(budget.refusal("volume", size, self.layout.root()));
             }
         }
@@ -534,6 +550,28 @@ impl Engine {
     /// Deletes the volume at `dir`: commits it if it was created with write-back and `discard`
     /// is false, discards it otherwise. Repeating the call after success does nothing.
     pub fn volume_delete(&self, dir: &Path, discard: bool) -> Result<DeleteOutcome> {
+        let started = std::time::Instant::now();
+        let result = self.volume_delete_inner(dir, discard);
+        // A repeated delete that found nothing is not a delete: it would pull the latency down.
+        let (histogram, outcome) = match &result {
+            Ok(DeleteOutcome::NotFound) | Err(_) => return result,
+            Ok(DeleteOutcome::Committed { .. }) => (stats::histograms::VOLUME_COMMIT, None),
+            Ok(DeleteOutcome::Rejected { .. }) => (
+                stats::histograms::VOLUME_DISCARD,
+                Some(stats::names::COMMITS_REJECTED),
+            ),
+            Ok(DeleteOutcome::NotCommitted { .. }) => (
+                stats::histograms::VOLUME_DISCARD,
+                Some(stats::names::COMMITS_NOT_COMMITTED),
+            ),
+            Ok(_) => (stats::histograms::VOLUME_DISCARD, None),
+        };
+        let deltas: Vec<(&str, u64)> = outcome.into_iter().map(|k| (k, 1)).collect();
+        stats::observe(&self.layout, histogram, started.elapsed(), &deltas);
+        result
+    }
+
+    fn volume_delete_inner(&self, dir: &Path, discard: bool) -> Result<DeleteOutcome> {
         let dir = resolve_dir(dir)?;
         let vol = volume_id(&dir);
         let _vlock = self.lock_volume(&vol)?;

@@ -45,6 +45,19 @@ pub mod names {
     pub const CSI_PUBLISH_FAILURES: &str = "csi_publish_failures";
     /// CSI NodeUnpublishVolume calls that failed.
     pub const CSI_UNPUBLISH_FAILURES: &str = "csi_unpublish_failures";
+    /// Write-back deletes whose commit did not fit the cache-size even squashed.
+    pub const COMMITS_REJECTED: &str = "commits_rejected";
+    /// Write-back deletes whose changes could not be committed (an image not cleanly unmounted
+    /// after a crash, a clone volume without the write lease).
+    pub const COMMITS_NOT_COMMITTED: &str = "commits_not_committed";
+    /// Volume creates refused by disk admission.
+    pub const ADMISSION_REFUSALS: &str = "admission_refusals";
+}
+
+/// The key of the latest time (unix seconds, kept as a maximum by [`update`]) at which an
+/// import or an export of cache `id` reached its registry and finished.
+pub fn sync_ok_key(id: &crate::input::names::CacheId) -> String {
+    format!("sync_ok_at:{}/{}", id.namespace, id.name)
 }
 
 /// Latency histograms: their names (each kept as bucket counters in the same file).
@@ -53,8 +66,32 @@ pub mod histograms {
     pub const CSI_PUBLISH: &str = "csi_publish_seconds";
     /// Seconds a successful CSI NodeUnpublishVolume (the delete: commit or discard) took.
     pub const CSI_UNPUBLISH: &str = "csi_unpublish_seconds";
+    /// Seconds a successful volume create took (any front end: CLI, hook, CSI).
+    pub const VOLUME_CREATE: &str = "volume_create_seconds";
+    /// Seconds a volume delete that published a commit took (a squash to fit included).
+    pub const VOLUME_COMMIT: &str = "volume_commit_seconds";
+    /// Seconds any other successful volume delete took (discarded, unchanged, rejected).
+    pub const VOLUME_DISCARD: &str = "volume_discard_seconds";
+    /// Seconds a published squash took.
+    pub const SQUASH: &str = "squash_seconds";
+    /// Seconds an import (pull) that changed a cache took.
+    pub const IMPORT: &str = "import_seconds";
+    /// Seconds an export (push) that changed the registry took.
+    pub const EXPORT: &str = "export_seconds";
     /// Every histogram, for `/metrics`.
-    pub const ALL: [(&str, &str); 2] = [
+    pub const ALL: [(&str, &str); 8] = [
+        (VOLUME_CREATE, "Time a successful volume create took (CLI, hook or CSI)."),
+        (
+            VOLUME_COMMIT,
+            "Time a volume delete that published a commit took (with the squash an over-size commit needs).",
+        ),
+        (
+            VOLUME_DISCARD,
+            "Time any other successful volume delete took (discarded, unchanged or rejected).",
+        ),
+        (SQUASH, "Time a published squash took (queued, over-size commit or resize)."),
+        (IMPORT, "Time an import (pull) that changed a cache took."),
+        (EXPORT, "Time an export (push) that changed the registry took."),
         (CSI_PUBLISH, "Time a successful CSI NodePublishVolume took (the volume's create)."),
         (
             CSI_UNPUBLISH,
@@ -111,12 +148,22 @@ pub fn histogram(counters: &BTreeMap<String, u64>, name: &str) -> (Vec<(String, 
 
 /// Adds `deltas` to the node's counters.
 pub fn add(layout: &Layout, deltas: &[(&str, u64)]) {
+    update(layout, deltas, &[]);
+}
+
+/// Adds `deltas` and raises each of `latest` to at least its value, in one update. A maximum,
+/// not a plain set: two processes finishing out of order never move a timestamp backwards.
+pub fn update(layout: &Layout, deltas: &[(&str, u64)], latest: &[(&str, u64)]) {
     let result = (|| -> crate::Result<()> {
         let _l = lock::lock(&layout.root().join("stats.lock"))?;
         let path = layout.root().join("stats.json");
         let mut c = read(layout);
         for (k, v) in deltas {
             *c.entry(k.to_string()).or_default() += v;
+        }
+        for (k, v) in latest {
+            let e = c.entry(k.to_string()).or_default();
+            *e = (*e).max(*v);
         }
         let tmp = layout.root().join(".stats.json.tmp");
         let body = serde_json::to_vec_pretty(&c).expect("counters serialise");

@@ -299,7 +299,7 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
         &'static str,
         fn(&crate::engine::CacheInfo) -> f64,
     );
-    let gauges: [Gauge; 4] = [
+    let gauges: [Gauge; 5] = [
         (
             "jobcachefs_cache_allocated_bytes",
             "Bytes the cache's current layers occupy on the host.",
@@ -320,6 +320,11 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
             "Layers of the cache's current generation.",
             |c| c.depth as f64,
         ),
+        (
+            "jobcachefs_cache_squash_queued",
+            "1 while a squash of the cache is queued for the agent (or gc), else 0.",
+            |c| c.squash_due as u8 as f64,
+        ),
     ];
     for (name, help, f) in gauges {
         metric(name, "gauge", help, per_cache(&f));
@@ -333,6 +338,52 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
     );
     let s = stats::read(engine.layout());
     let get = |k: &str| s.get(k).copied().unwrap_or(0) as f64;
+    metric(
+        "jobcachefs_squashes_queued",
+        "gauge",
+        "Caches on this node with a squash queued.",
+        vec![(
+            String::new(),
+            caches.iter().filter(|c| c.squash_due).count() as f64,
+        )],
+    );
+    // Only caches that ever synced: a cache without a registry has no staleness to alert on.
+    let synced: Vec<(String, f64)> = caches
+        .iter()
+        .filter_map(|c| {
+            let id = CacheId::new(&c.namespace, &c.name).ok()?;
+            let at = s.get(&stats::sync_ok_key(&id))?;
+            Some((
+                format!(
+                    "{{namespace=\"{}\",name=\"{}\"}}",
+                    esc(&c.namespace),
+                    esc(&c.name)
+                ),
+                *at as f64,
+            ))
+        })
+        .collect();
+    metric(
+        "jobcachefs_cache_last_sync_success_timestamp_seconds",
+        "gauge",
+        "When an import or export of the cache last reached its registry and finished (unix seconds).",
+        synced,
+    );
+    metric(
+        "jobcachefs_commits_rejected_total",
+        "counter",
+        "Write-back deletes that did not commit: cache_size (too large even squashed; the previous generation stays), not_committed (an image not cleanly unmounted after a crash, or a clone volume without the write lease).",
+        vec![
+            ("{reason=\"cache_size\"}".into(), get(names::COMMITS_REJECTED)),
+            ("{reason=\"not_committed\"}".into(), get(names::COMMITS_NOT_COMMITTED)),
+        ],
+    );
+    metric(
+        "jobcachefs_admission_refusals_total",
+        "counter",
+        "Volume creates refused because the state dir's disk could not back them.",
+        vec![(String::new(), get(names::ADMISSION_REFUSALS))],
+    );
     metric(
         "jobcachefs_volumes_created_total",
         "counter",

@@ -483,6 +483,7 @@ pub fn export(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<ExportRe
     let moved = result.as_ref().ok().filter(|r| r.outcome == "pushed");
     count(
         engine,
+        id,
         &PUSH_COUNTERS,
         moved.map(|r| (r.new_bytes, r.seconds)),
         result.is_err(),
@@ -496,6 +497,7 @@ struct Counters {
     bytes: &'static str,
     ms: &'static str,
     failures: &'static str,
+    histogram: &'static str,
 }
 
 const PUSH_COUNTERS: Counters = Counters {
@@ -503,6 +505,7 @@ const PUSH_COUNTERS: Counters = Counters {
     bytes: stats::names::PUSH_BYTES,
     ms: stats::names::PUSH_MS,
     failures: stats::names::PUSH_FAILURES,
+    histogram: stats::histograms::EXPORT,
 };
 
 const PULL_COUNTERS: Counters = Counters {
@@ -510,18 +513,26 @@ const PULL_COUNTERS: Counters = Counters {
     bytes: stats::names::PULL_BYTES,
     ms: stats::names::PULL_MS,
     failures: stats::names::PULL_FAILURES,
+    histogram: stats::histograms::IMPORT,
 };
 
-/// Counts a transfer that moved `(bytes, seconds)`, or one that failed.
-fn count(engine: &Engine, c: &Counters, moved: Option<(u64, f64)>, failed: bool) {
+/// Counts a transfer that moved `(bytes, seconds)`, or one that failed. Anything but a failure
+/// (a transfer, nothing to do, no image yet) proves the registry answered: the cache's last
+/// successful sync, which the staleness alert watches, moves on.
+fn count(engine: &Engine, id: &CacheId, c: &Counters, moved: Option<(u64, f64)>, failed: bool) {
+    let ok_key = stats::sync_ok_key(id);
+    let now = [(ok_key.as_str(), crate::state::fsutil::now())];
+    let latest: &[(&str, u64)] = if failed { &[] } else { &now };
     if let Some((bytes, seconds)) = moved {
         let ms = (seconds * 1000.0) as u64;
-        stats::add(
-            engine.layout(),
-            &[(c.done, 1), (c.bytes, bytes), (c.ms, ms)],
-        );
+        let obs = stats::observation(c.histogram, seconds);
+        let mut deltas: Vec<(&str, u64)> = obs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        deltas.extend([(c.done, 1), (c.bytes, bytes), (c.ms, ms)]);
+        stats::update(engine.layout(), &deltas, latest);
     } else if failed {
         stats::add(engine.layout(), &[(c.failures, 1)]);
+    } else {
+        stats::update(engine.layout(), &[], latest);
     }
 }
 
@@ -703,6 +714,7 @@ fn import_with(
         matches!(&result, Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict));
     count(
         engine,
+        id,
         &PULL_COUNTERS,
         moved.map(|r| (r.new_bytes, r.seconds)),
         failed,
