@@ -190,6 +190,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         .unwrap_or(exit::FAILURE)
 }
 
+/// A size flag that may be absent (`--size`, `--cache-size`), in quantity form.
+fn optional_size(flag: &str, value: Option<&str>) -> jobcachefs::Result<Option<u64>> {
+    value
+        .map(|v| jobcachefs::input::quantity::parse_size(flag, v))
+        .transpose()
+}
+
 fn load_config(cli: &Cli) -> Result<Config> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),

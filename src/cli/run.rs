@@ -8,7 +8,6 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use jobcachefs::engine::{CreateRequest, DeleteOutcome, RunOwner, RUN_LABEL};
 use jobcachefs::input::names::DEFAULT_NAMESPACE;
-use jobcachefs::input::quantity::parse_size;
 use jobcachefs::run::{self, process, WriteBack};
 use jobcachefs::state::records::{CacheMode, VolumeRecord};
 use jobcachefs::Engine;
@@ -67,16 +66,8 @@ impl From<WriteBackArg> for WriteBack {
 fn requests(a: &RunArgs) -> jobcachefs::Result<(Vec<CreateRequest>, WriteBack)> {
     let policy: WriteBack = a.write_back.map(Into::into).unwrap_or_default();
     let caches = run::parse_caches(&a.namespace, &a.caches, a.dir.as_deref())?;
-    let size = a
-        .size
-        .as_deref()
-        .map(|s| parse_size("--size", s))
-        .transpose()?;
-    let cache_size = a
-        .cache_size
-        .as_deref()
-        .map(|s| parse_size("--cache-size", s))
-        .transpose()?;
+    let size = super::optional_size("--size", a.size.as_deref())?;
+    let cache_size = super::optional_size("--cache-size", a.cache_size.as_deref())?;
     let cache_mode = a
         .cache_mode
         .as_deref()

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use jobcachefs::engine::{CreateRequest, DeleteOutcome};
 use jobcachefs::input::names::{validate_label, CacheId, DEFAULT_NAMESPACE};
-use jobcachefs::input::quantity::{human_bytes, parse_size};
+use jobcachefs::input::quantity::human_bytes;
 use jobcachefs::state::records::CacheMode;
 use jobcachefs::Engine;
 use std::path::{Path, PathBuf};
@@ -87,16 +87,8 @@ fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
             None
         }
     };
-    let size = a
-        .size
-        .as_deref()
-        .map(|s| parse_size("--size", s))
-        .transpose()?;
-    let cache_size = a
-        .cache_size
-        .as_deref()
-        .map(|s| parse_size("--cache-size", s))
-        .transpose()?;
+    let size = super::optional_size("--size", a.size.as_deref())?;
+    let cache_size = super::optional_size("--cache-size", a.cache_size.as_deref())?;
     if cache_size.is_some() && cache.is_none() {
         return Err(jobcachefs::Error::invalid(
             "--cache-size needs --cache NAME",
