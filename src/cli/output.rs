@@ -303,6 +303,7 @@ pub fn print_gc(r: &GcReport) {
             .collect(),
     );
     show("squashed", r.squashed.clone());
+    show("merged past the depth bound", r.merged.clone());
     show("error", r.errors.clone());
 }
 

@@ -108,9 +108,14 @@ impl Engine {
         }
     }
 
-    /// After a publish: queue (or run) a squash when the generation is too deep or its deltas too
+    /// After a publish (a commit or an import): merge the newest layers when the generation is
+    /// past the hard depth bound, queue (or run) a squash when it is too deep or its deltas too
     /// large, and prune to the node budget.
     pub(crate) fn after_commit(&self, id: &CacheId) -> Result<()> {
+        if let Err(e) = self.enforce_depth_bound(id) {
+            // The commit stands; the next create, commit or gc merges again.
+            tracing::error!(cache = %id, error = %e, "merging past the hard depth bound failed");
+        }
         let current = self.current(id)?;
         if squash_due(&self.config, &current) {
             let marker = self.layout.squash_due(id);

@@ -37,6 +37,8 @@ pub struct GcReport {
     pub tmp_removed: Vec<PathBuf>,
     /// Caches squashed from the queue.
     pub squashed: Vec<String>,
+    /// Caches past the hard depth bound whose newest layers were merged.
+    pub merged: Vec<String>,
     /// Clone caches whose write lease named a volume that is gone.
     pub leases_released: Vec<String>,
     /// Volumes of a `jobcachefs run` that was killed: discarded (what was left of the job
@@ -56,6 +58,7 @@ impl GcReport {
             && self.mounts_removed.is_empty()
             && self.loops_detached.is_empty()
             && self.tmp_removed.is_empty()
+            && self.merged.is_empty()
             && self.squashed.is_empty()
             && self.leases_released.is_empty()
             && self.runs_repaired.is_empty()
@@ -86,6 +89,13 @@ impl Engine {
         for id in self.cache_ids()? {
             if let Err(e) = self.gc_cache(&id, &mut report) {
                 report.errors.push(format!("cache {id}: {e}"));
+            }
+            match self.enforce_depth_bound(&id) {
+                Ok(Some(_)) => report.merged.push(id.to_string()),
+                Ok(None) => {}
+                Err(e) => report
+                    .errors
+                    .push(format!("cache {id}: merge past the depth bound: {e}")),
             }
         }
         self.gc_stale_mounts(&mut report)?;

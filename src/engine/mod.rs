@@ -11,6 +11,7 @@ mod clone;
 mod commit;
 mod gc;
 mod identity;
+mod merge;
 mod publish;
 mod rebuild;
 mod release;
@@ -361,10 +362,23 @@ impl Engine {
     /// Makes sure each layer of `layers` is mounted read-only at its shared mount point. Called
     /// with the cache lock held.
     fn ensure_layers_mounted(&self, id: &CacheId, layers: &[String]) -> Result<Vec<PathBuf>> {
-        let table = self.host.mount_table()?;
+        let mut table = self.host.mount_table()?;
+        let mut loops = None;
         let mut lowers = Vec::with_capacity(layers.len());
         for layer in layers {
             let target = self.layout.layer_mount(id, layer);
+            let image = self.layout.layer_image(id, layer);
+            // A mount found at a layer's mount point must be that layer: its image on a loop
+            // device, read-only. Anything else (a mount left by hand, a swapped image) is
+            // replaced rather than handed to an overlay.
+            if let Some(found) = table.iter().rev().find(|m| m.mount_point == target) {
+                let loops = loops.get_or_insert_with(|| self.host.loop_devices());
+                if let Err(why) = layer_mount_matches(found, &image, loops) {
+                    tracing::warn!(layer = %target.display(), why, "the mount at a layer's mount point is not that layer: replacing it");
+                    self.host.unmount(&target, true)?;
+                    table = self.host.mount_table()?;
+                }
+            }
             if !mounts::is_mounted(&table, &target) {
                 ensure_dir(&target)?;
                 let image = self.layout.layer_image(id, layer);
@@ -425,3 +439,26 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether the mount `found` is the layer image `image`, read-only on a loop device; else why not.
+fn layer_mount_matches(
+    found: &mounts::MountEntry,
+    image: &Path,
+    loops: &[crate::host::loopback::Backing],
+) -> std::result::Result<(), String> {
+    if found.fstype != "ext4" {
+        return Err(format!("it is {}, not ext4", found.fstype));
+    }
+    if !found.mount_options.starts_with("ro") {
+        return Err("it is writable".into());
+    }
+    match loops.iter().find(|l| Path::new(&found.source) == l.device) {
+        Some(l) if l.file == image => Ok(()),
+        Some(l) => Err(format!(
+            "its device {} backs {}",
+            found.source,
+            l.file.display()
+        )),
+        None => Err(format!("its source {} is no loop device", found.source)),
+    }
+}

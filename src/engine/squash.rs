@@ -53,10 +53,10 @@ impl SquashOutcome {
 
 /// Unmounts the squash's mounts and removes its half-built image on every exit path, panics
 /// included.
-struct Scratch {
-    host: std::sync::Arc<dyn crate::host::Host>,
-    mounts: Vec<PathBuf>,
-    image: Option<PathBuf>,
+pub(super) struct Scratch {
+    pub(super) host: std::sync::Arc<dyn crate::host::Host>,
+    pub(super) mounts: Vec<PathBuf>,
+    pub(super) image: Option<PathBuf>,
 }
 
 impl Drop for Scratch {

@@ -199,6 +199,14 @@ impl Engine {
         // holds its UID).
         let (admission, uid) = self.admit(size, req.unique_ids)?;
         ensure_dir(&self.layout.volume_dir(&vol))?;
+        if let Some(id) = &req.cache {
+            // A stack past the hard bound (a lagging agent, a state dir from before the bound)
+            // is merged before a volume is made on it; a failure leaves a deep but mountable
+            // stack, refused by name only past what one overlay can hold.
+            if let Err(e) = self.enforce_depth_bound(id) {
+                tracing::error!(cache = %id, error = %e, "merging past the hard depth bound failed");
+            }
+        }
         let lowers = match &req.cache {
             Some(id) => {
                 // Pin the generation: the record names its layers before the lock is released,

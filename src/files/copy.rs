@@ -129,7 +129,7 @@ impl Ctx {
 }
 
 /// Copies the data ranges of `src` to a new file `dst`, keeping holes. Returns data bytes.
-fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
+pub(crate) fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
     let input = File::open(src).at("open", src)?;
     let output = OpenOptions::new()
         .write(true)

@@ -33,6 +33,8 @@ struct State {
     space: Option<(u64, u64)>,
     no_reflink: bool,
     calls: Vec<String>,
+    /// Loop devices ever attached: device names are never reused while one is live.
+    attached: usize,
 }
 
 /// The fake host. See the module docs.
@@ -210,7 +212,11 @@ impl Host for FakeHost {
                 image.display()
             )));
         }
-        let dev = format!("/dev/loop{}", 100 + self.state.lock().unwrap().loops.len());
+        let dev = {
+            let mut st = self.state.lock().unwrap();
+            st.attached += 1;
+            format!("/dev/loop{}", 99 + st.attached)
+        };
         self.mount_at(
             target,
             &tree,
@@ -219,6 +225,12 @@ impl Host for FakeHost {
                 fstype: "ext4".into(),
                 source: dev,
                 super_options: if how.read_only { "ro" } else { "rw" }.into(),
+                mount_options: if how.read_only {
+                    "ro,nosuid,nodev"
+                } else {
+                    "rw,nosuid,nodev"
+                }
+                .into(),
             },
         )?;
         self.state
@@ -242,6 +254,7 @@ impl Host for FakeHost {
             fstype: "overlay".into(),
             source: "jobcachefs".into(),
             super_options: format!("rw,{opts}"),
+            mount_options: "rw,nosuid,nodev".into(),
         };
         match upper {
             // The DIR must stay a real directory (the engine canonicalises it): the upper's
@@ -372,6 +385,7 @@ impl Host for FakeHost {
                 .map(|m| m.source.clone())
                 .unwrap_or_default(),
             super_options: "rw".into(),
+            mount_options: "rw,nosuid,nodev".into(),
         };
         if let Some(tree) = st.moved.remove(src) {
             // The tree moves on; the private mount point is an empty dir again.

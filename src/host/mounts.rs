@@ -1,5 +1,19 @@
 //! Mounting: ext4 images and overlayfs with jobcachefs's fixed options, unmounting, and reading
 //! the mount table.
+//!
+//! Overlays go through the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`), one
+//! `lowerdir+` per layer, never through one `mount(2)` option string: the kernel copies one page
+//! of that string and mounts whatever the cut leaves — at depth 59 that was the state dir itself
+//! as the only lower, read-only, without the upper (issue 30). How each layer reaches the kernel
+//! depends on the kernel (probed once per process, [`interface`]):
+//! - 6.13+: by an `O_PATH` file descriptor (`fsconfig(FSCONFIG_SET_FD)`): no string at all.
+//! - 6.8–6.12: by path (`FSCONFIG_SET_STRING`, which the kernel caps at 256 bytes): a longer
+//!   path is refused by name, never cut.
+//! - older: one `mount(2)` string, refused when it would not fit in the page.
+//!
+//! Whatever the interface, every overlay is then checked against `/proc/self/mountinfo`
+//! ([`verify_overlay`]): its lowers, upper, work dir and rw/ro must be exactly what was asked,
+//! or it is unmounted and the call fails naming the difference.
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::loopback;
@@ -21,6 +35,8 @@ pub struct MountEntry {
     pub source: String,
     /// Per-superblock options (overlay's lowerdir/upperdir are here).
     pub super_options: String,
+    /// Per-mount options (`rw`/`ro`, `nosuid`, `nodev`).
+    pub mount_options: String,
 }
 
 fn unescape(s: &str) -> String {
@@ -59,6 +75,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 fstype,
                 source,
                 super_options,
+                mount_options: pre.get(5).unwrap_or(&"").to_string(),
             })
         })
         .collect()
@@ -131,7 +148,90 @@ pub fn check_option_path(what: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The overlay option string for `lowers` (bottom first) and an optional `(upperdir, workdir)`.
+/// Most lower layers jobcachefs puts under one overlay. overlayfs itself allows 500
+/// (`OVL_MAX_STACK`); every lookup of a name walks the layers that hold its directory, so
+/// Docker's overlay2 caps images at 128 layers, and so do we. The depth bounds of the engine
+/// (`max_depth_hard`, scope layers on top) are validated to stay below it.
+pub const MAX_OVERLAY_LOWERS: usize = 128;
+
+/// Bytes of `mount(2)`'s data string the kernel reads: one page, its NUL included
+/// (`copy_mount_options`). A longer string is cut, and the cut string may still mount.
+pub const MOUNT_DATA_MAX: usize = 4095;
+
+/// Bytes of an `fsconfig(FSCONFIG_SET_STRING)` value the kernel reads (`strndup_user(value,
+/// 256)`, its NUL included); a longer value is refused with EINVAL by the kernel, and here first.
+pub const FSCONFIG_STRING_MAX: usize = 255;
+
+/// How the layers of an overlay reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayInterface {
+    /// `fsconfig(FSCONFIG_SET_FD)` with an `O_PATH` descriptor per layer (Linux 6.13+).
+    LayerFds,
+    /// `fsconfig(FSCONFIG_SET_STRING)` of `lowerdir+` per layer, each path ≤ 255 bytes (6.8+).
+    LayerPaths,
+    /// One `mount(2)` data string, at most one page (older kernels).
+    MountData,
+}
+
+impl OverlayInterface {
+    /// The name used in logs and in `JOBCACHEFS_OVERLAY_INTERFACE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OverlayInterface::LayerFds => "fds",
+            OverlayInterface::LayerPaths => "paths",
+            OverlayInterface::MountData => "mount-data",
+        }
+    }
+}
+
+/// The interface this kernel offers, probed once per process. `JOBCACHEFS_OVERLAY_INTERFACE`
+/// (`paths` or `mount-data`) selects an older one, so that the tests exercise every interface
+/// on one kernel; it can never select one the kernel lacks.
+pub fn interface() -> OverlayInterface {
+    static PROBED: std::sync::OnceLock<OverlayInterface> = std::sync::OnceLock::new();
+    let probed = *PROBED.get_or_init(probe_interface);
+    let asked = match std::env::var("JOBCACHEFS_OVERLAY_INTERFACE").as_deref() {
+        Ok("paths") => OverlayInterface::LayerPaths,
+        Ok("mount-data") => OverlayInterface::MountData,
+        _ => return probed,
+    };
+    let rank = |i| match i {
+        OverlayInterface::LayerFds => 2,
+        OverlayInterface::LayerPaths => 1,
+        OverlayInterface::MountData => 0,
+    };
+    if rank(asked) < rank(probed) {
+        asked
+    } else {
+        probed
+    }
+}
+
+fn probe_interface() -> OverlayInterface {
+    use rustix::mount::{fsconfig_set_fd, fsconfig_set_string, fsopen, FsOpenFlags};
+    let open = || fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).ok();
+    let Some(fs) = open() else {
+        return OverlayInterface::MountData;
+    };
+    if let Ok(root) = rustix::fs::open(
+        "/",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        if fsconfig_set_fd(&fs, "lowerdir+", &root).is_ok() {
+            return OverlayInterface::LayerFds;
+        }
+    }
+    match open() {
+        Some(fs) if fsconfig_set_string(&fs, "lowerdir+", "/").is_ok() => {
+            OverlayInterface::LayerPaths
+        }
+        _ => OverlayInterface::MountData,
+    }
+}
+
+/// The legacy `mount(2)` option string for `lowers` (bottom first) and an optional
+/// `(upperdir, workdir)`; [`plan_overlay`] refuses it when the kernel would cut it.
 pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
     // overlayfs lists the uppermost lower first.
     let lower: Vec<String> = lowers
@@ -152,30 +252,347 @@ pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Str
     opts
 }
 
-/// Mounts an overlay at `target`: read-only when `upper` is `None`.
+/// What is handed to the kernel for one overlay, decided before any syscall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverlayPlan {
+    /// Each layer by descriptor.
+    Fds,
+    /// Each layer by path, every one within [`FSCONFIG_STRING_MAX`].
+    Paths,
+    /// One `mount(2)` string within [`MOUNT_DATA_MAX`].
+    Data(String),
+}
+
+/// Decides how to mount an overlay of `lowers` (bottom first) over `upper`, or refuses with the
+/// reason and the fix: nothing that reaches the kernel can be cut.
+pub fn plan_overlay(
+    iface: OverlayInterface,
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> Result<OverlayPlan> {
+    if lowers.is_empty() || lowers.len() > MAX_OVERLAY_LOWERS {
+        return Err(Error::invalid(format!(
+            "an overlay of {} lower layers was asked; jobcachefs mounts 1 to {MAX_OVERLAY_LOWERS}: \
+             squash the cache (`jobcachefs cache squash NAME`)",
+            lowers.len()
+        )));
+    }
+    let all: Vec<&Path> = lowers
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(upper.into_iter().flat_map(|(u, w)| [u, w]))
+        .collect();
+    for p in &all {
+        check_option_path("overlay layer", p)?;
+        if !p.is_absolute() {
+            return Err(Error::invalid(format!(
+                "overlay layer {} is not an absolute path",
+                p.display()
+            )));
+        }
+        if p.as_os_str().len() >= libc::PATH_MAX as usize {
+            return Err(Error::invalid(format!(
+                "overlay layer {}… is {} bytes, over PATH_MAX: use a shorter --state-dir",
+                p.display().to_string().chars().take(64).collect::<String>(),
+                p.as_os_str().len()
+            )));
+        }
+    }
+    match iface {
+        OverlayInterface::LayerFds => Ok(OverlayPlan::Fds),
+        OverlayInterface::LayerPaths => {
+            if let Some(p) = all
+                .iter()
+                .find(|p| p.as_os_str().len() > FSCONFIG_STRING_MAX)
+            {
+                return Err(Error::invalid(format!(
+                    "overlay layer {} is {} bytes; this kernel takes layer paths of at most \
+                     {FSCONFIG_STRING_MAX} bytes (Linux 6.13+ takes any): use a shorter --state-dir \
+                     or shorter namespace and cache names",
+                    p.display(),
+                    p.as_os_str().len()
+                )));
+            }
+            Ok(OverlayPlan::Paths)
+        }
+        OverlayInterface::MountData => {
+            let opts = overlay_options(lowers, upper);
+            if opts.len() > MOUNT_DATA_MAX {
+                return Err(Error::invalid(format!(
+                    "an overlay of {} layers needs {} bytes of mount options; this kernel reads \
+                     {MOUNT_DATA_MAX} (Linux 6.8+ has no such limit): squash the cache \
+                     (`jobcachefs cache squash NAME`), lower max_depth_hard, or use a shorter --state-dir",
+                    lowers.len(),
+                    opts.len()
+                )));
+            }
+            Ok(OverlayPlan::Data(opts))
+        }
+    }
+}
+
+/// An overlay as `/proc/self/mountinfo` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayView {
+    /// Lower layers, bottom first.
+    pub lowers: Vec<PathBuf>,
+    /// Data-only lower layers (`datadir+`), in mount order.
+    pub data: Vec<PathBuf>,
+    /// `upperdir`.
+    pub upper: Option<PathBuf>,
+    /// `workdir`.
+    pub work: Option<PathBuf>,
+    /// The superblock is read-only.
+    pub read_only: bool,
+}
+
+/// Parses an overlay's per-superblock options (either form: one `lowerdir=` list, top first,
+/// or one `lowerdir+=` per layer, top first). Values are octal-escaped by the kernel.
+pub fn parse_overlay(super_options: &str) -> OverlayView {
+    let mut view = OverlayView::default();
+    let mut top_first = Vec::new();
+    for (i, opt) in super_options.split(',').enumerate() {
+        let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
+        match key {
+            "ro" if i == 0 => view.read_only = true,
+            "lowerdir" => top_first.extend(value.split(':').map(|v| PathBuf::from(unescape(v)))),
+            "lowerdir+" => top_first.push(PathBuf::from(unescape(value))),
+            "datadir+" => view.data.push(PathBuf::from(unescape(value))),
+            "upperdir" => view.upper = Some(PathBuf::from(unescape(value))),
+            "workdir" => view.work = Some(PathBuf::from(unescape(value))),
+            _ => {}
+        }
+    }
+    top_first.reverse();
+    view.lowers = top_first;
+    view
+}
+
+/// Checks that the mount `entry` is exactly the overlay asked for: the same lowers in the same
+/// order, the same upper and work dir, read-only exactly when there is no upper, `nosuid` and
+/// `nodev`. The error names the first difference.
+pub fn verify_overlay(
+    entry: &MountEntry,
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> Result<()> {
+    let at = entry.mount_point.display();
+    let fail = |what: String| {
+        Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "the overlay mounted at {at} is not the one asked for: {what}; it was unmounted"
+            ),
+        ))
+    };
+    if entry.fstype != "overlay" {
+        return fail(format!("it is {} (asked overlay)", entry.fstype));
+    }
+    let view = parse_overlay(&entry.super_options);
+    if view.lowers.len() != lowers.len() {
+        return fail(format!(
+            "it has {} lower layers (asked {})",
+            view.lowers.len(),
+            lowers.len()
+        ));
+    }
+    for (i, (got, asked)) in view.lowers.iter().zip(lowers).enumerate() {
+        if got != asked {
+            return fail(format!(
+                "lower layer {i} (from the bottom) is {} (asked {})",
+                got.display(),
+                asked.display()
+            ));
+        }
+    }
+    if !view.data.is_empty() {
+        return fail(format!(
+            "it has {} data-only layers (asked none)",
+            view.data.len()
+        ));
+    }
+    let asked_upper = upper.map(|(u, _)| u.to_path_buf());
+    let asked_work = upper.map(|(_, w)| w.to_path_buf());
+    if view.upper != asked_upper || view.work != asked_work {
+        return fail(format!(
+            "its upper and work dir are {:?} and {:?} (asked {:?} and {:?})",
+            view.upper, view.work, asked_upper, asked_work
+        ));
+    }
+    let mount_opts: Vec<&str> = entry.mount_options.split(',').collect();
+    let mount_ro = mount_opts.first() == Some(&"ro");
+    if view.read_only != upper.is_none() || mount_ro != upper.is_none() {
+        return fail(format!(
+            "it is {} (asked {})",
+            if view.read_only || mount_ro {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            if upper.is_none() {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        ));
+    }
+    for flag in ["nosuid", "nodev"] {
+        if !mount_opts.contains(&flag) {
+            return fail(format!("it lacks {flag}"));
+        }
+    }
+    Ok(())
+}
+
+/// Mounts an overlay at `target`: read-only when `upper` is `None`. The mount is verified
+/// against the mount table before this returns; a mount that differs is unmounted again.
 pub fn mount_overlay(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> Result<()> {
-    let opts = overlay_options(lowers, upper);
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if upper.is_none() {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    mount(
-        Some("jobcachefs"),
-        target,
-        Some("overlay"),
-        flags,
-        Some(opts.as_str()),
-    )
-    .map_err(|e| {
-        Error::io(
-            format!("mount overlay at {} ({opts})", target.display()),
-            e.into(),
+    let iface = interface();
+    let plan = plan_overlay(iface, lowers, upper)?;
+    let describe = || {
+        format!(
+            "mount an overlay of {} layers at {} (interface {})",
+            lowers.len(),
+            target.display(),
+            iface.name()
         )
-    })
+    };
+    match plan {
+        OverlayPlan::Data(opts) => {
+            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            if upper.is_none() {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(
+                Some("jobcachefs"),
+                target,
+                Some("overlay"),
+                flags,
+                Some(opts.as_str()),
+            )
+            .map_err(|e| Error::io(describe(), e.into()))?;
+        }
+        OverlayPlan::Fds | OverlayPlan::Paths => {
+            mount_overlay_new_api(plan == OverlayPlan::Fds, lowers, upper, target).map_err(
+                |(e, log)| {
+                    let what = if log.is_empty() {
+                        describe()
+                    } else {
+                        format!("{} ({log})", describe())
+                    };
+                    Error::io(what, e.into())
+                },
+            )?;
+        }
+    }
+    crate::fault::point("overlay:mounted");
+    let verified = mount_table().and_then(|table| {
+        match table.iter().rev().find(|m| m.mount_point == target) {
+            Some(entry) => verify_overlay(entry, lowers, upper),
+            None => Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "the overlay mounted at {} is not in the mount table",
+                    target.display()
+                ),
+            )),
+        }
+    });
+    if let Err(e) = verified {
+        if let Err(u) = unmount(target, true) {
+            tracing::error!(target = %target.display(), error = %u, "a refused overlay could not be unmounted");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The new mount API: an fs context per overlay, one `lowerdir+` per layer (top first, as the
+/// kernel appends them), by descriptor or by path. On failure: the errno and the messages the
+/// kernel left in the context's log.
+fn mount_overlay_new_api(
+    by_fd: bool,
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+) -> std::result::Result<(), (rustix::io::Errno, String)> {
+    use rustix::fs::{open, Mode, OFlags, CWD};
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount,
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| (e, String::new()))?;
+    let with_log = |e: rustix::io::Errno| (e, context_log(&fs));
+    let layer = |key: &str, path: &Path| -> rustix::io::Result<()> {
+        if by_fd {
+            let fd = open(
+                path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            fsconfig_set_fd(&fs, key, &fd)
+        } else {
+            fsconfig_set_string(&fs, key, path)
+        }
+    };
+    let naming = |key: &str, path: &Path| {
+        let fs = &fs;
+        let what = format!("{key} {}", path.display());
+        move |e: rustix::io::Errno| {
+            let log = context_log(fs);
+            (
+                e,
+                if log.is_empty() {
+                    what
+                } else {
+                    format!("{what}: {log}")
+                },
+            )
+        }
+    };
+    fsconfig_set_string(&fs, "source", "jobcachefs").map_err(with_log)?;
+    for lower in lowers.iter().rev() {
+        layer("lowerdir+", lower).map_err(naming("lowerdir+", lower))?;
+    }
+    if let Some((u, w)) = upper {
+        layer("upperdir", u).map_err(naming("upperdir", u))?;
+        layer("workdir", w).map_err(naming("workdir", w))?;
+    }
+    for opt in OVERLAY_OPTIONS.split(',') {
+        let (k, v) = opt.split_once('=').expect("key=value");
+        fsconfig_set_string(&fs, k, v).map_err(with_log)?;
+    }
+    fsconfig_create(&fs).map_err(with_log)?;
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    if upper.is_none() {
+        attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(with_log)?;
+    move_mount(
+        &mnt,
+        "",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| (e, String::new()))
+}
+
+/// The messages the kernel logged in an fs context (`e overlayfs: ...`), joined.
+fn context_log(fs: &std::os::fd::OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match rustix::io::read(fs, &mut buf) {
+            Ok(n) if n > 0 => out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            _ => break,
+        }
+    }
+    out.join("; ")
 }
 
 /// Unmounts `target`. A busy mount is retried briefly; with `lazy` it is then detached lazily,
@@ -233,6 +650,156 @@ mod tests {
             o,
             "lowerdir=/top:/base,upperdir=/u,workdir=/w,index=off,redirect_dir=off,metacopy=off,xino=off"
         );
+    }
+
+    fn layers(n: usize, len: usize) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let stem = format!("/s/l{i:03}/");
+                PathBuf::from(format!(
+                    "{stem}{}",
+                    "x".repeat(len.saturating_sub(stem.len()))
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_never_hands_the_kernel_a_string_it_would_cut() {
+        // The depth-59 case of issue 30: 59 layers of ~70 bytes overflow one page.
+        let deep = layers(59, 70);
+        let u = (Path::new("/s/u/upper"), Path::new("/s/u/work"));
+        let e = plan_overlay(OverlayInterface::MountData, &deep, Some(u)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("bytes of mount options"), "{e}");
+        assert_eq!(
+            plan_overlay(OverlayInterface::LayerFds, &deep, Some(u)).unwrap(),
+            OverlayPlan::Fds
+        );
+        assert_eq!(
+            plan_overlay(OverlayInterface::LayerPaths, &deep, Some(u)).unwrap(),
+            OverlayPlan::Paths
+        );
+        let long = layers(2, 256);
+        let e = plan_overlay(OverlayInterface::LayerPaths, &long, None).unwrap_err();
+        assert!(e.to_string().contains("256 bytes"), "{e}");
+        assert!(plan_overlay(OverlayInterface::LayerPaths, &layers(2, 255), None).is_ok());
+        let e = plan_overlay(OverlayInterface::LayerFds, &layers(129, 10), None).unwrap_err();
+        assert!(e.to_string().contains("129 lower layers"), "{e}");
+        assert!(plan_overlay(OverlayInterface::LayerFds, &[], None).is_err());
+        assert!(plan_overlay(OverlayInterface::LayerFds, &layers(128, 10), None).is_ok());
+    }
+
+    proptest::proptest! {
+        /// Whatever the depth and path lengths: a planned mount(2) string fits in the page and
+        /// says exactly the layers asked for; planned paths fit fsconfig's 255 bytes.
+        #[test]
+        fn planned_mounts_are_never_cut(n in 1usize..200, len in 6usize..400, with_upper: bool) {
+            let lowers = layers(n, len);
+            let (u, w) = (PathBuf::from("/s/u/upper"), PathBuf::from("/s/u/work"));
+            let upper = with_upper.then_some((u.as_path(), w.as_path()));
+            for iface in [OverlayInterface::LayerFds, OverlayInterface::LayerPaths, OverlayInterface::MountData] {
+                match plan_overlay(iface, &lowers, upper) {
+                    Ok(OverlayPlan::Data(s)) => {
+                        proptest::prop_assert!(s.len() <= MOUNT_DATA_MAX);
+                        let view = parse_overlay(&format!("rw,{s}"));
+                        proptest::prop_assert_eq!(&view.lowers, &lowers);
+                        proptest::prop_assert_eq!(view.upper.as_deref(), upper.map(|x| x.0));
+                    }
+                    Ok(OverlayPlan::Paths) => {
+                        proptest::prop_assert!(lowers.iter().all(|p| p.as_os_str().len() <= FSCONFIG_STRING_MAX));
+                    }
+                    Ok(OverlayPlan::Fds) => proptest::prop_assert!(n <= MAX_OVERLAY_LOWERS),
+                    Err(e) => proptest::prop_assert_eq!(e.kind(), ErrorKind::InvalidInput),
+                }
+            }
+        }
+    }
+
+    fn entry(super_options: &str, mount_options: &str) -> MountEntry {
+        MountEntry {
+            mount_point: PathBuf::from("/v"),
+            fstype: "overlay".into(),
+            source: "jobcachefs".into(),
+            super_options: super_options.into(),
+            mount_options: mount_options.into(),
+        }
+    }
+
+    #[test]
+    fn parses_both_forms_of_overlay_options() {
+        let old = parse_overlay("rw,lowerdir=/top:/base,upperdir=/u,workdir=/w,index=off");
+        let new = parse_overlay(
+            "rw,lowerdir+=/top,lowerdir+=/base,upperdir=/u,workdir=/w,redirect_dir=off",
+        );
+        assert_eq!(old, new);
+        assert_eq!(
+            old.lowers,
+            vec![PathBuf::from("/base"), PathBuf::from("/top")]
+        );
+        assert_eq!(old.upper.as_deref(), Some(Path::new("/u")));
+        assert!(!old.read_only);
+        let ro = parse_overlay("ro,lowerdir+=/a\\054b\\040c,lowerdir+=/d,datadir+=/e");
+        assert!(ro.read_only);
+        assert_eq!(ro.lowers[1], PathBuf::from("/a,b c"));
+        assert_eq!(ro.data, vec![PathBuf::from("/e")]);
+    }
+
+    #[test]
+    fn verification_names_the_first_difference() {
+        let lowers = [PathBuf::from("/base"), PathBuf::from("/top")];
+        let up = Some((Path::new("/u"), Path::new("/w")));
+        let good = "rw,lowerdir+=/top,lowerdir+=/base,upperdir=/u,workdir=/w";
+        verify_overlay(&entry(good, "rw,nosuid,nodev,relatime"), &lowers, up).unwrap();
+        let cases = [
+            // The issue-30 mount: the state dir as the only lower, no upper, read-only.
+            (
+                "ro,lowerdir=/var/lib/",
+                "ro,nosuid,nodev",
+                "1 lower layers (asked 2)",
+            ),
+            (
+                "rw,lowerdir+=/base,lowerdir+=/top,upperdir=/u,workdir=/w",
+                "rw,nosuid,nodev",
+                "lower layer 0 (from the bottom) is /top (asked /base)",
+            ),
+            (
+                "rw,lowerdir+=/top,lowerdir+=/base",
+                "rw,nosuid,nodev",
+                "upper and work dir",
+            ),
+            (
+                "ro,lowerdir+=/top,lowerdir+=/base,upperdir=/u,workdir=/w",
+                "ro,nosuid,nodev",
+                "read-only (asked read-write)",
+            ),
+            (good, "rw,nodev", "lacks nosuid"),
+            (
+                "rw,lowerdir+=/top,lowerdir+=/base,datadir+=/d,upperdir=/u,workdir=/w",
+                "rw,nosuid,nodev",
+                "data-only",
+            ),
+        ];
+        for (sup, mnt, want) in cases {
+            let e = verify_overlay(&entry(sup, mnt), &lowers, up).unwrap_err();
+            assert!(e.to_string().contains(want), "{sup}: {e}");
+        }
+        let mut other = entry(good, "rw,nosuid,nodev");
+        other.fstype = "ext4".into();
+        assert!(verify_overlay(&other, &lowers, up).is_err());
+        // Read-only views: no upper, read-only both ways.
+        verify_overlay(
+            &entry("ro,lowerdir+=/top,lowerdir+=/base", "ro,nosuid,nodev"),
+            &lowers,
+            None,
+        )
+        .unwrap();
+        assert!(verify_overlay(
+            &entry("ro,lowerdir+=/top,lowerdir+=/base", "rw,nosuid,nodev"),
+            &lowers,
+            None
+        )
+        .is_err());
     }
 
     #[test]

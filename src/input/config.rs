@@ -18,6 +18,7 @@ struct RawConfig {
     default_volume_size: Option<String>,
     max_volume_size: Option<String>,
     max_depth: Option<usize>,
+    max_depth_hard: Option<usize>,
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
     squash_idle_seconds: Option<u64>,
@@ -198,6 +199,10 @@ pub enum CloneBackend {
     Pool,
 }
 
+/// Largest `max_depth_hard`: half the layers one overlay may have
+/// ([`crate::host::mounts::MAX_OVERLAY_LOWERS`]), the other half left for a scope's layers.
+pub const MAX_DEPTH_HARD: usize = 64;
+
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -209,6 +214,11 @@ pub struct Config {
     pub max_volume_size: u64,
     /// A generation with more layers than this (base included) is squashed.
     pub max_depth: usize,
+    /// The hard bound: a create, commit, import or gc that finds a generation deeper than this
+    /// merges its newest layers into one delta (down to `max_depth`) first, whatever
+    /// `squash_inline` says. Default 4 × `max_depth`; at most 64, so that a scoped volume's
+    /// stack stays within the 128 layers jobcachefs mounts.
+    pub max_depth_hard: usize,
     /// A generation whose layers above the base allocate more than this is squashed.
     pub squash_delta_size: u64,
     /// Whether `volume delete` runs a due squash itself (true) or leaves it queued for `gc` or
@@ -270,6 +280,7 @@ impl Default for Config {
             // 1.60-2.03x (bench/run depth, four runs on a shared machine). Deeper stacks wait
             // for a squash; idle ones get one sooner (squash_idle_seconds).
             max_depth: 8,
+            max_depth_hard: 32,
             squash_delta_size: 4 << 30,
             squash_inline: true,
             squash_idle_seconds: 600,
@@ -308,9 +319,18 @@ impl Config {
             }
         };
         let max_depth = raw.max_depth.unwrap_or(d.max_depth);
-        if !(2..=64).contains(&max_depth) {
+        if !(2..MAX_DEPTH_HARD).contains(&max_depth) {
             return Err(Error::invalid(format!(
-                "max_depth in {origin} is {max_depth}: use a number from 2 to 64"
+                "max_depth in {origin} is {max_depth}: use a number from 2 to 63"
+            )));
+        }
+        let max_depth_hard = raw
+            .max_depth_hard
+            .unwrap_or((4 * max_depth).min(MAX_DEPTH_HARD));
+        if !(max_depth + 1..=MAX_DEPTH_HARD).contains(&max_depth_hard) {
+            return Err(Error::invalid(format!(
+                "max_depth_hard in {origin} is {max_depth_hard}: use a number from max_depth + 1 ({}) to {MAX_DEPTH_HARD}",
+                max_depth + 1
             )));
         }
         Ok(Config {
@@ -326,6 +346,7 @@ impl Config {
             )?,
             max_volume_size: size("max_volume_size", &raw.max_volume_size, d.max_volume_size)?,
             max_depth,
+            max_depth_hard,
             squash_delta_size: size(
                 "squash_delta_size",
                 &raw.squash_delta_size,
@@ -655,6 +676,7 @@ mod properties {
         "default_volume_size",
         "max_volume_size",
         "max_depth",
+        "max_depth_hard",
         "squash_delta_size",
         "squash_inline",
         "squash_idle_seconds",
@@ -720,7 +742,8 @@ mod properties {
         fn any_text_parses_or_is_refused_naming_the_file(text in tomlish()) {
             match Config::from_toml(&text, ORIGIN) {
                 Ok(c) => {
-                    prop_assert!((2..=64).contains(&c.max_depth));
+                    prop_assert!((2..64).contains(&c.max_depth));
+                    prop_assert!(c.max_depth < c.max_depth_hard && c.max_depth_hard <= MAX_DEPTH_HARD);
                     prop_assert!((100..=10_000).contains(&c.overcommit_percent));
                 }
                 Err(e) => {

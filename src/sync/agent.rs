@@ -329,6 +329,13 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
     for (name, help, f) in gauges {
         metric(name, "gauge", help, per_cache(&f));
     }
+    let bound = engine.config().max_depth_hard as f64;
+    metric(
+        "jobcachefs_cache_depth_bound",
+        "gauge",
+        "The hard bound on the cache's layers (max_depth_hard): past it the newest are merged.",
+        per_cache(&|_| bound),
+    );
     let live = engine.volume_list().map(|v| v.len()).unwrap_or(0);
     metric(
         "jobcachefs_volumes_live",
