@@ -1,6 +1,6 @@
 //! The CSI plugin: `jobcachefs csi --endpoint unix:///csi/csi.sock --node-id NODE
 //! [--controller]`, the second Kubernetes front end beside the provisioner hook (see
-//! docs/design.md, "The CSI front end").
+//! docs/src/design.md, "The CSI front end").
 //!
 //! kubelet calls NodePublishVolume when a pod starts on the node and NodeUnpublishVolume as
 //! soon as its containers have exited: each publish is one job volume at the target path, each

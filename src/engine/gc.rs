@@ -421,7 +421,7 @@ impl Engine {
 
     /// Squashes overlay caches of more than one layer that no volume was created on for
     /// `squash_idle_seconds`: a cold lookup through a volume pays for every layer (measured in
-    /// docs/design.md, "Reads through layers"), so an idle cache is folded while no job waits,
+    /// docs/src/design.md, "Reads through layers"), so an idle cache is folded while no job waits,
     /// and the next job reads one layer. Commits stay a rename; the copy happens here, off every
     /// job's path and without the cache lock (see [`Engine::squash`]).
     fn squash_idle(&self, report: &mut GcReport) -> Result<()> {

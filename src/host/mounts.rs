@@ -20,8 +20,9 @@ use crate::host::loopback;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::{Path, PathBuf};
 
-/// Overlay options on every overlay jobcachefs makes (see docs/design.md): no index, no redirects, no
-/// metacopy, no xino, so that an upper is a self-contained tree that can become a lower layer.
+/// Overlay options on every overlay jobcachefs makes (see docs/src/design.md): no index, no
+/// redirects, no metacopy, no xino, so that an upper is a self-contained tree that can become a
+/// lower layer.
 pub const OVERLAY_OPTIONS: &str = "index=off,redirect_dir=off,metacopy=off,xino=off";
 
 /// A line of /proc/self/mountinfo.

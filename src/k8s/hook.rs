@@ -1,7 +1,7 @@
 //! The local-path-provisioner hook: `jobcachefs hook -p PATH -s BYTES -m MODE -a create|delete`
 //! with `VOL_DIR`, `VOL_SIZE_BYTES`, `VOL_MODE`, `VOL_USER`, `VOL_GROUP`, `VOL_PERM` in the
 //! environment (the provisioner's contract, checked by [`crate::input::hook_args`]; see
-//! docs/design.md).
+//! docs/src/design.md).
 //!
 //! Setup reads the PVC and its StorageClass from the API, decides the volume (see
 //! [`super::policy`]) and creates it; everything teardown needs (cache, write-back, labels naming

@@ -1,4 +1,6 @@
-//! Kubernetes: jobcachefs as the setup/teardown hook of rancher/local-path-provisioner.
+//! Kubernetes, for both front ends: the policy that turns a PVC and its StorageClass (or an inline
+//! CSI volume's attributes) into a volume, the API client, and placement. Both front ends are
+//! built on them: the provisioner hook (`hook`, in this module) and the CSI plugin (`crate::csi`).
 //!
 //! - [`path`]: the PVC a volume path belongs to (pure).
 //! - [`policy`]: what a volume gets from its PVC's annotations and its class's parameters (pure).
