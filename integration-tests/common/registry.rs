@@ -33,25 +33,20 @@ impl Registry {
             ),
         )
         .unwrap();
-        // The combined-format access log goes to stdout, the application log to stderr.
-        let log = std::fs::File::create(dir.path().join("access.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry (scripts/setup installs it)");
-        let r = Registry { dir, child, port };
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "registry did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
+        let child = spawn(dir.path(), port);
+        Registry { dir, child, port }
+    }
+
+    /// Stops the registry (SIGTERM, waited for): pushes and pulls fail until [`Registry::start_again`].
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+
+    /// Starts a stopped registry again on the same port and storage.
+    pub fn start_again(&mut self) {
+        self.child = spawn(self.dir.path(), self.port);
     }
 
     pub fn log(&self) -> String {
@@ -95,6 +90,33 @@ impl Registry {
             .map(|l| l["digest"].as_str().unwrap().to_string())
             .collect()
     }
+}
+
+/// Runs docker-registry with the config in `dir` and waits until it listens on `port`.
+fn spawn(dir: &std::path::Path, port: u16) -> Child {
+    // The combined-format access log goes to stdout, the application log to stderr (appended:
+    // a restarted registry keeps the log of the one before).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("access.log"))
+        .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start docker-registry (scripts/setup installs it)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "registry did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 impl Drop for Registry {

@@ -46,6 +46,9 @@ pub struct Options {
     pub controller: bool,
 }
 
+/// Bytes of a unix socket path (`sun_path` less its NUL).
+pub const SOCKET_PATH_MAX: usize = 107;
+
 /// The socket path of a CSI endpoint.
 pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     let path = endpoint
@@ -56,6 +59,15 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     if !p.is_absolute() || p.file_name().is_none() {
         return Err(Error::invalid(format!(
             "CSI endpoint {endpoint:?} is not a unix socket path: use unix:///ABSOLUTE/PATH (e.g. unix:///csi/csi.sock)"
+        )));
+    }
+    // `sockaddr_un.sun_path` holds 108 bytes, its NUL included: a longer path cannot be bound
+    // (or, by tools that copy it unchecked, is cut and binds somewhere else).
+    if path.len() > SOCKET_PATH_MAX {
+        return Err(Error::invalid(format!(
+            "CSI endpoint {endpoint:?} is a path of {} bytes; a unix socket path holds at most \
+             {SOCKET_PATH_MAX}: mount the socket's directory at a shorter path (e.g. unix:///csi/csi.sock)",
+            path.len()
         )));
     }
     Ok(p.to_path_buf())
@@ -192,6 +204,10 @@ mod tests {
             socket_path("/run/x.sock").unwrap(),
             PathBuf::from("/run/x.sock")
         );
+        let longest = format!("/{}", "s".repeat(SOCKET_PATH_MAX - 1));
+        assert_eq!(socket_path(&longest).unwrap(), PathBuf::from(&longest));
+        let e = socket_path(&format!("unix://{longest}x")).unwrap_err();
+        assert!(e.to_string().contains("108 bytes"), "{e}");
         for bad in ["tcp://127.0.0.1:1", "unix://csi.sock", "", "unix:///"] {
             let e = socket_path(bad).unwrap_err();
             assert!(e.to_string().contains("unix:///"), "{bad}: {e}");

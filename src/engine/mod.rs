@@ -152,6 +152,7 @@ impl Engine {
             .canonicalize()
             .at("resolve state dir", state_dir)?;
         mounts::check_option_path("state dir", &root)?;
+        check_state_dir_length(&root)?;
         // The state dir is root's alone: volumes' identities must not read other volumes'
         // images, records or mounts through it (the kernel reaches layers and uppers with the
         // mounter's credentials, so nothing else needs access).
@@ -460,5 +461,47 @@ fn layer_mount_matches(
             l.file.display()
         )),
         None => Err(format!("its source {} is no loop device", found.source)),
+    }
+}
+
+/// Longest state dir path. Every path jobcachefs derives from it adds at most ~200 bytes (a
+/// layer's `mnt/layers/<namespace>/<name>/<id>/upper` with 63-character names), so they all
+/// stay far below `PATH_MAX` (4096) and below the one page in which sysfs reports a loop
+/// device's backing file: nothing is cut where the kernel reads or reports these paths.
+pub const STATE_DIR_MAX: usize = 1024;
+
+fn check_state_dir_length(root: &Path) -> Result<()> {
+    let len = root.as_os_str().len();
+    if len > STATE_DIR_MAX {
+        return Err(Error::invalid(format!(
+            "state dir {}… is {len} bytes long (resolved): use one of at most {STATE_DIR_MAX} bytes (--state-dir or JOBCACHEFS_STATE_DIR)",
+            root.display().to_string().chars().take(60).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod length_tests {
+    use super::*;
+
+    #[test]
+    fn a_state_dir_too_long_for_its_derived_paths_is_refused() {
+        let ok = PathBuf::from(format!("/{}", "s".repeat(STATE_DIR_MAX - 1)));
+        check_state_dir_length(&ok).unwrap();
+        let long = PathBuf::from(format!("/{}", "s".repeat(STATE_DIR_MAX)));
+        let e = check_state_dir_length(&long).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("1025 bytes"), "{e}");
+        // The longest derived path (a layer's lowerdir with the longest names) stays below
+        // PATH_MAX with room to spare.
+        let layout = Layout::new(ok);
+        let id = CacheId::new(&"n".repeat(63), &"c".repeat(63)).unwrap();
+        let lower = layout.layer_lowerdir(&id, &format!("merge-{}", "f".repeat(16)));
+        assert!(
+            lower.as_os_str().len() < 1300,
+            "{}",
+            lower.as_os_str().len()
+        );
     }
 }
