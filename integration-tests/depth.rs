@@ -37,7 +37,7 @@ fn job(dir: &Path, i: usize, model: &mut BTreeMap<String, String>) {
     };
     put(model, format!("f{}", i % 13), format!("v{i}"));
     put(model, format!("d{}/n{i}", i % 4), format!("n{i}"));
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         if let Some(victim) = model.keys().find(|k| k.starts_with('f')).cloned() {
             std::fs::remove_file(dir.join(&victim)).unwrap();
             model.remove(&victim);
@@ -490,7 +490,7 @@ fn real_three_nodes_forty_commits_each_through_a_restarting_registry_stay_within
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        seed % one_in == 0
+        seed.is_multiple_of(one_in)
     };
     let depth = |n: &Node| -> u64 {
         let r = n.run(&["cache", "show", "gradle", "-o", "json"]);

@@ -26,10 +26,14 @@ pub(super) enum CacheCmd {
         /// New limit (e.g. 20Gi).
         size: String,
     },
-    /// Remove a cache (live volumes keep working; space is freed when the last goes).
+    /// Remove a cache, or one of its scopes with --scope (live volumes keep working; space is
+    /// freed when the last goes).
     Rm {
         #[command(flatten)]
         cache: CacheRef,
+        /// Remove only this scope of the cache (a pull request's or a branch's layers).
+        #[arg(long)]
+        scope: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
         yes: bool,
@@ -57,6 +61,9 @@ pub(super) enum CacheCmd {
         /// Show at most this many.
         #[arg(short = 'n', long = "limit")]
         limit: Option<usize>,
+        /// The history of this scope of the cache instead (its last 20 publishes).
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// Publish an earlier generation's content as a new generation (live volumes keep theirs).
     Rollback {
@@ -125,18 +132,52 @@ pub(super) fn run(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
         CacheCmd::Show(c) => show(engine, &c.id()?, json)?,
         CacheCmd::Squash(c) => squash(engine, &c.id()?, json)?,
         CacheCmd::Resize { cache, size } => resize(engine, cache, size, json)?,
-        CacheCmd::Rm { cache, yes } => rm(engine, &cache.id()?, *yes, json)?,
+        CacheCmd::Rm {
+            cache,
+            yes: _,
+            scope: Some(scope),
+        } => {
+            // A scope holds only what its own builds wrote: no confirmation, as a volume delete.
+            let id = cache.id()?;
+            let freed = engine.scope_rm(&id, scope)?;
+            if json {
+                print_json(
+                    &serde_json::json!({"namespace": id.namespace, "name": id.name, "scope": scope, "freed": freed}),
+                );
+            } else {
+                println!(
+                    "scope {scope} of cache {id} removed: {} freed now",
+                    human_bytes(freed)
+                );
+            }
+        }
+        CacheCmd::Rm {
+            cache,
+            yes,
+            scope: None,
+        } => rm(engine, &cache.id()?, *yes, json)?,
         CacheCmd::Export(a) => export(engine, a, json)?,
         CacheCmd::Import { sync, cache_size } => import(engine, sync, cache_size.as_deref(), json)?,
         CacheCmd::History {
             name,
             namespace,
             limit,
+            scope: None,
         } => {
             let id = CacheId::new(namespace, name)?;
             json_or(json, &engine.cache_history(&id, *limit)?, |h| {
                 output::print_history(h)
             })
+        }
+        CacheCmd::History {
+            name,
+            namespace,
+            limit,
+            scope: Some(scope),
+        } => {
+            let id = CacheId::new(namespace, name)?;
+            let h = engine.scope_history(&id, scope, *limit)?;
+            json_or(json, &h, |h| output::print_scope_history(h))
         }
         CacheCmd::Rollback { cache, to } => {
             let id = cache.id()?;

@@ -30,15 +30,21 @@ pub fn describe_delete(outcome: &DeleteOutcome) -> String {
         DeleteOutcome::Discarded => "deleted, changes discarded".to_string(),
         DeleteOutcome::NotCommitted { reason } => format!("deleted, not committed: {reason}"),
         DeleteOutcome::Unchanged => "deleted, nothing changed to commit".to_string(),
+        DeleteOutcome::Declined { reason } => format!("deleted, changes discarded: {reason}"),
         DeleteOutcome::Committed {
             generation,
             squashed,
+            scope,
         } => format!(
-            "deleted, committed as generation {generation}{}",
-            if *squashed {
-                " (squashed to fit the cache-size)"
-            } else {
-                ""
+            "deleted, committed as generation {generation}{}{}",
+            scope
+                .as_ref()
+                .map(|s| format!(" of scope {s}"))
+                .unwrap_or_default(),
+            match (squashed, scope) {
+                (true, None) => " (squashed to fit the cache-size)",
+                (true, Some(_)) => " (its layers merged to fit the scope-size)",
+                _ => "",
             }
         ),
         DeleteOutcome::Rejected { reason } => format!("deleted; {reason}"),
@@ -106,6 +112,7 @@ pub fn print_caches(caches: &[CacheInfo]) {
         "LIMIT",
         "USE%",
         "VOLUMES",
+        "SCOPES",
         "LAST USED",
     ]);
     for c in caches {
@@ -119,7 +126,22 @@ pub fn print_caches(caches: &[CacheInfo]) {
             human_bytes(c.cache_size),
             format!("{}%", c.allocated * 100 / c.cache_size.max(1)),
             c.volumes.len().to_string(),
+            c.scopes.len().to_string(),
             ago(c.last_used),
+        ]);
+    }
+    t.print();
+}
+
+pub fn print_scope_history(h: &[jobcachefs::state::records::ScopeEvent]) {
+    let mut t = Table::new(&["GEN", "PUBLISHED", "KIND", "LAYERS", "SOURCE"]);
+    for e in h {
+        t.row(vec![
+            e.generation.to_string(),
+            ago(e.published),
+            e.kind.clone(),
+            e.layers.to_string(),
+            e.source.clone(),
         ]);
     }
     t.print();
@@ -183,6 +205,28 @@ pub fn print_cache(c: &CacheInfo) {
     println!("Live volumes: {}", c.volumes.len());
     for v in &c.volumes {
         println!("  {}", v.display());
+    }
+    println!("Scopes: {}", c.scopes.len());
+    if !c.scopes.is_empty() {
+        let mut t = Table::new(&[
+            "  SCOPE",
+            "GEN",
+            "LAYERS",
+            "ALLOCATED",
+            "VOLUMES",
+            "LAST USED",
+        ]);
+        for s in &c.scopes {
+            t.row(vec![
+                format!("  {}", s.scope),
+                s.generation.to_string(),
+                s.layers.to_string(),
+                human_bytes(s.allocated),
+                s.volumes.len().to_string(),
+                ago(s.last_used),
+            ]);
+        }
+        t.print();
     }
 }
 
@@ -304,6 +348,7 @@ pub fn print_gc(r: &GcReport) {
     );
     show("squashed", r.squashed.clone());
     show("merged past the depth bound", r.merged.clone());
+    show("idle scope removed", r.scopes_removed.clone());
     show("error", r.errors.clone());
 }
 

@@ -40,6 +40,10 @@ pub(super) struct RunArgs {
     /// told to stop, or a CMD killed by a signal, never commits.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "on-success", value_name = "WHEN")]
     write_back: Option<WriteBackArg>,
+    /// Read the caches with this scope's own layers on top, and write back into the scope only
+    /// (a pull request's or a branch's: see `volume create --scope`).
+    #[arg(long)]
+    scope: Option<String>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -73,11 +77,15 @@ fn requests(a: &RunArgs) -> jobcachefs::Result<(Vec<CreateRequest>, WriteBack)> 
         .as_deref()
         .map(|m| CacheMode::parse("--cache-mode", m))
         .transpose()?;
+    if let Some(scope) = &a.scope {
+        jobcachefs::input::names::validate_label("--scope", scope)?;
+    }
     let reqs = caches
         .into_iter()
         .map(|c| CreateRequest {
             dir: c.dir,
             cache: Some(c.cache),
+            scope: a.scope.clone(),
             size,
             write_back: policy != WriteBack::Never,
             cache_size,

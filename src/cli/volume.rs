@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use jobcachefs::engine::{CreateRequest, DeleteOutcome};
 use jobcachefs::input::names::{validate_label, CacheId, DEFAULT_NAMESPACE};
 use jobcachefs::input::quantity::human_bytes;
+use jobcachefs::input::write_back::WriteBack;
 use jobcachefs::state::records::CacheMode;
 use jobcachefs::Engine;
 use std::path::{Path, PathBuf};
@@ -45,9 +46,15 @@ pub(super) struct CreateArgs {
     /// Size limit of the volume's writes (e.g. 2Gi); writes beyond it get ENOSPC.
     #[arg(long, allow_hyphen_values = true)]
     size: Option<String>,
-    /// Commit the volume into the cache when it is deleted.
+    /// Commit the volume when it is deleted: true (what --write-back alone means), on-success
+    /// (only if the job left .jobcachefs-success at the volume's root; the marker never reaches
+    /// the cache) or false. A scoped volume commits into its scope, never into the cache.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "WHEN")]
+    write_back: Option<String>,
+    /// Read the cache with this scope's own layers on top (a pull request's or a branch's), and
+    /// write back into the scope only (a DNS-1123 label; overlay caches).
     #[arg(long)]
-    write_back: bool,
+    scope: Option<String>,
     /// Size limit of the cache, if this creates it (e.g. 20Gi).
     #[arg(long, allow_hyphen_values = true)]
     cache_size: Option<String>,
@@ -99,11 +106,28 @@ fn request(a: &CreateArgs) -> jobcachefs::Result<CreateRequest> {
         .as_deref()
         .map(|m| CacheMode::parse("--cache-mode", m))
         .transpose()?;
+    let policy = a
+        .write_back
+        .as_deref()
+        .map(|w| WriteBack::parse("--write-back", w))
+        .transpose()?
+        .unwrap_or_default();
+    if let Some(scope) = &a.scope {
+        validate_label("--scope", scope)?;
+        if cache.is_none() {
+            return Err(jobcachefs::Error::invalid(format!(
+                "--scope {scope} needs --cache NAME: a scope is a child of a cache"
+            )));
+        }
+    }
+    let (write_back, on_success) = policy.flags();
     Ok(CreateRequest {
         dir: a.dir.clone(),
         cache,
         size,
-        write_back: a.write_back,
+        write_back,
+        on_success,
+        scope: a.scope.clone(),
         cache_size,
         cache_mode,
         unique_ids: a.unique_ids,
@@ -131,17 +155,27 @@ fn create(engine: &Engine, a: &CreateArgs, json: bool) -> Result<u8> {
             );
         }
         println!(
-            "volume {} ready: cache {} generation {} ({} layers), size {}, write-back {}",
+            "volume {} ready: cache {}{} generation {} ({} layers), size {}, write-back {}",
             record.dir.display(),
             record
                 .cache
                 .as_ref()
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "(none)".into()),
+            record
+                .scope
+                .as_ref()
+                .map(|s| format!(" scope {s}"))
+                .unwrap_or_default(),
             record.generation,
             record.layers.len(),
             human_bytes(record.size),
-            record.write_back
+            match (record.write_back, record.on_success, &record.scope) {
+                (true, true, Some(s)) => format!("on-success (into scope {s})"),
+                (true, false, Some(s)) => format!("true (into scope {s})"),
+                (true, true, None) => "on-success".to_string(),
+                (w, _, _) => w.to_string(),
+            }
         );
     }
     Ok(exit::OK)
@@ -185,8 +219,31 @@ mod tests {
         let r = check(&["/v", "--cache", "maven", "--size", "2Gi", "--write-back"]).unwrap();
         assert_eq!(r.cache, Some(CacheId::new("default", "maven").unwrap()));
         assert_eq!(r.size, Some(2 << 30));
-        assert!(r.write_back);
+        assert!(r.write_back && !r.on_success && r.scope.is_none());
+        let r = check(&[
+            "/v",
+            "--cache",
+            "m",
+            "--write-back",
+            "on-success",
+            "--scope",
+            "pr-7",
+        ])
+        .unwrap();
+        assert!(r.write_back && r.on_success);
+        assert_eq!(r.scope.as_deref(), Some("pr-7"));
+        let r = check(&["/v", "--cache", "m", "--write-back=false"]).unwrap();
+        assert!(!r.write_back);
         for (args, msg) in [
+            (
+                &["/v", "--cache", "m", "--write-back", "yes"][..],
+                "--write-back is \"yes\": use \"true\", \"on-success\" or \"false\"",
+            ),
+            (&["/v", "--scope", "pr-1"][..], "--scope pr-1 needs --cache NAME: a scope is a child of a cache"),
+            (
+                &["/v", "--cache", "m", "--scope", "PR_1"][..],
+                "--scope \"PR_1\" is invalid: use lower-case letters, digits and '-', starting and ending with a letter or digit (at most 63)",
+            ),
             (&["/v", "--cache-size", "1Gi"][..], "--cache-size needs --cache NAME"),
             (
                 &["/v", "--namespace", "Bad"][..],

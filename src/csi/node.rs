@@ -362,9 +362,15 @@ fn remove_target(target: &Path) -> Result<(), Status> {
 
 fn describe(o: &DeleteOutcome) -> String {
     match o {
+        DeleteOutcome::Committed {
+            generation,
+            scope: Some(scope),
+            ..
+        } => format!("committed into scope {scope} as its generation {generation}"),
         DeleteOutcome::Committed { generation, .. } => {
             format!("committed as generation {generation}")
         }
+        DeleteOutcome::Declined { reason } => format!("discarded: {reason}"),
         DeleteOutcome::NotCommitted { reason } | DeleteOutcome::Rejected { reason } => {
             format!("not committed: {reason}")
         }

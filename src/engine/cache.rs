@@ -40,6 +40,8 @@ pub struct CacheInfo {
     pub created: u64,
     /// Whether a squash is queued.
     pub squash_due: bool,
+    /// Its scopes (pull-request and branch layers on top of it).
+    pub scopes: Vec<super::ScopeInfo>,
 }
 
 /// A cache `prune` would remove, and why.
@@ -49,6 +51,9 @@ pub struct PruneCandidate {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// The scope that goes, when only a scope of the cache goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     /// Bytes it frees.
     pub frees: u64,
     /// Unix seconds of last use.
@@ -97,6 +102,7 @@ impl Engine {
             last_used,
             created: record.created,
             squash_due: self.layout.squash_due(id).exists(),
+            scopes: self.scope_list(id)?,
         })
     }
 
@@ -210,8 +216,11 @@ impl Engine {
         Ok(plan_prune(
             &self.cache_list()?,
             fsutil::now(),
-            unused_for,
-            max_total,
+            Limits {
+                unused_for,
+                max_total,
+                scope_idle: self.config.scope_idle_seconds,
+            },
             keep,
         ))
     }
@@ -226,11 +235,18 @@ impl Engine {
         let plan = self.prune_plan(unused_for, max_total)?;
         if !dry_run {
             for c in &plan {
-                let id = CacheId::new(&c.namespace, &c.name)?;
-                self.cache_rm(&id)?;
+                self.remove_candidate(c)?;
             }
         }
         Ok(plan)
+    }
+
+    fn remove_candidate(&self, c: &PruneCandidate) -> Result<()> {
+        let id = CacheId::new(&c.namespace, &c.name)?;
+        match &c.scope {
+            Some(scope) => self.scope_rm(&id, scope).map(|_| ()),
+            None => self.cache_rm(&id).map(|_| ()),
+        }
     }
 
     /// Prunes least recently used caches until the node total fits `budget`, never `keep` (the
@@ -242,30 +258,88 @@ impl Engine {
     ) -> Result<Vec<PruneCandidate>> {
         let pruned = self.prune_plan_except(None, Some(budget), keep)?;
         for c in &pruned {
-            self.cache_rm(&CacheId::new(&c.namespace, &c.name)?)?;
-            tracing::info!(cache = %format!("{}/{}", c.namespace, c.name), frees = c.frees, "pruned to the node budget");
+            self.remove_candidate(c)?;
+            tracing::info!(cache = %format!("{}/{}", c.namespace, c.name), scope = c.scope.as_deref().unwrap_or(""), frees = c.frees, "pruned to the node budget");
         }
         Ok(pruned)
     }
 }
 
-/// Decides what a prune removes, without I/O: caches unused for at least `unused_for` seconds
-/// and, least recently used first, caches until the total of `on_disk` is at most `max_total`.
-/// Caches with live volumes and `keep` are never chosen.
+/// What a prune goes by.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Remove caches unused for at least this many seconds.
+    pub unused_for: Option<u64>,
+    /// Remove, least recently used first, until the node total is at most this.
+    pub max_total: Option<u64>,
+    /// Remove scopes unused for at least this many seconds (`scope_idle`).
+    pub scope_idle: u64,
+}
+
+/// Decides what a prune removes, without I/O. Scopes first: those idle for `scope_idle`, then,
+/// least recently used first, scopes until the node total (`on_disk`, scopes included) is at
+/// most `max_total`; then caches unused for at least `unused_for` seconds and, least recently
+/// used first, caches until the total fits. Whatever has live volumes, and `keep` (with its
+/// scopes), is never chosen.
 pub fn plan_prune(
     caches: &[CacheInfo],
     now: u64,
-    unused_for: Option<u64>,
-    max_total: Option<u64>,
+    limits: Limits,
     keep: Option<&CacheId>,
 ) -> Vec<PruneCandidate> {
+    let Limits {
+        unused_for,
+        max_total,
+        scope_idle,
+    } = limits;
     let mut caches: Vec<&CacheInfo> = caches.iter().collect();
     caches.sort_by_key(|c| (c.last_used, c.namespace.clone(), c.name.clone()));
     let mut total: u64 = caches.iter().map(|c| c.on_disk).sum();
     let mut out = Vec::new();
+    let kept = |c: &CacheInfo| keep.is_some_and(|k| k.namespace == c.namespace && k.name == c.name);
+    let mut scopes: Vec<(&CacheInfo, &super::ScopeInfo)> = caches
+        .iter()
+        .flat_map(|c| c.scopes.iter().map(move |s| (*c, s)))
+        .collect();
+    scopes.sort_by_key(|(c, s)| {
+        (
+            s.last_used,
+            c.namespace.clone(),
+            c.name.clone(),
+            s.scope.clone(),
+        )
+    });
+    // What removing a whole cache frees once some of its scopes already went.
+    let mut gone: std::collections::HashMap<(String, String), u64> = Default::default();
+    for (c, s) in scopes {
+        if kept(c) || !s.volumes.is_empty() {
+            continue;
+        }
+        let idle = now.saturating_sub(s.last_used);
+        let reason = match max_total {
+            _ if idle >= scope_idle => format!("scope unused for {idle}s"),
+            Some(budget) if total > budget => format!(
+                "node total {} is over the budget {} (scopes go before caches)",
+                human_bytes(total),
+                human_bytes(budget)
+            ),
+            _ => continue,
+        };
+        total = total.saturating_sub(s.allocated);
+        *gone
+            .entry((c.namespace.clone(), c.name.clone()))
+            .or_default() += s.allocated;
+        out.push(PruneCandidate {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            scope: Some(s.scope.clone()),
+            frees: s.allocated,
+            last_used: s.last_used,
+            reason,
+        });
+    }
     for c in caches {
-        let kept = keep.is_some_and(|k| k.namespace == c.namespace && k.name == c.name);
-        if !c.volumes.is_empty() || kept {
+        if !c.volumes.is_empty() || kept(c) {
             continue;
         }
         let idle = now.saturating_sub(c.last_used);
@@ -278,11 +352,17 @@ pub fn plan_prune(
             ),
             _ => continue,
         };
-        total = total.saturating_sub(c.on_disk);
+        let frees = c.on_disk.saturating_sub(
+            gone.get(&(c.namespace.clone(), c.name.clone()))
+                .copied()
+                .unwrap_or(0),
+        );
+        total = total.saturating_sub(frees);
         out.push(PruneCandidate {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
-            frees: c.on_disk,
+            scope: None,
+            frees,
             last_used: c.last_used,
             reason,
         });
@@ -309,7 +389,37 @@ mod tests {
             last_used,
             created: 0,
             squash_due: false,
+            scopes: Vec::new(),
         }
+    }
+
+    /// `plan_prune` with these limits (scopes idle for a week go).
+    fn plan(
+        cs: &[CacheInfo],
+        unused_for: Option<u64>,
+        max_total: Option<u64>,
+        keep: Option<&CacheId>,
+    ) -> Vec<PruneCandidate> {
+        let limits = Limits {
+            unused_for,
+            max_total,
+            scope_idle: 604_800,
+        };
+        plan_prune(cs, 1000, limits, keep)
+    }
+
+    /// A scope unused since 0 is idle at 1000 when scope_idle is 1000.
+    fn plan_idle(
+        cs: &[CacheInfo],
+        keep: Option<&CacheId>,
+        max_total: Option<u64>,
+    ) -> Vec<PruneCandidate> {
+        let limits = Limits {
+            unused_for: None,
+            max_total,
+            scope_idle: 1000,
+        };
+        plan_prune(cs, 1000, limits, keep)
     }
 
     fn names(p: &[PruneCandidate]) -> Vec<&str> {
@@ -323,11 +433,8 @@ mod tests {
             cache("busy", 50, 10, 1),
             cache("new", 990, 10, 0),
         ];
-        assert_eq!(
-            names(&plan_prune(&cs, 1000, Some(500), None, None)),
-            ["old"]
-        );
-        assert!(plan_prune(&cs, 1000, Some(5000), None, None).is_empty());
+        assert_eq!(names(&plan(&cs, Some(500), None, None)), ["old"]);
+        assert!(plan(&cs, Some(5000), None, None).is_empty());
     }
 
     #[test]
@@ -337,24 +444,12 @@ mod tests {
             cache("a", 100, 10, 0),
             cache("b", 200, 20, 0),
         ];
-        assert_eq!(
-            names(&plan_prune(&cs, 1000, None, Some(60), None)),
-            Vec::<&str>::new()
-        );
-        assert_eq!(names(&plan_prune(&cs, 1000, None, Some(59), None)), ["a"]);
-        assert_eq!(
-            names(&plan_prune(&cs, 1000, None, Some(30), None)),
-            ["a", "b"]
-        );
-        assert_eq!(
-            names(&plan_prune(&cs, 1000, None, Some(0), None)),
-            ["a", "b", "c"]
-        );
+        assert_eq!(names(&plan(&cs, None, Some(60), None)), Vec::<&str>::new());
+        assert_eq!(names(&plan(&cs, None, Some(59), None)), ["a"]);
+        assert_eq!(names(&plan(&cs, None, Some(30), None)), ["a", "b"]);
+        assert_eq!(names(&plan(&cs, None, Some(0), None)), ["a", "b", "c"]);
         let keep = CacheId::new("ns", "a").unwrap();
-        assert_eq!(
-            names(&plan_prune(&cs, 1000, None, Some(30), Some(&keep))),
-            ["b", "c"]
-        );
+        assert_eq!(names(&plan(&cs, None, Some(30), Some(&keep))), ["b", "c"]);
     }
 
     #[test]
@@ -365,9 +460,63 @@ mod tests {
             cache("c", 950, 50, 0),
         ];
         // a is old; after it goes the total is 100, over 60: b (next least recent) goes too.
+        assert_eq!(names(&plan(&cs, Some(500), Some(60), None)), ["a", "b"]);
+    }
+
+    fn scope(name: &str, last_used: u64, allocated: u64, live: usize) -> crate::engine::ScopeInfo {
+        crate::engine::ScopeInfo {
+            scope: name.into(),
+            generation: 1,
+            layers: 1,
+            allocated,
+            last_used,
+            volumes: (0..live).map(|i| PathBuf::from(format!("/s{i}"))).collect(),
+        }
+    }
+
+    fn what(p: &[PruneCandidate]) -> Vec<String> {
+        p.iter()
+            .map(|c| match &c.scope {
+                Some(s) => format!("{}/{s}", c.name),
+                None => c.name.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scopes_go_before_caches_least_recently_used_first() {
+        // a's 100 bytes on disk hold its scopes' 90; pr-3 has a live volume (so a has one).
+        let mut a = cache("a", 100, 100, 1);
+        a.scopes = vec![
+            scope("pr-1", 900, 30, 0),
+            scope("pr-2", 200, 20, 0),
+            scope("pr-3", 50, 40, 1),
+        ];
+        let b = cache("b", 300, 50, 0);
+        // 150 on disk: pr-2 (older) then pr-1 bring it to 100; pr-3 is in use and stays.
         assert_eq!(
-            names(&plan_prune(&cs, 1000, Some(500), Some(60), None)),
-            ["a", "b"]
+            what(&plan(&[a.clone(), b.clone()], None, Some(100), None)),
+            ["a/pr-2", "a/pr-1"]
         );
+        // Below what scopes can free: then caches, least recently used first (a is in use).
+        let p = plan(&[a.clone(), b.clone()], None, Some(40), None);
+        assert_eq!(what(&p), ["a/pr-2", "a/pr-1", "b"]);
+        // A whole cache frees what its scopes did not already.
+        let mut c = cache("c", 100, 100, 0);
+        c.scopes = vec![scope("pr-9", 200, 60, 0)];
+        let p = plan(std::slice::from_ref(&c), None, Some(0), None);
+        assert_eq!(what(&p), ["c/pr-9", "c"]);
+        assert_eq!(p.iter().map(|c| c.frees).collect::<Vec<_>>(), [60, 40]);
+        a.volumes.clear();
+        // A scope idle for scope_idle goes whatever the budget; the kept cache's never.
+        a.scopes = vec![scope("stale", 0, 5, 0), scope("fresh", 999, 5, 0)];
+        let cs = [a.clone()];
+        assert_eq!(what(&plan_idle(&cs, None, None)), ["a/stale"]);
+        assert!(
+            plan(&cs, None, None, None).is_empty(),
+            "a week has not passed"
+        );
+        let keep = CacheId::new("ns", "a").unwrap();
+        assert!(plan_idle(&cs, Some(&keep), Some(0)).is_empty());
     }
 }

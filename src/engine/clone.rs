@@ -425,7 +425,20 @@ impl Engine {
         let vol = record.id.clone();
         let image = clone_store::volume_image(&store, &vol);
         self.unmount_below(&record.dir)?;
-        if self.clone_mounted_at(&record.dir, &image)? {
+        let mounted = self.clone_mounted_at(&record.dir, &image)?;
+        if record.on_success && !record.discard && record.commit_layer.is_none() {
+            if mounted {
+                let root = record.dir.clone();
+                self.judge_success(&mut record, &root)?;
+            } else if record.success.is_none() {
+                // Its mount is gone (a reboot): the marker cannot be read, so the job is not
+                // known to have succeeded.
+                record.success = Some(false);
+                record.discard = true;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
+            }
+        }
+        if mounted {
             if !record.discard {
                 // Freed blocks go back before the image becomes the cache's generation.
                 if let Err(e) = self.host.trim(&record.dir) {
@@ -458,6 +471,9 @@ impl Engine {
                 let layer = layer.clone();
                 self.clone_commit(&record, &layer, &store)?
             }
+            _ if record.success == Some(false) => DeleteOutcome::Declined {
+                reason: super::volume::no_success_reason(&record),
+            },
             _ => match reason {
                 Some(reason) => DeleteOutcome::NotCommitted { reason },
                 None => DeleteOutcome::Discarded,
@@ -493,6 +509,7 @@ impl Engine {
             return Ok(DeleteOutcome::Committed {
                 generation: current.generation,
                 squashed: false,
+                scope: None,
             });
         }
         if src.exists() {
@@ -529,6 +546,7 @@ impl Engine {
         Ok(DeleteOutcome::Committed {
             generation: next.generation,
             squashed: false,
+            scope: None,
         })
     }
 

@@ -21,6 +21,10 @@ impl Engine {
     /// Publishes the volume's image as layer `layer` on top of the cache's current generation.
     /// Called with the volume lock held; takes the cache lock only for the rename and publish.
     pub(crate) fn commit(&self, record: &VolumeRecord, layer: &str) -> Result<DeleteOutcome> {
+        if let Some(scope) = &record.scope {
+            // A scoped volume commits into its scope, whoever asked: never into the cache.
+            return self.scope_commit(record, scope, layer);
+        }
         let id = record.cache.as_ref().expect("only cache volumes commit");
         let src = self.layout.volume_image(&record.id);
         let dst = self.layout.layer_image(id, layer);
@@ -38,6 +42,7 @@ impl Engine {
             return Ok(DeleteOutcome::Committed {
                 generation: current.generation,
                 squashed: false,
+                scope: None,
             });
         }
         let image = if dst.exists() {
@@ -77,6 +82,7 @@ impl Engine {
         Ok(DeleteOutcome::Committed {
             generation: next.generation,
             squashed: false,
+            scope: None,
         })
     }
 
@@ -97,6 +103,7 @@ impl Engine {
                 Ok(DeleteOutcome::Committed {
                     generation: outcome.generation().unwrap_or(0),
                     squashed: true,
+                    scope: None,
                 })
             }
             Err(e) if e.kind() == ErrorKind::Quota => {

@@ -39,6 +39,8 @@ pub struct GcReport {
     pub squashed: Vec<String>,
     /// Caches past the hard depth bound whose newest layers were merged.
     pub merged: Vec<String>,
+    /// Scopes removed because no volume used them for `scope_idle`.
+    pub scopes_removed: Vec<String>,
     /// Clone caches whose write lease named a volume that is gone.
     pub leases_released: Vec<String>,
     /// Volumes of a `jobcachefs run` that was killed: discarded (what was left of the job
@@ -59,6 +61,7 @@ impl GcReport {
             && self.loops_detached.is_empty()
             && self.tmp_removed.is_empty()
             && self.merged.is_empty()
+            && self.scopes_removed.is_empty()
             && self.squashed.is_empty()
             && self.leases_released.is_empty()
             && self.runs_repaired.is_empty()
@@ -89,6 +92,10 @@ impl Engine {
         for id in self.cache_ids()? {
             if let Err(e) = self.gc_cache(&id, &mut report) {
                 report.errors.push(format!("cache {id}: {e}"));
+            }
+            match self.gc_scopes(&id) {
+                Ok(gone) => report.scopes_removed.extend(gone),
+                Err(e) => report.errors.push(format!("cache {id}: scopes: {e}")),
             }
             match self.enforce_depth_bound(&id) {
                 Ok(Some(_)) => report.merged.push(id.to_string()),
@@ -216,6 +223,7 @@ impl Engine {
         self.unmount_unused_layers(id)?;
         let mut keep: HashSet<String> = self.layers_in_use(id)?;
         keep.extend(self.kept_layers(id)?);
+        keep.extend(self.scope_layers(id)?);
         let mut removed = Vec::new();
         let mut dirs = vec![self.layout.layers_dir(id)];
         // A clone cache's generation images live in the clone store (if it is mounted: gc

@@ -16,6 +16,7 @@ mod publish;
 mod rebuild;
 mod release;
 mod runs;
+mod scope;
 mod squash;
 mod volume;
 
@@ -26,6 +27,7 @@ pub use gc::GcReport;
 pub use publish::HistoryEntry;
 pub use release::ReleaseReport;
 pub use runs::{process_start, RunClaim, RunOwner, RUN_LABEL};
+pub use scope::ScopeInfo;
 pub use squash::SquashOutcome;
 pub use volume::{CreateRequest, DeleteOutcome, VolumeInfo};
 

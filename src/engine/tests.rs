@@ -147,6 +147,7 @@ fn committed(generation: u64) -> DeleteOutcome {
     DeleteOutcome::Committed {
         generation,
         squashed: false,
+        scope: None,
     }
 }
 

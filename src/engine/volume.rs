@@ -42,6 +42,11 @@ pub struct CreateRequest {
     pub unique_ids: bool,
     /// The cache's GID as the cluster allocated it (the hook); `None`: the node allocates.
     pub cache_gid: Option<u32>,
+    /// Read the cache with this scope's layers on top, and write back into the scope only.
+    pub scope: Option<String>,
+    /// Write back only if the job leaves [`crate::state::records::SUCCESS_MARKER`] at the
+    /// volume's root (with `write_back`).
+    pub on_success: bool,
 }
 
 /// What `volume delete` did.
@@ -64,12 +69,22 @@ pub enum DeleteOutcome {
     },
     /// Write-back volume that changed nothing: nothing published.
     Unchanged,
-    /// Committed as a new generation.
+    /// Committed as a new generation (of the cache, or of the scope it names).
     Committed {
-        /// The generation published.
+        /// The generation published (the scope's own count for a scope).
         generation: u64,
-        /// Whether the commit needed a squash to fit the cache-size.
+        /// Whether the commit needed a squash (a merge, for a scope) to fit its size limit.
         squashed: bool,
+        /// The scope it was committed into; `None`: the cache.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
+    },
+    /// A write-back `on-success` volume whose job left no success marker: discarded. Reported
+    /// as `"outcome": "discarded"` with a `reason`; not counted as a failed commit.
+    #[serde(rename = "discarded")]
+    Declined {
+        /// Why, for the operator.
+        reason: String,
     },
     /// The commit did not fit the cache-size even squashed: the previous generation stays.
     Rejected {
@@ -216,6 +231,13 @@ impl Engine {
                 let current = self.current(id)?;
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
+                if let Some(scope) = &req.scope {
+                    // The scope's layers on top of the cache's: pinned by the record like them.
+                    if let Some(s) = self.scope_record(id, scope)? {
+                        record.layers.extend(s.layer_ids());
+                    }
+                    self.touch_scope(id, scope)?;
+                }
                 if let Some(uid) = uid {
                     let gid = self.cache_gid(id, req.cache_gid)?;
                     set_identity(&mut record, uid, gid);
@@ -293,6 +315,20 @@ impl Engine {
             return Err(Error::invalid(
                 "--write-back needs a cache: add --cache NAME",
             ));
+        }
+        if let Some(scope) = &req.scope {
+            crate::input::names::validate_label("scope", scope)?;
+            let Some(id) = &req.cache else {
+                return Err(Error::invalid(format!(
+                    "--scope {scope} needs a cache: add --cache NAME (a scope is a child of a cache)"
+                )));
+            };
+            if mode == CacheMode::Clone {
+                return Err(Error::invalid(format!(
+                    "cache {id} is a clone cache, and clone caches have no scopes: a clone volume is a copy of one whole image, \
+                     so a scope would be a second copy of the cache per branch. Use an overlay cache for scoped builds, or drop --scope {scope}"
+                )));
+            }
         }
         let dir = resolve_dir(&req.dir)?;
         let root = self.layout.root();
@@ -415,16 +451,23 @@ impl Engine {
         if existing.cache != req.cache
             || existing.size != size
             || existing.write_back != req.write_back
+            || existing.scope != req.scope
+            || existing.on_success != (req.write_back && req.on_success)
             || existing.identity.is_some() != req.unique_ids
         {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "volume {} already exists with cache {}, size {}, write-back {}: delete it first or repeat the same request",
+                    "volume {} already exists with cache {}{}, size {}, write-back {}: delete it first or repeat the same request",
                     existing.dir.display(),
                     existing.cache.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "(none)".into()),
+                    existing.scope.as_ref().map(|s| format!(" scope {s}")).unwrap_or_default(),
                     existing.size,
-                    existing.write_back
+                    match (existing.write_back, existing.on_success) {
+                        (true, true) => "on-success",
+                        (true, false) => "true",
+                        _ => "false",
+                    }
                 ),
             ));
         }
@@ -572,6 +615,10 @@ impl Engine {
                 stats::histograms::VOLUME_DISCARD,
                 Some(stats::names::COMMITS_NOT_COMMITTED),
             ),
+            Ok(DeleteOutcome::Declined { .. }) => (
+                stats::histograms::VOLUME_DISCARD,
+                Some(stats::names::COMMITS_DECLINED),
+            ),
             Ok(_) => (stats::histograms::VOLUME_DISCARD, None),
         };
         let deltas: Vec<(&str, u64)> = outcome.into_iter().map(|k| (k, 1)).collect();
@@ -649,6 +696,9 @@ impl Engine {
         }
         let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &upper) {
+            if record.on_success && !record.discard && record.commit_layer.is_none() {
+                self.judge_success(&mut record, &upper.join("upper"))?;
+            }
             if !record.discard && record.commit_layer.is_none() {
                 let changed = std::fs::read_dir(upper.join("upper"))
                     .at("read", &upper.join("upper"))?
@@ -698,6 +748,9 @@ impl Engine {
                 }
             }
             (None, false) => DeleteOutcome::Unchanged,
+            _ if record.success == Some(false) => DeleteOutcome::Declined {
+                reason: no_success_reason(&record),
+            },
             _ if record.unchanged => DeleteOutcome::Unchanged,
             _ if not_committed.is_some() => DeleteOutcome::NotCommitted {
                 reason: not_committed.unwrap_or_default(),
@@ -708,10 +761,36 @@ impl Engine {
         self.forget(&record)?;
         self.remove_made_dir(&record);
         tracing::info!(dir = %record.dir.display(), outcome = ?outcome, "volume deleted");
-        if let (DeleteOutcome::Committed { .. }, Some(id)) = (&outcome, &record.cache) {
-            self.after_commit(id)?;
+        match (&outcome, &record.cache) {
+            (DeleteOutcome::Committed { scope: None, .. }, Some(id)) => self.after_commit(id)?,
+            (DeleteOutcome::Committed { scope: Some(s), .. }, Some(id)) => {
+                self.after_scope_commit(id, s)?
+            }
+            _ => {}
         }
         Ok(outcome)
+    }
+
+    /// Judges a write-back `on-success` volume by its success marker, in its upper dir `upper`
+    /// (the job's own files: the marker is never in a layer). The decision is recorded before
+    /// the marker is removed, so a retried delete keeps it; without the marker the volume is
+    /// discarded. Called with the volume lock, the upper mounted and the overlay unmounted.
+    pub(crate) fn judge_success(&self, record: &mut VolumeRecord, upper: &Path) -> Result<()> {
+        let marker = upper.join(crate::state::records::SUCCESS_MARKER);
+        if record.success.is_none() {
+            let seen = std::fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file());
+            record.success = Some(seen);
+            if !seen {
+                record.discard = true;
+                tracing::info!(dir = %record.dir.display(), "{}", no_success_reason(record));
+            }
+            self.write_record(&self.layout.volume_record(&record.id), record)?;
+            fault::point("delete:judged");
+        }
+        if record.success == Some(true) {
+            fsutil::remove_file_if_exists(&marker)?;
+        }
+        Ok(())
     }
 
     /// Live volumes with their use.
@@ -821,6 +900,9 @@ pub(crate) fn new_record(
         unchanged: false,
         made_dir: !dir.exists(),
         labels: req.labels.clone(),
+        scope: req.scope.clone(),
+        on_success: req.write_back && req.on_success,
+        success: None,
     }
 }
 
@@ -897,6 +979,15 @@ pub(crate) fn touch(path: &Path) {
         &now,
         nix::sys::stat::UtimensatFlags::FollowSymlink,
     );
+}
+
+/// Why an `on-success` volume was discarded.
+pub(crate) fn no_success_reason(record: &VolumeRecord) -> String {
+    format!(
+        "write-back on-success: the job left no {} at the root of {}, so its changes were discarded (a failed or cancelled job, or one without the success step)",
+        crate::state::records::SUCCESS_MARKER,
+        record.dir.display()
+    )
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ struct RawConfig {
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
     squash_idle_seconds: Option<u64>,
+    scope_size: Option<String>,
+    scope_idle: Option<String>,
     node_budget: Option<String>,
     disk_reserve: Option<String>,
     overcommit: Option<f64>,
@@ -44,6 +46,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCsi {
     inline_write_back: Option<Vec<String>>,
+    inline_scope_write_back: Option<Vec<String>>,
     inline_default_size: Option<String>,
     inline_max_size: Option<String>,
     publish_deadline: Option<String>,
@@ -111,6 +114,9 @@ pub struct CsiConfig {
     /// namespace) or `NS/SERVICEACCOUNT`, as kubelet reports them (the pod's author cannot forge
     /// either). Checked to be DNS labels.
     pub inline_write_back: Vec<String>,
+    /// Who may write back into a scope through an inline volume with a `scope` attribute: the
+    /// same forms, or `*` for everyone (the default: a scope cannot reach the cache).
+    pub inline_scope_write_back: Vec<String>,
     /// Size of an inline volume that names none.
     pub inline_default_size: u64,
     /// The largest `size` an inline volume may ask for.
@@ -124,6 +130,7 @@ impl Default for CsiConfig {
     fn default() -> Self {
         CsiConfig {
             inline_write_back: Vec::new(),
+            inline_scope_write_back: vec!["*".to_string()],
             inline_default_size: 2 << 30,
             inline_max_size: 20 << 30,
             publish_deadline: 90,
@@ -228,6 +235,11 @@ pub struct Config {
     /// squashed by `gc --drain` and the agent, whatever its depth: every lookup through a
     /// volume pays for each layer, and an idle cache is squashed when no job waits; 0: never.
     pub squash_idle_seconds: u64,
+    /// Limit on the allocated bytes of one scope's layers; `None`: its cache's cache-size.
+    pub scope_size: Option<u64>,
+    /// A scope no volume was created on for this many seconds is removed by gc, the agent and
+    /// prune (default 7 days).
+    pub scope_idle_seconds: u64,
     /// Node-wide budget for all caches' allocated bytes; least recently used caches are pruned
     /// after a commit pushes the total over it.
     pub node_budget: Option<u64>,
@@ -284,6 +296,8 @@ impl Default for Config {
             squash_delta_size: 4 << 30,
             squash_inline: true,
             squash_idle_seconds: 600,
+            scope_size: None,
+            scope_idle_seconds: 7 * 86_400,
             node_budget: None,
             disk_reserve: None,
             overcommit_percent: 100,
@@ -319,18 +333,17 @@ impl Config {
             }
         };
         let max_depth = raw.max_depth.unwrap_or(d.max_depth);
-        if !(2..MAX_DEPTH_HARD).contains(&max_depth) {
+        if !(2..=MAX_DEPTH_HARD).contains(&max_depth) {
             return Err(Error::invalid(format!(
-                "max_depth in {origin} is {max_depth}: use a number from 2 to 63"
+                "max_depth in {origin} is {max_depth}: use a number from 2 to 64"
             )));
         }
         let max_depth_hard = raw
             .max_depth_hard
             .unwrap_or((4 * max_depth).min(MAX_DEPTH_HARD));
-        if !(max_depth + 1..=MAX_DEPTH_HARD).contains(&max_depth_hard) {
+        if !(max_depth..=MAX_DEPTH_HARD).contains(&max_depth_hard) {
             return Err(Error::invalid(format!(
-                "max_depth_hard in {origin} is {max_depth_hard}: use a number from max_depth + 1 ({}) to {MAX_DEPTH_HARD}",
-                max_depth + 1
+                "max_depth_hard in {origin} is {max_depth_hard}: use a number from max_depth ({max_depth}) to {MAX_DEPTH_HARD}"
             )));
         }
         Ok(Config {
@@ -361,6 +374,17 @@ impl Config {
                         "squash_idle_seconds in {origin} is {n}: use a number of seconds from 0 (never squash for idleness) to 604800"
                     )))
                 }
+            },
+            scope_size: match &raw.scope_size {
+                Some(s) => Some(parse_size(&format!("scope_size in {origin}"), s)?),
+                None => None,
+            },
+            scope_idle_seconds: match &raw.scope_idle {
+                Some(s) => crate::input::quantity::parse_duration(
+                    &format!("scope_idle in {origin}"),
+                    s,
+                )?,
+                None => d.scope_idle_seconds,
             },
             node_budget: match &raw.node_budget {
                 Some(s) => Some(parse_size(&format!("node_budget in {origin}"), s)?),
@@ -532,7 +556,13 @@ fn agent(raw: RawAgent, origin: &str) -> Result<AgentConfig> {
 fn csi(raw: RawCsi, origin: &str) -> Result<CsiConfig> {
     let d = CsiConfig::default();
     let inline_write_back = raw.inline_write_back.unwrap_or_default();
-    for entry in &inline_write_back {
+    let inline_scope_write_back = raw
+        .inline_scope_write_back
+        .unwrap_or(d.inline_scope_write_back.clone());
+    for entry in inline_write_back
+        .iter()
+        .chain(inline_scope_write_back.iter().filter(|e| e.as_str() != "*"))
+    {
         let mut parts = entry.splitn(2, '/');
         let ns = parts.next().unwrap_or_default();
         let sa = parts.next();
@@ -572,6 +602,7 @@ fn csi(raw: RawCsi, origin: &str) -> Result<CsiConfig> {
     };
     Ok(CsiConfig {
         inline_write_back,
+        inline_scope_write_back,
         inline_default_size,
         inline_max_size,
         publish_deadline,
@@ -646,6 +677,38 @@ mod tests {
         );
         let e = Config::from_toml("max_depth = 1", "f").unwrap_err();
         assert!(e.to_string().contains("max_depth"), "{e}");
+        assert_eq!(
+            Config::from_toml("max_depth = 8", "f")
+                .unwrap()
+                .max_depth_hard,
+            32
+        );
+        assert_eq!(
+            Config::from_toml("max_depth = 64", "f")
+                .unwrap()
+                .max_depth_hard,
+            64
+        );
+        let e = Config::from_toml("max_depth = 8\nmax_depth_hard = 7", "f").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("max_depth_hard in f is 7: use a number from max_depth (8) to 64"),
+            "{e}"
+        );
+        assert!(Config::from_toml("max_depth_hard = 65", "f").is_err());
+        assert_eq!(
+            Config::from_toml("scope_idle = \"2d\"", "f")
+                .unwrap()
+                .scope_idle_seconds,
+            172_800
+        );
+        assert_eq!(
+            Config::default().csi.inline_scope_write_back,
+            vec!["*".to_string()]
+        );
+        let e =
+            Config::from_toml("[csi]\ninline_scope_write_back = [\"Bad_NS\"]", "f").unwrap_err();
+        assert!(e.to_string().contains("Bad_NS"), "{e}");
         let e = Config::from_toml("[kubernetes]\nsetup_deadline = \"0s\"", "f").unwrap_err();
         assert!(e.to_string().contains("kubernetes.setup_deadline"), "{e}");
         let c = Config::from_toml("[kubernetes]\nsetup_deadline = \"45s\"", "f").unwrap();
@@ -680,6 +743,9 @@ mod properties {
         "squash_delta_size",
         "squash_inline",
         "squash_idle_seconds",
+        "scope_size",
+        "scope_idle",
+        "inline_scope_write_back",
         "node_budget",
         "disk_reserve",
         "overcommit",
@@ -742,8 +808,8 @@ mod properties {
         fn any_text_parses_or_is_refused_naming_the_file(text in tomlish()) {
             match Config::from_toml(&text, ORIGIN) {
                 Ok(c) => {
-                    prop_assert!((2..64).contains(&c.max_depth));
-                    prop_assert!(c.max_depth < c.max_depth_hard && c.max_depth_hard <= MAX_DEPTH_HARD);
+                    prop_assert!((2..=64).contains(&c.max_depth));
+                    prop_assert!(c.max_depth <= c.max_depth_hard && c.max_depth_hard <= MAX_DEPTH_HARD);
                     prop_assert!((100..=10_000).contains(&c.overcommit_percent));
                 }
                 Err(e) => {

@@ -7,3 +7,4 @@ pub mod config;
 pub mod hook_args;
 pub mod names;
 pub mod quantity;
+pub mod write_back;

@@ -96,6 +96,8 @@ fn create(
                 cache: r.cache.clone(),
                 size: Some(r.size),
                 write_back: r.write_back,
+                on_success: r.on_success,
+                scope: r.scope.clone(),
                 root: r.root,
                 labels: r.labels.clone(),
                 unique_ids: r.identity.is_some(),

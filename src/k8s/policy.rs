@@ -15,6 +15,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::input::names::CacheId;
 use crate::input::quantity::{human_bytes, parse_size};
+use crate::input::write_back::WriteBack;
 use std::collections::BTreeMap;
 
 /// PVC annotation: the cache's name in the PVC's namespace.
@@ -33,10 +34,19 @@ pub const PARAM_CACHE_MODE: &str = "jobcachefs.io/cache-mode";
 /// cluster-unique GID.
 pub const PARAM_UNIQUE_IDS: &str = "jobcachefs.io/unique-ids";
 
+/// PVC annotation: the scope of the cache the volume reads on top of the cache and writes back
+/// into (never into the cache itself).
+pub const ANNOTATION_SCOPE: &str = "jobcachefs.io/scope";
+
+/// StorageClass parameter: `"true"` (or `"on-success"`) lets a scoped PVC of a class that does
+/// not write back commit into its scope.
+pub const PARAM_SCOPE_WRITE_BACK: &str = "jobcachefs.io/scope-write-back";
+
 const PREFIX: &str = "jobcachefs.io/";
-const PVC_KEYS: [&str; 2] = [ANNOTATION_CACHE, KEY_WRITE_BACK];
-const CLASS_KEYS: [&str; 5] = [
+const PVC_KEYS: [&str; 3] = [ANNOTATION_CACHE, KEY_WRITE_BACK, ANNOTATION_SCOPE];
+const CLASS_KEYS: [&str; 6] = [
     KEY_WRITE_BACK,
+    PARAM_SCOPE_WRITE_BACK,
     PARAM_CACHE_SIZE,
     PARAM_MAX_VOLUME_SIZE,
     PARAM_CACHE_MODE,
@@ -68,8 +78,12 @@ pub struct ClassFacts {
 pub struct Decision {
     /// The cache below the volume; `None`: a plain, size-limited, empty volume.
     pub cache: Option<CacheId>,
-    /// Commit into the cache on delete.
+    /// Commit on delete (into the scope, for a scoped volume).
     pub write_back: bool,
+    /// ... only if the job leaves the success marker (write-back `on-success`).
+    pub on_success: bool,
+    /// The cache's scope the volume reads on top of the cache and commits into.
+    pub scope: Option<String>,
     /// Size limit for the cache, if this volume creates it.
     pub cache_size: Option<u64>,
     /// The volume's size limit in bytes.
@@ -157,14 +171,20 @@ pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> 
         Some(v) => parse_bool(&format!("{sc}'s parameter {PARAM_UNIQUE_IDS}"), v)?,
         None => false,
     };
-    let class_writes = match class.parameters.get(KEY_WRITE_BACK) {
-        Some(v) => parse_bool(&format!("{sc}'s parameter {KEY_WRITE_BACK}"), v)?,
-        None => false,
+    let class_policy = |key: &str| {
+        class
+            .parameters
+            .get(key)
+            .map(|v| WriteBack::parse(&format!("{sc}'s parameter {key}"), v))
+            .transpose()
+            .map(Option::unwrap_or_default)
     };
+    let class_writes = class_policy(KEY_WRITE_BACK)?;
+    let class_scope_writes = class_policy(PARAM_SCOPE_WRITE_BACK)?;
     let claim_writes = claim
         .annotations
         .get(KEY_WRITE_BACK)
-        .map(|v| parse_bool(&format!("{pvc}'s annotation {KEY_WRITE_BACK}"), v))
+        .map(|v| WriteBack::parse(&format!("{pvc}'s annotation {KEY_WRITE_BACK}"), v))
         .transpose()?;
     let mut notes = Vec::new();
     let cache =
@@ -174,23 +194,49 @@ pub(crate) fn decide(requested: u64, claim: &ClaimFacts, class: &ClassFacts) -> 
             })?),
             None => None,
         };
-    let write_back = match (&cache, class_writes, claim_writes) {
-        (None, _, _) => false,
-        (Some(_), true, Some(false)) => {
-            notes.push(format!("{pvc} opted out of writing back"));
-            false
-        }
-        (Some(_), false, Some(true)) => {
-            notes.push(format!(
-                "{pvc} asks to write back, but {sc} does not allow it: the volume is read-only for its cache"
-            ));
-            false
-        }
-        (Some(_), class_writes, _) => class_writes,
+    let scope = claim
+        .annotations
+        .get(ANNOTATION_SCOPE)
+        .map(|s| {
+            crate::input::names::validate_label(
+                &format!("{pvc}'s annotation {ANNOTATION_SCOPE}"),
+                s,
+            )
+            .map(|()| s.clone())
+        })
+        .transpose()?;
+    if scope.is_some() && cache.is_none() {
+        return Err(Error::invalid(format!(
+            "{pvc} has annotation {ANNOTATION_SCOPE} but no {ANNOTATION_CACHE}: a scope is a child of a cache, name the cache too"
+        )));
+    }
+    // A scope cannot reach the cache, so a class may grant it alone (scope-write-back); a
+    // class that writes back into the cache writes a scoped volume back into its scope.
+    let allowed = match &scope {
+        Some(_) => class_writes.max(class_scope_writes),
+        None => class_writes,
     };
+    let policy = match (&cache, claim_writes) {
+        (None, _) => WriteBack::Never,
+        (Some(_), None) => allowed,
+        (Some(_), Some(asked)) => {
+            if asked < allowed {
+                notes.push(format!("{pvc} narrowed its write-back to {asked}"));
+            } else if asked > allowed {
+                notes.push(format!(
+                    "{pvc} asks for write-back {asked}, but {sc} allows {allowed}{}: it gets {allowed}",
+                    if scope.is_some() { " for scoped volumes" } else { "" }
+                ));
+            }
+            allowed.narrowed_by(asked)
+        }
+    };
+    let (write_back, on_success) = policy.flags();
     Ok(Decision {
         cache,
         write_back,
+        on_success,
+        scope,
         cache_size,
         size: requested,
         cache_mode,
@@ -219,6 +265,8 @@ impl Decision {
             cache_mode: self.cache_mode,
             unique_ids: self.unique_ids,
             cache_gid,
+            scope: self.scope.clone(),
+            on_success: self.on_success,
         }
     }
 }
@@ -229,9 +277,18 @@ pub const ATTR_CACHE: &str = "cache";
 pub const ATTR_SIZE: &str = "size";
 /// Inline CSI volume attribute: `overlay` or `clone`, for a cache this volume creates.
 pub const ATTR_CACHE_MODE: &str = "cacheMode";
-/// Inline CSI volume attribute: `"true"` asks to write back (granted by the node's config).
+/// Inline CSI volume attribute: `"true"` or `"on-success"` asks to write back (granted by the
+/// node's config).
 pub const ATTR_WRITE_BACK: &str = "writeBack";
-const INLINE_KEYS: [&str; 4] = [ATTR_CACHE, ATTR_SIZE, ATTR_CACHE_MODE, ATTR_WRITE_BACK];
+/// Inline CSI volume attribute: the cache's scope to read on top of the cache and commit into.
+pub const ATTR_SCOPE: &str = "scope";
+const INLINE_KEYS: [&str; 5] = [
+    ATTR_CACHE,
+    ATTR_SIZE,
+    ATTR_CACHE_MODE,
+    ATTR_WRITE_BACK,
+    ATTR_SCOPE,
+];
 
 /// The prefix of the keys kubelet (and the external-provisioner) add to CSI requests.
 pub const CSI_PREFIX: &str = "csi.storage.k8s.io/";
@@ -251,10 +308,11 @@ pub struct PodFacts {
 
 /// Whether `[csi] inline_write_back` grants writing back to the pod's namespace or its
 /// service account there.
+/// service account there (`*`: everyone; only `inline_scope_write_back` defaults to it).
 pub fn inline_may_write_back(allowed: &[String], pod: &PodFacts) -> bool {
     allowed.iter().any(|entry| match entry.split_once('/') {
         Some((ns, sa)) => ns == pod.namespace && sa == pod.service_account,
-        None => *entry == pod.namespace,
+        None => *entry == pod.namespace || entry == "*",
     })
 }
 
@@ -309,20 +367,45 @@ pub fn decide_inline(
         .transpose()?;
     let asked = attrs
         .get(ATTR_WRITE_BACK)
-        .map(|v| parse_bool(&format!("{what}'s volumeAttributes.{ATTR_WRITE_BACK}"), v))
+        .map(|v| WriteBack::parse(&format!("{what}'s volumeAttributes.{ATTR_WRITE_BACK}"), v))
         .transpose()?
-        .unwrap_or(false);
+        .unwrap_or_default();
+    let scope = attrs
+        .get(ATTR_SCOPE)
+        .map(|s| {
+            crate::input::names::validate_label(
+                &format!("{what}'s volumeAttributes.{ATTR_SCOPE}"),
+                s,
+            )
+            .map(|()| s.clone())
+        })
+        .transpose()?;
     let mut notes = Vec::new();
-    let write_back = asked && inline_may_write_back(&csi.inline_write_back, pod);
-    if asked && !write_back {
+    // A scope cannot reach the cache: its write-back is granted more widely.
+    let (granted, list) = match &scope {
+        Some(_) => (
+            inline_may_write_back(&csi.inline_write_back, pod)
+                || inline_may_write_back(&csi.inline_scope_write_back, pod),
+            "inline_scope_write_back",
+        ),
+        None => (
+            inline_may_write_back(&csi.inline_write_back, pod),
+            "inline_write_back",
+        ),
+    };
+    let policy = if granted { asked } else { WriteBack::Never };
+    if asked.writes() && !granted {
         notes.push(format!(
-            "{what} asks to write back, but neither namespace {:?} nor service account {}/{} is in this node's [csi] inline_write_back: its changes will be discarded",
+            "{what} asks to write back, but neither namespace {:?} nor service account {}/{} is in this node's [csi] {list}: its changes will be discarded",
             pod.namespace, pod.namespace, pod.service_account
         ));
     }
+    let (write_back, on_success) = policy.flags();
     Ok(Decision {
         cache: Some(cache),
         write_back,
+        on_success,
+        scope,
         cache_size: None,
         size,
         cache_mode,
@@ -356,7 +439,15 @@ pub fn volume_context(
     if let Some(id) = &d.cache {
         c.insert(ANNOTATION_CACHE.to_string(), id.name.clone());
     }
-    c.insert(KEY_WRITE_BACK.to_string(), d.write_back.to_string());
+    let policy = match (d.write_back, d.on_success) {
+        (true, true) => WriteBack::OnSuccess,
+        (true, false) => WriteBack::Always,
+        _ => WriteBack::Never,
+    };
+    c.insert(KEY_WRITE_BACK.to_string(), policy.to_string());
+    if let Some(s) = &d.scope {
+        c.insert(ANNOTATION_SCOPE.to_string(), s.clone());
+    }
     c.insert(CTX_SIZE.to_string(), d.size.to_string());
     if let Some(s) = d.cache_size {
         c.insert(PARAM_CACHE_SIZE.to_string(), s.to_string());
@@ -402,7 +493,15 @@ pub fn decide_from_context(
         .get(ANNOTATION_CACHE)
         .map(|n| CacheId::new(namespace, n))
         .transpose()?;
-    let write_back = parse_bool(&format!("{what}'s {KEY_WRITE_BACK}"), get(KEY_WRITE_BACK)?)?;
+    let policy = WriteBack::parse(&format!("{what}'s {KEY_WRITE_BACK}"), get(KEY_WRITE_BACK)?)?;
+    let (write_back, on_success) = policy.flags();
+    let scope = ctx
+        .get(ANNOTATION_SCOPE)
+        .map(|s| {
+            crate::input::names::validate_label(&format!("{what}'s {ANNOTATION_SCOPE}"), s)
+                .map(|()| s.clone())
+        })
+        .transpose()?;
     let cache_size = ctx
         .get(PARAM_CACHE_SIZE)
         .map(|v| {
@@ -425,6 +524,8 @@ pub fn decide_from_context(
     };
     Ok(Decision {
         write_back: write_back && cache.is_some(),
+        on_success: on_success && cache.is_some(),
+        scope,
         cache,
         cache_size,
         size,
@@ -523,7 +624,144 @@ mod tests {
             assert_eq!(d.cache, Some(CacheId::new("ci", "maven").unwrap()));
         }
         let d = decide(GI, &c(Some("true")), &ro).unwrap();
-        assert!(d.notes[0].contains("does not allow"), "{:?}", d.notes);
+        assert!(d.notes[0].contains("allows false"), "{:?}", d.notes);
+    }
+
+    #[test]
+    fn on_success_and_scopes_through_pvcs() {
+        let c = |ann: &[(&str, &str)]| {
+            let mut a = vec![(ANNOTATION_CACHE, "maven")];
+            a.extend_from_slice(ann);
+            claim(&a)
+        };
+        let flags = |d: &Decision| (d.write_back, d.on_success, d.scope.clone());
+        let pr = Some("pr-7".to_string());
+        for (cl, ann, want) in [
+            // A class's on-success; a PVC narrows a class's true to on-success, never widens.
+            (
+                class(&[(KEY_WRITE_BACK, "on-success")]),
+                vec![],
+                (true, true, None),
+            ),
+            (
+                class(&[(KEY_WRITE_BACK, "true")]),
+                vec![(KEY_WRITE_BACK, "on-success")],
+                (true, true, None),
+            ),
+            (
+                class(&[(KEY_WRITE_BACK, "on-success")]),
+                vec![(KEY_WRITE_BACK, "true")],
+                (true, true, None),
+            ),
+            (
+                class(&[(KEY_WRITE_BACK, "on-success")]),
+                vec![(KEY_WRITE_BACK, "false")],
+                (false, false, None),
+            ),
+            // scope-write-back lets a scoped PVC of a read-only class commit into its scope…
+            (
+                class(&[(PARAM_SCOPE_WRITE_BACK, "true")]),
+                vec![(ANNOTATION_SCOPE, "pr-7")],
+                (true, false, pr.clone()),
+            ),
+            (
+                class(&[(PARAM_SCOPE_WRITE_BACK, "on-success")]),
+                vec![(ANNOTATION_SCOPE, "pr-7")],
+                (true, true, pr.clone()),
+            ),
+            // …and never an unscoped one into the cache.
+            (
+                class(&[(PARAM_SCOPE_WRITE_BACK, "true")]),
+                vec![],
+                (false, false, None),
+            ),
+            // A write-back class writes a scoped PVC into its scope (the engine never lets it
+            // reach the cache); the PVC can still opt out.
+            (
+                class(&[(KEY_WRITE_BACK, "true")]),
+                vec![(ANNOTATION_SCOPE, "pr-7")],
+                (true, false, pr.clone()),
+            ),
+            (
+                class(&[(KEY_WRITE_BACK, "true")]),
+                vec![(ANNOTATION_SCOPE, "pr-7"), (KEY_WRITE_BACK, "false")],
+                (false, false, pr.clone()),
+            ),
+            (
+                class(&[]),
+                vec![(ANNOTATION_SCOPE, "pr-7")],
+                (false, false, pr.clone()),
+            ),
+        ] {
+            let d = decide(GI, &c(&ann), &cl).unwrap();
+            assert_eq!(flags(&d), want, "{cl:?} {ann:?}");
+            let ctx = volume_context(&d, &c(&ann), "sc", "pv-1");
+            let back = decide_from_context("pv-1", &ctx, "ci").unwrap();
+            assert_eq!(flags(&back), want, "round trip of {ctx:?}");
+        }
+        for (ann, needle) in [
+            (
+                vec![(ANNOTATION_SCOPE, "PR_7")],
+                "annotation jobcachefs.io/scope \"PR_7\" is invalid",
+            ),
+            (
+                vec![(KEY_WRITE_BACK, "maybe")],
+                "use \"true\", \"on-success\" or \"false\"",
+            ),
+        ] {
+            let e = decide(GI, &c(&ann), &class(&[])).unwrap_err();
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        let e = decide(GI, &claim(&[(ANNOTATION_SCOPE, "pr-7")]), &class(&[])).unwrap_err();
+        assert!(
+            e.to_string().contains("a scope is a child of a cache"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inline_scopes_write_back_for_everyone_by_default() {
+        let a = |extra: &[(&str, &str)]| {
+            let mut v = vec![(ATTR_CACHE, "maven")];
+            v.extend_from_slice(extra);
+            attrs(&v)
+        };
+        let untrusted = pod("pr", "default");
+        let scoped = a(&[(ATTR_SCOPE, "pr-7"), (ATTR_WRITE_BACK, "on-success")]);
+        let d = decide_inline(&scoped, &untrusted, &csi(&[])).unwrap();
+        assert!(d.write_back && d.on_success && d.notes.is_empty(), "{d:?}");
+        assert_eq!(d.scope.as_deref(), Some("pr-7"));
+        // Without a scope the same pod only reads.
+        let d = decide_inline(&a(&[(ATTR_WRITE_BACK, "true")]), &untrusted, &csi(&[])).unwrap();
+        assert!(
+            !d.write_back && d.notes[0].contains("inline_write_back"),
+            "{d:?}"
+        );
+        // An admin who narrows inline_scope_write_back.
+        let mut narrow = csi(&["release"]);
+        narrow.inline_scope_write_back = vec!["ci/runner".into()];
+        let d = decide_inline(&scoped, &untrusted, &narrow).unwrap();
+        assert!(
+            !d.write_back && d.notes[0].contains("inline_scope_write_back"),
+            "{d:?}"
+        );
+        let d = decide_inline(&scoped, &pod("ci", "runner"), &narrow).unwrap();
+        assert!(d.write_back);
+        // Trusted accounts commit a scoped volume into its scope too (never the cache).
+        let d = decide_inline(&scoped, &pod("release", "x"), &narrow).unwrap();
+        assert!(d.write_back && d.scope.is_some());
+        let e = decide_inline(&a(&[(ATTR_SCOPE, "")]), &untrusted, &csi(&[])).unwrap_err();
+        assert!(
+            e.to_string().contains("volumeAttributes.scope is empty"),
+            "{e}"
+        );
+        let e =
+            decide_inline(&a(&[(ATTR_WRITE_BACK, "always")]), &untrusted, &csi(&[])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("volumeAttributes.writeBack is \"always\""),
+            "{e}"
+        );
     }
 
     #[test]

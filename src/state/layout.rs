@@ -10,7 +10,12 @@
 //!     last-used             mtime = last volume created on this cache
 //!     lock                  flock: serialises publish, layer mounts, GC of this cache
 //!     squash.lock           flock: held by the one squash running for this cache
-//!     layers/<id>.img       committed, immutable layer images (sparse ext4)
+//!     layers/<id>.img       committed, immutable layer images (sparse ext4), the cache's and
+//!                           its scopes'
+//!     scopes/<scope>.json   a scope's own layers, stacked on the cache  (temp → fsync → rename)
+//!     scopes/<scope>.lock   flock: held by a merge of the scope's layers
+//!     scopes/<scope>.used   mtime = last volume created on the scope (idle scopes go)
+//!     scopes/<scope>.tmp/   a scope merge's half-built image
 //!     tmp/                  half-built images (squash); removed by gc when no squash runs
 //!   volumes/<id>/
 //!     volume.json           the volume record: DIR, cache, layers, size, state
@@ -122,6 +127,37 @@ impl Layout {
     /// One committed layer image.
     pub fn layer_image(&self, id: &CacheId, layer: &str) -> PathBuf {
         self.layers_dir(id).join(format!("{layer}.img"))
+    }
+
+    /// The cache's scopes: `<scope>.json` records, `<scope>.lock`, `<scope>.used` (mtime: the
+    /// last volume made on it), `<scope>.tmp/` (a merge's half-built image).
+    pub fn scopes_dir(&self, id: &CacheId) -> PathBuf {
+        self.cache_dir(id).join("scopes")
+    }
+
+    /// A scope's record.
+    pub fn scope_record(&self, id: &CacheId, scope: &str) -> PathBuf {
+        self.scopes_dir(id).join(format!("{scope}.json"))
+    }
+
+    /// A scope's lock: held by a merge of its layers (between the squash and the cache lock).
+    pub fn scope_lock(&self, id: &CacheId, scope: &str) -> PathBuf {
+        self.scopes_dir(id).join(format!("{scope}.lock"))
+    }
+
+    /// File whose mtime is the scope's last use.
+    pub fn scope_used(&self, id: &CacheId, scope: &str) -> PathBuf {
+        self.scopes_dir(id).join(format!("{scope}.used"))
+    }
+
+    /// Half-built images of a scope's merge.
+    pub fn scope_tmp(&self, id: &CacheId, scope: &str) -> PathBuf {
+        self.scopes_dir(id).join(format!("{scope}.tmp"))
+    }
+
+    /// Mount points of a scope's merge (`new`, `extra`).
+    pub fn scope_mnt(&self, id: &CacheId, scope: &str) -> PathBuf {
+        self.squash_mnt(id).join("scopes").join(scope)
     }
 
     /// Half-built images of this cache.

@@ -257,4 +257,66 @@ pub struct VolumeRecord {
     /// Free-form labels from the caller (e.g. the Kubernetes PV/PVC names).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The cache's scope this volume reads on top of the cache and writes back into (never
+    /// into the cache itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Write-back `on-success`: commit only if the job left [`SUCCESS_MARKER`] at the root.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_success: bool,
+    /// What delete found of the success marker (`None`: not judged yet). Recorded before the
+    /// marker is removed, so that a retried delete keeps the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<bool>,
+}
+
+/// The file a job leaves at a volume's root to say it succeeded (write-back `on-success`).
+/// Removed before the commit: it never reaches a cache.
+pub const SUCCESS_MARKER: &str = ".jobcachefs-success";
+
+/// `caches/<ns>/<name>/scopes/<scope>.json`: a scope's own delta layers, stacked on whatever
+/// generation the cache has when a volume is made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScopeRecord {
+    /// The scope's name (a DNS-1123 label).
+    pub scope: String,
+    /// Increases by one with each publish (commit or merge).
+    pub generation: u64,
+    /// Its layers, bottom first (upper format: whiteouts and opaque dirs hide the cache's
+    /// entries for this scope only).
+    pub layers: Vec<LayerInfo>,
+    /// Unix seconds of its first commit.
+    pub created: u64,
+    /// Unix seconds of the last publish.
+    pub published: u64,
+    /// The last publishes (at most 20), oldest first.
+    #[serde(default)]
+    pub history: Vec<ScopeEvent>,
+}
+
+/// One publish of a scope, as `cache history NAME --scope S` lists it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScopeEvent {
+    /// The scope's generation it made.
+    pub generation: u64,
+    /// Unix seconds.
+    pub published: u64,
+    /// `commit` or `merge`.
+    pub kind: String,
+    /// The volume DIR of a commit; what a merge folded.
+    pub source: String,
+    /// The scope's layers after it.
+    pub layers: usize,
+}
+
+impl ScopeRecord {
+    /// Allocated bytes of its layers.
+    pub fn allocated(&self) -> u64 {
+        self.layers.iter().map(|l| l.allocated).sum()
+    }
+
+    /// Layer ids, bottom first.
+    pub fn layer_ids(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.id.clone()).collect()
+    }
 }

@@ -20,6 +20,10 @@ pub mod names {
     pub const VOLUMES_PLAIN: &str = "volumes_created_plain";
     /// Commits published.
     pub const COMMITS: &str = "commits";
+    /// Commits published into a scope (not counted in `commits`).
+    pub const SCOPE_COMMITS: &str = "scope_commits";
+    /// Write-back `on-success` deletes whose job left no success marker: discarded.
+    pub const COMMITS_DECLINED: &str = "commits_declined";
     /// Generations a clone commit superseded without having started from them
     /// (`clone_writers = "last-writer-wins"`): their changes are not in the cache.
     pub const CLONE_SUPERSEDED: &str = "clone_generations_superseded";

@@ -329,6 +329,37 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
     for (name, help, f) in gauges {
         metric(name, "gauge", help, per_cache(&f));
     }
+    // Per cache, not per scope: scope names come from CI refs, one series each would be
+    // unbounded cardinality.
+    let scopes: std::collections::HashMap<(String, String), (usize, u64)> = caches
+        .iter()
+        .filter_map(|c| {
+            let id = crate::input::names::CacheId::new(&c.namespace, &c.name).ok()?;
+            let list = engine.scope_list(&id).ok()?;
+            Some((
+                (c.namespace.clone(), c.name.clone()),
+                (list.len(), list.iter().map(|s| s.allocated).sum()),
+            ))
+        })
+        .collect();
+    let scope_of = |c: &crate::engine::CacheInfo| {
+        scopes
+            .get(&(c.namespace.clone(), c.name.clone()))
+            .copied()
+            .unwrap_or_default()
+    };
+    metric(
+        "jobcachefs_cache_scopes",
+        "gauge",
+        "Scopes of the cache on this node (pull-request and branch scopes).",
+        per_cache(&|c| scope_of(c).0 as f64),
+    );
+    metric(
+        "jobcachefs_cache_scope_allocated_bytes",
+        "gauge",
+        "Bytes all scopes of the cache allocate on this node.",
+        per_cache(&|c| scope_of(c).1 as f64),
+    );
     let bound = engine.config().max_depth_hard as f64;
     metric(
         "jobcachefs_cache_depth_bound",
@@ -406,6 +437,16 @@ pub fn metrics(engine: &Engine, rounds: u64) -> String {
             "jobcachefs_commits_total",
             names::COMMITS,
             "Commits published.",
+        ),
+        (
+            "jobcachefs_scope_commits_total",
+            names::SCOPE_COMMITS,
+            "Commits published into a scope of a cache (pull-request and branch builds).",
+        ),
+        (
+            "jobcachefs_commits_declined_total",
+            names::COMMITS_DECLINED,
+            "Write-back on-success volumes whose job left no success marker: discarded, not committed.",
         ),
         (
             "jobcachefs_squashes_total",
