@@ -909,3 +909,162 @@ fn real_csi_get_capacity_follows_disk_admission() {
     drop(plugin);
     node.assert_clean();
 }
+
+fn scope_layers(node: &Node, ns: &str, cache: &str, scope: &str) -> u64 {
+    let r = node.run(&["cache", "show", cache, "--namespace", ns, "-o", "json"]);
+    r.ok().json()["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scope"] == scope)
+        .map_or(0, |s| s["layers"].as_u64().unwrap())
+}
+
+#[test]
+fn real_csi_scopes_and_on_success_inline_and_through_a_pvc() {
+    if !root_or_skip("real_csi_scopes_and_on_success_inline_and_through_a_pvc") {
+        return;
+    }
+    let api = common::api::Api::start();
+    api.pvc(
+        "ci",
+        "pr-9-cache",
+        "jobcache-csi",
+        &[
+            ("jobcachefs.io/cache", "gradle"),
+            ("jobcachefs.io/scope", "pr-9"),
+        ],
+        "1Gi",
+    );
+    // Trusted: only ci/release writes into caches; every account may write into a scope.
+    let node = Node::with_config("[csi]\ninline_write_back = [\"ci/release\"]\n");
+    let kubeconfig = api.kubeconfig.display().to_string();
+    let plugin = Plugin::start_with(&node, &["--controller"], &[("KUBECONFIG", &kubeconfig)]);
+    let k = Kubelet::connect(&plugin, &node);
+    let run = |id: &str, sa: &str, attrs: &[(&str, &str)], files: &[&str]| {
+        let t = k.target(id, "cache");
+        k.publish(inline(id, &t, "ci", sa, attrs)).unwrap();
+        for f in files {
+            std::fs::write(t.join(f), id).unwrap();
+        }
+        let seen: Vec<String> = std::fs::read_dir(&t)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        k.unpublish(id, &t).unwrap();
+        seen
+    };
+    let gradle = [("cache", "gradle")];
+    // on-success, trusted: no marker → discarded; the marker → committed, and not in the cache.
+    let on_success = [("cache", "gradle"), ("writeBack", "on-success")];
+    run("fail", "release", &on_success, &["failed.jar"]);
+    assert_eq!(generation(&node, "ci", "gradle"), 0);
+    assert!(
+        plugin.log().contains(".jobcachefs-success"),
+        "{}",
+        plugin.log()
+    );
+    run(
+        "ok",
+        "release",
+        &on_success,
+        &["main.jar", ".jobcachefs-success"],
+    );
+    assert_eq!(generation(&node, "ci", "gradle"), 1);
+    let seen = run("look", "default", &gradle, &[]);
+    assert!(
+        seen.contains(&"main.jar".into()) && !seen.contains(&"failed.jar".into()),
+        "{seen:?}"
+    );
+    assert!(!seen.contains(&".jobcachefs-success".into()), "{seen:?}");
+
+    // An untrusted account with a scope writes into the scope (inline_scope_write_back
+    // defaults to everyone), without one it only reads; a trusted one with a scope also
+    // writes into the scope, never the cache.
+    let pr = [
+        ("cache", "gradle"),
+        ("scope", "pr-9"),
+        ("writeBack", "true"),
+    ];
+    run("pr-1", "default", &pr, &["pr.jar"]);
+    assert_eq!(scope_layers(&node, "ci", "gradle", "pr-9"), 1);
+    run("pr-2", "release", &pr, &["pr2.jar"]);
+    assert_eq!(scope_layers(&node, "ci", "gradle", "pr-9"), 2);
+    run(
+        "noscope",
+        "default",
+        &[("cache", "gradle"), ("writeBack", "true")],
+        &["x.jar"],
+    );
+    assert_eq!(
+        generation(&node, "ci", "gradle"),
+        1,
+        "a scope or an untrusted pod moved the cache"
+    );
+    let seen = run(
+        "pr-3",
+        "default",
+        &[("cache", "gradle"), ("scope", "pr-9")],
+        &[],
+    );
+    for f in ["main.jar", "pr.jar", "pr2.jar"] {
+        assert!(seen.contains(&f.to_string()), "{f}: {seen:?}");
+    }
+    assert!(!seen.contains(&"x.jar".to_string()));
+    let seen = run("main-view", "default", &gradle, &[]);
+    assert!(!seen.contains(&"pr.jar".to_string()), "{seen:?}");
+    // A scope on a clone cache is refused with INVALID_ARGUMENT naming why.
+    let t = k.target("img", "cache");
+    let e = k
+        .publish(inline(
+            "img",
+            &t,
+            "ci",
+            "default",
+            &[("cache", "img"), ("cacheMode", "clone"), ("scope", "pr-9")],
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("clone caches have no scopes"),
+        "{}",
+        e.message()
+    );
+
+    // A PVC through the controller: its scope annotation and deploy/csi's read-only class
+    // (scope-write-back) make a PV whose pods write into the scope.
+    let mut ctl = csi::controller_client::ControllerClient::new(k.channel.clone());
+    let params = [
+        ("jobcachefs.io/write-back", "false"),
+        ("jobcachefs.io/scope-write-back", "on-success"),
+        ("csi.storage.k8s.io/pvc/name", "pr-9-cache"),
+        ("csi.storage.k8s.io/pvc/namespace", "ci"),
+        ("csi.storage.k8s.io/pv/name", "pvc-9"),
+    ];
+    let v =
+        k.rt.block_on(ctl.create_volume(create_request(&params, Some("node-1"))))
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    assert_eq!(v.volume_context["jobcachefs.io/scope"], "pr-9");
+    assert_eq!(v.volume_context["jobcachefs.io/write-back"], "on-success");
+    for (pod, marker) in [("p1", false), ("p2", true)] {
+        let t = k.target(pod, "pvc-9");
+        k.publish(persistent(&v.volume_id, &t, "ci", &v.volume_context))
+            .unwrap();
+        assert!(t.join("pr.jar").exists(), "the PVC's pod reads the scope");
+        std::fs::write(t.join(format!("{pod}.jar")), pod).unwrap();
+        if marker {
+            std::fs::write(t.join(".jobcachefs-success"), "").unwrap();
+        }
+        k.unpublish(&v.volume_id, &t).unwrap();
+    }
+    assert_eq!(
+        scope_layers(&node, "ci", "gradle", "pr-9"),
+        3,
+        "only the pod with the marker"
+    );
+    assert_eq!(generation(&node, "ci", "gradle"), 1);
+    node.assert_clean_volumes();
+}

@@ -1011,3 +1011,99 @@ fn deploy_manifests_render_and_validate() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("valid against Kubernetes"), "{text}");
 }
+
+#[test]
+fn real_hook_scoped_pvcs_and_write_back_on_success() {
+    if !root_or_skip("real_hook_scoped_pvcs_and_write_back_on_success") {
+        return;
+    }
+    let (api, p) = world();
+    // A class for CI systems that end a failed job's pod as a good one's.
+    api.put(
+        &sc_path("jobcache-onsuccess"),
+        &json!({
+            "kind": "StorageClass", "apiVersion": "storage.k8s.io/v1",
+            "metadata": {"name": "jobcache-onsuccess", "uid": "7a1e2f3a-4b5c-6d7e-8f90-a1b2c3d4e5f6", "resourceVersion": "312"},
+            "provisioner": "jobcachefs.io/local-path",
+            "parameters": {"jobcachefs.io/write-back": "on-success"},
+        }),
+    );
+    let cache = [("jobcachefs.io/cache", "npm")];
+    let scoped = [
+        ("jobcachefs.io/cache", "npm"),
+        ("jobcachefs.io/scope", "pr-12"),
+    ];
+    api.pvc("ci", "main-1", "jobcache-writeback", &cache, "64Mi");
+    let v = p.path(PV1, "ci", "main-1");
+    p.setup(&v, 64 * MI).ok();
+    write(&v, "lib/base.js", "main");
+    p.teardown(&v, 64 * MI).ok();
+    assert_eq!(p.generation("ci", "npm"), 1);
+
+    // A PR build on deploy/'s read-only class with a scope: it reads the cache and commits into
+    // its scope (the class's jobcachefs.io/scope-write-back), never into the cache.
+    api.pvc("ci", "pr-a", "jobcache", &scoped, "64Mi");
+    let v = p.path(PV2, "ci", "pr-a");
+    let r = p.setup(&v, 64 * MI).ok();
+    assert!(r.stdout.contains("scope pr-12"), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read_to_string(v.join("lib/base.js")).unwrap(),
+        "main"
+    );
+    write(&v, "lib/pr.js", "pr");
+    write(&v, "lib/base.js", "pr's own base");
+    api.remove(&pvc_path("ci", "pr-a"));
+    let r = p.teardown(&v, 64 * MI).ok();
+    assert!(r.stdout.contains("of scope pr-12"), "{}", r.stdout);
+    assert_eq!(p.generation("ci", "npm"), 1, "a scoped PVC moved the cache");
+    // The PR's second push sees its own work over the cache; main does not.
+    api.pvc("ci", "pr-b", "jobcache", &scoped, "64Mi");
+    let v = p.path(PV3, "ci", "pr-b");
+    p.setup(&v, 64 * MI).ok();
+    assert_eq!(std::fs::read_to_string(v.join("lib/pr.js")).unwrap(), "pr");
+    assert_eq!(
+        std::fs::read_to_string(v.join("lib/base.js")).unwrap(),
+        "pr's own base"
+    );
+    api.remove(&pvc_path("ci", "pr-b"));
+    p.teardown(&v, 64 * MI).ok();
+    api.pvc("ci", "main-2", "jobcache", &cache, "64Mi");
+    let v = p.path(PV4, "ci", "main-2");
+    p.setup(&v, 64 * MI).ok();
+    assert!(!v.join("lib/pr.js").exists());
+    assert_eq!(
+        std::fs::read_to_string(v.join("lib/base.js")).unwrap(),
+        "main"
+    );
+    api.remove(&pvc_path("ci", "main-2"));
+    p.teardown(&v, 64 * MI).ok();
+
+    // on-success: a job that failed (no marker) is discarded, one that succeeded commits, and
+    // the marker stays out of the cache.
+    for (pv, name, ok) in [(PV5, "job-failed", false), (PV1, "job-ok", true)] {
+        api.pvc("ci", name, "jobcache-onsuccess", &cache, "64Mi");
+        let v = p.path(pv, "ci", name);
+        p.setup(&v, 64 * MI).ok();
+        write(&v, &format!("lib/{name}.js"), name);
+        if ok {
+            write(&v, ".jobcachefs-success", "");
+        }
+        api.remove(&pvc_path("ci", name));
+        let r = p.teardown(&v, 64 * MI).ok();
+        if ok {
+            assert!(
+                r.stdout.contains("committed as generation 2"),
+                "{}",
+                r.stdout
+            );
+        } else {
+            assert!(r.stdout.contains(".jobcachefs-success"), "{}", r.stdout);
+            assert_eq!(p.generation("ci", "npm"), 1);
+        }
+    }
+    let c = p.node.create("check", "npm", &["--namespace", "ci"]);
+    assert!(c.join("lib/job-ok.js").exists() && !c.join("lib/job-failed.js").exists());
+    assert!(!c.join(".jobcachefs-success").exists());
+    p.node.delete(&c, &[]).ok();
+    p.node.assert_clean();
+}

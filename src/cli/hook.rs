@@ -56,10 +56,17 @@ pub(super) fn run(engine: &Engine, args: &HookArgs, json: bool) -> Result<u8> {
                 Some(c) => format!(
                     "cache {c} generation {}{}",
                     volume.generation,
-                    if volume.write_back {
-                        ", write-back"
-                    } else {
-                        ", read-only for the cache"
+                    match (volume.write_back, volume.on_success, &volume.scope) {
+                        (true, false, None) => ", write-back".to_string(),
+                        (true, true, None) => ", write-back on success".to_string(),
+                        (true, on_success, Some(s)) => format!(
+                            ", scope {s}, write-back into the scope{}",
+                            if on_success { " on success" } else { "" }
+                        ),
+                        (false, _, Some(s)) => {
+                            format!(", scope {s}, read-only for the cache and the scope")
+                        }
+                        (false, _, None) => ", read-only for the cache".to_string(),
                     }
                 ),
                 None => "no cache (plain volume)".to_string(),
