@@ -763,3 +763,116 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn real_idle_scopes_go_with_gc_and_prune_removes_scopes_before_caches() {
+    if !root_or_skip("real_idle_scopes_go_with_gc_and_prune_removes_scopes_before_caches") {
+        return;
+    }
+    let node = Node::new();
+    let commit = |scope: Option<&str>, file: &str, mib: usize| {
+        let mut args = vec!["--size", "256Mi", "--write-back"];
+        if let Some(s) = scope {
+            args.extend(["--scope", s]);
+        }
+        let v = node.create("w", "c", &args);
+        sh(&format!(
+            "head -c {} /dev/urandom > {}",
+            mib << 20,
+            v.join(file).display()
+        ));
+        node.delete(&v, &[]).ok();
+    };
+    commit(None, "base", 8);
+    commit(Some("pr-1"), "one", 16);
+    commit(Some("pr-2"), "two", 16);
+    commit(Some("pr-2"), "two-b", 1);
+    let show = node.show("c");
+    assert_eq!(show["scopes"].as_array().unwrap().len(), 2, "{show}");
+    let h = node
+        .run(&["cache", "history", "c", "--scope", "pr-2", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(h.as_array().unwrap().len(), 2, "{h}");
+    assert_eq!(h[0]["generation"], 2);
+    assert_eq!(h[0]["kind"], "commit");
+    let text = node.run(&["cache", "ls"]).ok().stdout;
+    assert!(text.contains("SCOPES"), "{text}");
+
+    // prune --max-total takes the least recently used scope first, not the cache.
+    let on_disk = show["on_disk"].as_u64().unwrap();
+    let budget = format!("{}", on_disk - (4 << 20));
+    let plan = node
+        .run(&[
+            "cache",
+            "prune",
+            "--max-total",
+            &budget,
+            "--dry-run",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(plan.as_array().unwrap().len(), 1, "{plan}");
+    assert_eq!(plan[0]["scope"], "pr-1", "{plan}");
+    node.run(&["cache", "prune", "--max-total", &budget]).ok();
+    let names: Vec<String> = node.show("c")["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["scope"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["pr-2"]);
+    let v = node.create("look", "c", &["--scope", "pr-1"]);
+    assert!(
+        v.join("base").exists() && !v.join("one").exists(),
+        "pruned scope still shows"
+    );
+    node.delete(&v, &[]).ok();
+
+    // cache rm --scope frees its layers at once.
+    let layers_dir = node.state().join("caches/default/c/layers");
+    let before = std::fs::read_dir(&layers_dir).unwrap().count();
+    let r = node
+        .run(&["cache", "rm", "c", "--scope", "pr-2", "-o", "json"])
+        .ok()
+        .json();
+    assert!(r["freed"].as_u64().unwrap() > 16 << 20, "{r}");
+    assert_eq!(std::fs::read_dir(&layers_dir).unwrap().count(), before - 2);
+
+    // scope_idle: an idle scope goes with gc; one with a live volume stays.
+    let idle = node.tmp.path().join("idle.toml");
+    std::fs::write(&idle, "layer_keep_seconds = 0\nscope_idle = \"1s\"\n").unwrap();
+    commit(Some("pr-3"), "three", 1);
+    commit(Some("pr-4"), "four", 1);
+    let live = node.create("live", "c", &["--scope", "pr-4"]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let gc = node
+        .run_env(
+            &["gc", "-o", "json"],
+            &[("JOBCACHEFS_CONFIG", idle.to_str().unwrap())],
+        )
+        .ok()
+        .json();
+    assert_eq!(
+        gc["scopes_removed"],
+        serde_json::json!(["default/c/pr-3"]),
+        "{gc}"
+    );
+    node.delete(&live, &[]).ok();
+    let names: Vec<String> = node.show("c")["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["scope"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["pr-4"]);
+    // Removing the cache takes its scopes along: nothing of it stays on disk.
+    node.run(&["cache", "rm", "c", "--yes"]).ok();
+    assert!(
+        !node.state().join("caches/default/c").exists(),
+        "the cache's scopes stayed"
+    );
+    node.assert_clean();
+}

@@ -17,8 +17,15 @@ pub(super) enum CacheCmd {
     Ls,
     /// Show a cache: generation, layers, limit and use, live volumes.
     Show(CacheRef),
-    /// Squash the cache's layers into one base now.
-    Squash(CacheRef),
+    /// Squash the cache's layers into one base now; with --scope, merge that scope's layers
+    /// into one delta layer instead.
+    Squash {
+        #[command(flatten)]
+        cache: CacheRef,
+        /// Merge this scope's layers (whiteouts and opaque dirs kept), not the cache's.
+        #[arg(long)]
+        scope: Option<String>,
+    },
     /// Change a cache's size limit.
     Resize {
         #[command(flatten)]
@@ -130,7 +137,28 @@ pub(super) fn run(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
     match cmd {
         CacheCmd::Ls => ls(engine, json)?,
         CacheCmd::Show(c) => show(engine, &c.id()?, json)?,
-        CacheCmd::Squash(c) => squash(engine, &c.id()?, json)?,
+        CacheCmd::Squash { cache, scope: None } => squash(engine, &cache.id()?, json)?,
+        CacheCmd::Squash {
+            cache,
+            scope: Some(scope),
+        } => {
+            let id = cache.id()?;
+            let generation = engine.scope_squash(&id, scope)?;
+            if json {
+                print_json(
+                    &serde_json::json!({"namespace": id.namespace, "name": id.name, "scope": scope, "generation": generation}),
+                );
+            } else {
+                match generation {
+                    Some(g) => println!(
+                        "scope {scope} of cache {id} merged into one layer: its generation {g}"
+                    ),
+                    None => println!(
+                        "scope {scope} of cache {id} has at most one layer: nothing to merge"
+                    ),
+                }
+            }
+        }
         CacheCmd::Resize { cache, size } => resize(engine, cache, size, json)?,
         CacheCmd::Rm {
             cache,

@@ -270,11 +270,12 @@ pub fn print_prune(plan: &[PruneCandidate], dry_run: bool) {
         println!("nothing to prune");
         return;
     }
-    let mut t = Table::new(&["NAMESPACE", "NAME", "FREES", "LAST USED", "REASON"]);
+    let mut t = Table::new(&["NAMESPACE", "NAME", "SCOPE", "FREES", "LAST USED", "REASON"]);
     for c in plan {
         t.row(vec![
             c.namespace.clone(),
             c.name.clone(),
+            c.scope.clone().unwrap_or_else(|| "(whole cache)".into()),
             human_bytes(c.frees),
             ago(c.last_used),
             c.reason.clone(),
@@ -282,10 +283,11 @@ pub fn print_prune(plan: &[PruneCandidate], dry_run: bool) {
     }
     t.print();
     let total: u64 = plan.iter().map(|c| c.frees).sum();
+    let scopes = plan.iter().filter(|c| c.scope.is_some()).count();
     println!(
-        "{} {} caches, {}",
+        "{} {} caches and {scopes} scopes, {}",
         if dry_run { "would remove" } else { "removed" },
-        plan.len(),
+        plan.len() - scopes,
         human_bytes(total)
     );
 }

@@ -395,8 +395,8 @@ impl Engine {
 
     /// Layers of `id` whose mounts stay after their last volume: the current generation's,
     /// while the cache's last create is less than `layer_keep_seconds` old, so that the next
-    /// create on a busy cache finds them mounted. Bounded: one generation per cache, for that
-    /// long; the first delete or gc after it releases them, and a removed cache (`cache rm`,
+    /// create on a busy cache finds them mounted; likewise the layers of each scope whose last
+    /// create is that recent. Bounded: one generation per cache and per scope, for that long; the first delete or gc after it releases them, and a removed cache (`cache rm`,
     /// `prune`: no record) keeps none.
     fn layers_kept_mounted(&self, id: &CacheId) -> std::collections::HashSet<String> {
         let keep = std::time::Duration::from_secs(self.config.layer_keep_seconds);
@@ -408,9 +408,24 @@ impl Engine {
         if !recent || !matches!(self.cache_record(id), Ok(Some(_))) {
             return Default::default();
         }
-        self.current(id)
+        let mut kept: std::collections::HashSet<String> = self
+            .current(id)
             .map(|g| g.layer_ids().into_iter().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // And the layers of its scopes used as recently: a PR's next push finds them mounted.
+        for scope in self.scope_names(id).unwrap_or_default() {
+            let used = std::fs::metadata(self.layout.scope_used(id, &scope))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < keep);
+            if used {
+                if let Ok(Some(s)) = self.scope_record(id, &scope) {
+                    kept.extend(s.layer_ids());
+                }
+            }
+        }
+        kept
     }
 
     /// Unmounts the layer mounts of `id` that no volume uses any more. Called with the cache lock

@@ -401,6 +401,23 @@ impl Engine {
         result
     }
 
+    /// Merges the scope's layers into one now (`cache squash NAME --scope S`); `None` when it
+    /// has at most one.
+    pub fn scope_squash(&self, id: &CacheId, scope: &str) -> Result<Option<u64>> {
+        crate::input::names::validate_label("scope", scope)?;
+        if self.scope_record(id, scope)?.is_none() {
+            self.require_cache(id)?;
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "cache {id} has no scope {scope:?}: see `jobcachefs cache show {} --namespace {}`",
+                    id.name, id.namespace
+                ),
+            ));
+        }
+        self.scope_merge(id, scope, None)
+    }
+
     /// Removes a scope: its record goes at once; its layers when no live volume uses them.
     /// Returns the bytes freed now.
     pub fn scope_rm(&self, id: &CacheId, scope: &str) -> Result<u64> {
@@ -461,9 +478,13 @@ impl Engine {
         Ok(h)
     }
 
-    /// Layer ids every scope of the cache names (kept by gc).
+    /// Layer ids every scope of the cache names (kept by gc). None once the cache is removed:
+    /// its scopes go with it (their records with its directory).
     pub(crate) fn scope_layers(&self, id: &CacheId) -> Result<std::collections::HashSet<String>> {
         let mut out = std::collections::HashSet::new();
+        if !self.layout.cache_record(id).exists() {
+            return Ok(out);
+        }
         for scope in self.scope_names(id)? {
             if let Some(r) = self.scope_record(id, &scope)? {
                 out.extend(r.layer_ids());
