@@ -16,9 +16,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fault;
 use crate::files::merge::merge_layers;
-use crate::host::ImageMount;
 use crate::input::names::CacheId;
-use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir};
 use crate::state::lock;
 use crate::state::records::{LayerInfo, Provenance};
@@ -80,34 +78,18 @@ impl Engine {
         };
         fault::point("merge:layers-mounted");
         let image_path = tmp.join(format!("merge-{}.img", fsutil::random_hex()));
-        self.host.make_image(&image_path, cache.cache_size, 0, 0)?;
-        scratch.image = Some(image_path.clone());
-        ensure_dir(&new_mnt)?;
-        self.host
-            .mount_image(&image_path, &new_mnt, ImageMount { read_only: false })?;
-        scratch.mounts.push(new_mnt.clone());
-        let target = new_mnt.join("upper");
-        std::fs::create_dir(&target).at("create", &target)?;
-        std::fs::create_dir(new_mnt.join("work")).at("create", &new_mnt.join("work"))?;
-        let stats = merge_layers(&lowers, &target).map_err(|e| {
-            if e.is_enospc() {
-                Error::new(
-                    ErrorKind::Quota,
-                    format!(
-                        "the merged layers do not fit in {}",
-                        human_bytes(cache.cache_size)
-                    ),
-                )
-            } else {
-                e
-            }
-        })?;
-        fault::point("merge:copied");
-        for m in scratch.mounts.drain(..).rev() {
-            self.host.unmount(&m, false)?;
-        }
-        fsutil::fsync_file(&image_path)?;
-        let allocated = fsutil::allocated_bytes(&image_path)?;
+        let (stats, allocated) = self.build_image(
+            &mut scratch,
+            &image_path,
+            cache.cache_size,
+            &new_mnt,
+            "the merged layers",
+            |target| {
+                let stats = merge_layers(&lowers, target)?;
+                fault::point("merge:copied");
+                Ok(stats)
+            },
+        )?;
 
         let _clock = self.lock_cache(id)?;
         if self.cache_record(id)?.is_none() {

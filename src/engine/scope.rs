@@ -300,31 +300,18 @@ impl Engine {
             }
             let limit = self.scope_limit(&cache);
             let image_path = tmp.join(format!("merge-{}.img", fsutil::random_hex()));
-            self.host.make_image(&image_path, limit, 0, 0)?;
-            scratch.image = Some(image_path.clone());
-            ensure_dir(&new_mnt)?;
-            self.host
-                .mount_image(&image_path, &new_mnt, ImageMount { read_only: false })?;
-            scratch.mounts.push(new_mnt.clone());
-            let target = new_mnt.join("upper");
-            std::fs::create_dir(&target).at("create", &target)?;
-            std::fs::create_dir(new_mnt.join("work")).at("create", &new_mnt.join("work"))?;
-            let stats = merge_layers(&lowers, &target).map_err(|e| {
-                if e.is_enospc() {
-                    Error::new(
-                        ErrorKind::Quota,
-                        format!("the merged scope does not fit in {}", human_bytes(limit)),
-                    )
-                } else {
-                    e
-                }
-            })?;
-            fault::point("scope-merge:copied");
-            for m in scratch.mounts.drain(..).rev() {
-                self.host.unmount(&m, false)?;
-            }
-            fsutil::fsync_file(&image_path)?;
-            let allocated = fsutil::allocated_bytes(&image_path)?;
+            let (stats, allocated) = self.build_image(
+                &mut scratch,
+                &image_path,
+                limit,
+                &new_mnt,
+                "the merged scope",
+                |target| {
+                    let stats = merge_layers(&lowers, target)?;
+                    fault::point("scope-merge:copied");
+                    Ok(stats)
+                },
+            )?;
             if allocated > limit {
                 return Err(Error::new(
                     ErrorKind::Quota,

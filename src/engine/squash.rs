@@ -73,6 +73,46 @@ impl Drop for Scratch {
 }
 
 impl Engine {
+    /// Makes a new layer image at `image` (sparse ext4 of `size` bytes) and mounts it at `mnt`
+    /// for `fill` to write its `upper/` tree; then unmounts every scratch mount (the new image
+    /// first, so that its blocks are flushed) and fsyncs the image. Returns what `fill` copied
+    /// and the image's allocated bytes; `what` names the tree when it does not fit (a `Quota`
+    /// error). The image stays in `scratch` until the caller renames it into place.
+    pub(super) fn build_image(
+        &self,
+        scratch: &mut Scratch,
+        image: &Path,
+        size: u64,
+        mnt: &Path,
+        what: &str,
+        fill: impl FnOnce(&Path) -> Result<crate::files::copy::CopyStats>,
+    ) -> Result<(crate::files::copy::CopyStats, u64)> {
+        self.host.make_image(image, size, 0, 0)?;
+        scratch.image = Some(image.to_path_buf());
+        ensure_dir(mnt)?;
+        self.host
+            .mount_image(image, mnt, ImageMount { read_only: false })?;
+        scratch.mounts.push(mnt.to_path_buf());
+        let target = mnt.join("upper");
+        std::fs::create_dir(&target).at("create", &target)?;
+        std::fs::create_dir(mnt.join("work")).at("create", &mnt.join("work"))?;
+        let stats = fill(&target).map_err(|e| {
+            if e.is_enospc() {
+                Error::new(
+                    ErrorKind::Quota,
+                    format!("{what} does not fit in {}", human_bytes(size)),
+                )
+            } else {
+                e
+            }
+        })?;
+        for m in scratch.mounts.drain(..).rev() {
+            self.host.unmount(&m, false)?;
+        }
+        fsutil::fsync_file(image)?;
+        Ok((stats, fsutil::allocated_bytes(image)?))
+    }
+
     /// Squashes the cache's current generation into a single base layer.
     pub fn squash(&self, id: &CacheId) -> Result<SquashOutcome> {
         // A clone cache has one image per generation: its "squash" rebuilds that image.
@@ -162,15 +202,6 @@ impl Engine {
         fault::point("squash:view-mounted");
 
         let image_path = tmp.join(format!("base-{}.img", fsutil::random_hex()));
-        self.host.make_image(&image_path, limit, 0, 0)?;
-        scratch.image = Some(image_path.clone());
-        ensure_dir(&new_mnt)?;
-        self.host
-            .mount_image(&image_path, &new_mnt, ImageMount { read_only: false })?;
-        scratch.mounts.push(new_mnt.clone());
-        let target = new_mnt.join("upper");
-        std::fs::create_dir(&target).at("create", &target)?;
-        std::fs::create_dir(new_mnt.join("work")).at("create", &new_mnt.join("work"))?;
         tracing::info!(cache = %id, layers = base.layers.len() + extra.is_some() as usize, "squash: copying the merged view");
         let started = std::time::Instant::now();
         let progress = self.progress.clone().map(|h| {
@@ -178,23 +209,18 @@ impl Engine {
             Box::new(move |s: &crate::files::copy::CopyStats| (h.0)(&name, s))
                 as crate::files::copy::Progress
         });
-        let stats = copy_tree(&view, &target, progress).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                Error::new(
-                    ErrorKind::Quota,
-                    format!("the merged tree does not fit in {}", human_bytes(limit)),
-                )
-            } else {
-                e
-            }
-        })?;
-        fault::point("squash:copied");
-        // Unmount in order (new base first so its blocks are flushed) before the size check.
-        for m in scratch.mounts.drain(..).rev() {
-            self.host.unmount(&m, false)?;
-        }
-        fsutil::fsync_file(&image_path)?;
-        let allocated = fsutil::allocated_bytes(&image_path)?;
+        let (stats, allocated) = self.build_image(
+            &mut scratch,
+            &image_path,
+            limit,
+            &new_mnt,
+            "the merged tree",
+            |target| {
+                let stats = copy_tree(&view, target, progress)?;
+                fault::point("squash:copied");
+                Ok(stats)
+            },
+        )?;
         if allocated > limit {
             return Err(Error::new(
                 ErrorKind::Quota,

@@ -104,16 +104,7 @@ impl Ctx {
             let target = fs::read_link(s).at("read link", s)?;
             std::os::unix::fs::symlink(&target, &d).at("create symlink", &d)?;
         } else {
-            let kind = if ft.is_char_device() {
-                SFlag::S_IFCHR
-            } else if ft.is_block_device() {
-                SFlag::S_IFBLK
-            } else if ft.is_fifo() {
-                SFlag::S_IFIFO
-            } else {
-                SFlag::S_IFSOCK
-            };
-            mknod(&d, kind, Mode::from_bits_truncate(0o600), md.rdev()).at("create node", &d)?;
+            make_node(&d, md)?;
         }
         self.finish(e, &d)
     }
@@ -126,6 +117,22 @@ impl Ctx {
         }
         Ok(())
     }
+}
+
+/// Makes at `d` a device node, fifo or socket of the type and device number of `md` (mode and
+/// owner come after, with the rest of the metadata).
+pub(crate) fn make_node(d: &Path, md: &fs::Metadata) -> Result<()> {
+    let ft = md.file_type();
+    let kind = if ft.is_char_device() {
+        SFlag::S_IFCHR
+    } else if ft.is_block_device() {
+        SFlag::S_IFBLK
+    } else if ft.is_fifo() {
+        SFlag::S_IFIFO
+    } else {
+        SFlag::S_IFSOCK
+    };
+    mknod(d, kind, Mode::from_bits_truncate(0o600), md.rdev()).at("create node", d)
 }
 
 /// Copies the data ranges of `src` to a new file `dst`, keeping holes. Returns data bytes.

@@ -20,15 +20,15 @@
 
 use crate::error::{IoContext, Result};
 use nix::fcntl::AtFlags;
-use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::copy::{copy_file_data, CopyStats};
+use super::copy::{copy_file_data, make_node, CopyStats};
 use super::walk::{walk_sorted, Step};
 
 /// The xattr that makes a directory of an upper layer opaque.
@@ -102,16 +102,7 @@ fn apply_layer(src: &Path, dst: &Path, stats: &mut CopyStats) -> Result<()> {
             let target = fs::read_link(e.path).at("read link", e.path)?;
             std::os::unix::fs::symlink(&target, &d).at("create symlink", &d)?;
         } else {
-            let kind = if ft.is_char_device() {
-                SFlag::S_IFCHR
-            } else if ft.is_block_device() {
-                SFlag::S_IFBLK
-            } else if ft.is_fifo() {
-                SFlag::S_IFIFO
-            } else {
-                SFlag::S_IFSOCK
-            };
-            mknod(&d, kind, Mode::from_bits_truncate(0o600), e.md.rdev()).at("create node", &d)?;
+            make_node(&d, e.md)?;
         }
         apply_metadata(e.path, &d, e.md, None)
     })?;
