@@ -138,6 +138,46 @@ fn mapping_shell_agrees_with_the_shared_table() {
         }
     }
     assert!(n >= 25, "the table lost its cases ({n})");
+    // A runner host without jq reads the payload with python3.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["tr", "sha256sum", "python3"] {
+        let found = HOST_PATH
+            .split(':')
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} is missing"));
+        std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+    }
+    let event = tmp.path().join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"pull_request": {"number": 77}, "repository": {"default_branch": "trunk"}}"#,
+    )
+    .unwrap();
+    for (name, reff, want) in [
+        ("pull_request_target", "refs/heads/trunk", "pr-77"),
+        ("push", "refs/heads/trunk", ""),
+    ] {
+        let mut c = Command::new("/bin/bash");
+        c.arg("-c")
+            .arg(format!(
+                ". {}/common.sh; command -v jq && exit 9; jcfs_github_target; printf '%s' \"$JCFS_SCOPE\"",
+                runners().display()
+            ))
+            .env_clear()
+            .env("PATH", &bin)
+            .env("GITHUB_EVENT_NAME", name)
+            .env("GITHUB_REF", reff)
+            .env("GITHUB_EVENT_PATH", &event);
+        let r = output(&mut c);
+        assert_eq!(
+            (r.code, r.stdout.as_str()),
+            (0, want),
+            "without jq, {name}: {}",
+            r.stderr
+        );
+    }
 }
 
 fn node_or_panic() -> &'static str {
