@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GitLab Runner custom executor `config_exec`: tells the runner the job's environment. The job
-# (its script, run by run.sh on this host) sees JOBCACHEFS_DIR, its cache volume's path.
+# GitLab Runner custom executor `config_exec`: prints the executor's JSON configuration. The
+# job's stages (run by run.sh on this host) see JOBCACHEFS_DIR, the cache volume's path
+# (`job_env`).
 set -euo pipefail
 . "$(dirname "$(readlink -f "$0")")/../common-gitlab.sh"
 jcfs_gitlab_env CUSTOM_ENV_
