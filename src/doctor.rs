@@ -239,6 +239,26 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
             Ok(()) => finding("overlay stack", Status::Ok, "a sparse ext4 image on a loop device under an overlay with the exact options mounts, writes and unmounts", ""),
             Err(e) => finding("overlay stack", Status::Fail, format!("trial mount failed: {e}"), "the kernel must support loop devices, ext4 and overlayfs with index=off,redirect_dir=off,metacopy=off,xino=off"),
         });
+        let method = engine.config().squash_method;
+        out.push(if mounts::data_layers_supported() {
+            finding(
+                "squash",
+                Status::Ok,
+                format!(
+                    "overlay interface {}; data-only layers serve metadata stubs on metacopy=off mounts: metadata squashes possible ({})",
+                    mounts::interface().name(),
+                    if method == crate::input::config::SquashMethod::Metadata { "squash_method = \"metadata\": due squashes are metadata squashes where no registry syncs the cache" } else { "squash_method = \"full\": `cache squash --metadata` by hand" }
+                ),
+                "",
+            )
+        } else {
+            finding(
+                "squash",
+                if method == crate::input::config::SquashMethod::Metadata { Status::Warn } else { Status::Ok },
+                format!("overlay interface {}; this kernel does not serve metadata stubs from data-only layers on metacopy=off mounts (Linux 6.16+): every squash is a full one", mounts::interface().name()),
+                if method == crate::input::config::SquashMethod::Metadata { "squash_method = \"metadata\" falls back to full squashes here" } else { "" },
+            )
+        });
     } else {
         out.push(finding(
             "overlay stack",

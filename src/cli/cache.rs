@@ -25,6 +25,13 @@ pub(super) enum CacheCmd {
         /// Merge this scope's layers (whiteouts and opaque dirs kept), not the cache's.
         #[arg(long)]
         scope: Option<String>,
+        /// A metadata squash: one base of metadata whose files redirect into the old layers
+        /// (O(files), not O(bytes); Linux 6.16+; refused, with the reason, where it cannot be).
+        #[arg(long, conflicts_with_all = ["full", "scope"])]
+        metadata: bool,
+        /// A full squash whatever squash_method says.
+        #[arg(long, conflicts_with = "scope")]
+        full: bool,
     },
     /// Change a cache's size limit.
     Resize {
@@ -137,10 +144,26 @@ pub(super) fn run(engine: &Engine, cmd: &CacheCmd, json: bool) -> Result<u8> {
     match cmd {
         CacheCmd::Ls => ls(engine, json)?,
         CacheCmd::Show(c) => show(engine, &c.id()?, json)?,
-        CacheCmd::Squash { cache, scope: None } => squash(engine, &cache.id()?, json)?,
+        CacheCmd::Squash {
+            cache,
+            scope: None,
+            metadata,
+            full,
+        } => {
+            let id = cache.id()?;
+            let outcome = if *metadata {
+                engine.squash_metadata(&id)?
+            } else if *full {
+                engine.squash_full(&id)?
+            } else {
+                engine.squash(&id)?
+            };
+            squash(&id, outcome, json)?
+        }
         CacheCmd::Squash {
             cache,
             scope: Some(scope),
+            ..
         } => {
             let id = cache.id()?;
             let generation = engine.scope_squash(&id, scope)?;
@@ -280,8 +303,7 @@ fn show(engine: &Engine, id: &CacheId, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn squash(engine: &Engine, id: &CacheId, json: bool) -> Result<()> {
-    let outcome = engine.squash(id)?;
+fn squash(id: &CacheId, outcome: SquashOutcome, json: bool) -> Result<()> {
     if json {
         print_json(&outcome);
         return Ok(());

@@ -530,6 +530,7 @@ impl Engine {
         let next = self.publish(
             id,
             vec![LayerInfo {
+                data: Vec::new(),
                 id: layer.to_string(),
                 created: fsutil::now(),
                 source: record.dir.display().to_string(),

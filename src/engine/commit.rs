@@ -67,6 +67,7 @@ impl Engine {
         fault::point("commit:renamed");
         let mut layers = current.layers.clone();
         layers.push(LayerInfo {
+            data: Vec::new(),
             id: layer.to_string(),
             created: fsutil::now(),
             source: record.dir.display().to_string(),
@@ -179,6 +180,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, a)| LayerInfo {
+                    data: Vec::new(),
                     id: format!("l{i}"),
                     created: 0,
                     source: String::new(),

@@ -52,9 +52,19 @@ impl Engine {
         lowers: &[PathBuf],
         upper_mount: &Path,
     ) -> Result<()> {
+        // A metadata base's data-only layers (mounted with the others by the caller).
+        let data: Vec<PathBuf> = match &record.cache {
+            Some(id) => record
+                .data_layers
+                .iter()
+                .map(|l| self.layout.layer_lowerdir(id, l))
+                .collect(),
+            None => Vec::new(),
+        };
         let Some((uid, gid)) = idmap_of(record) else {
-            return self.host.mount_overlay(
+            return self.host.mount_overlay_with_data(
                 lowers,
+                &data,
                 Some((&upper_mount.join("upper"), &upper_mount.join("work"))),
                 &record.dir,
             );
@@ -62,8 +72,8 @@ impl Engine {
         let views = self.layout.mnt().join("idmap").join(&record.id);
         let mut made = Vec::new();
         let result = (|| {
-            let mut mapped = Vec::with_capacity(lowers.len());
-            for (i, lower) in lowers.iter().enumerate() {
+            let mut mapped = Vec::with_capacity(lowers.len() + data.len());
+            for (i, lower) in lowers.iter().chain(&data).enumerate() {
                 // A layer's lowerdir is `<layer mount>/upper`; the empty dir is no mount.
                 match lower.parent().filter(|_| lower.ends_with("upper")) {
                     Some(mount) => {
@@ -81,8 +91,10 @@ impl Engine {
             self.host.idmap_mount(upper_mount, &view, uid, gid)?;
             made.push(view.clone());
             crate::fault::point("create:idmapped");
-            self.host.mount_overlay(
+            let mapped_data = mapped.split_off(lowers.len());
+            self.host.mount_overlay_with_data(
                 &mapped,
+                &mapped_data,
                 Some((&view.join("upper"), &view.join("work"))),
                 &record.dir,
             )

@@ -115,6 +115,7 @@ impl Engine {
         let folded = &base.layers[keep..];
         let mut layers: Vec<LayerInfo> = now.layers[..keep].to_vec();
         layers.push(LayerInfo {
+            data: Vec::new(),
             id: layer_id,
             created: fsutil::now(),
             source: "merge".into(),

@@ -354,6 +354,7 @@ impl Engine {
         for r in records {
             if r.cache.as_ref() == Some(id) {
                 used.extend(r.layers.iter().cloned());
+                used.extend(r.data_layers.iter().cloned());
                 if let Some(l) = &r.commit_layer {
                     used.insert(l.clone());
                 }
@@ -410,7 +411,7 @@ impl Engine {
         }
         let mut kept: std::collections::HashSet<String> = self
             .current(id)
-            .map(|g| g.layer_ids().into_iter().collect())
+            .map(|g| g.layer_ids().into_iter().chain(g.data_ids()).collect())
             .unwrap_or_default();
         // And the layers of its scopes used as recently: a PR's next push finds them mounted.
         for scope in self.scope_names(id).unwrap_or_default() {

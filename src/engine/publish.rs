@@ -170,9 +170,12 @@ impl Engine {
 
     /// Layer ids the last `keep_generations` generations use: gc and prune keep them.
     pub(crate) fn kept_layers(&self, id: &CacheId) -> Result<HashSet<String>> {
-        let mut keep: HashSet<String> = self.current(id)?.layer_ids().into_iter().collect();
+        let current = self.current(id)?;
+        let mut keep: HashSet<String> = current.layer_ids().into_iter().collect();
+        keep.extend(current.data_ids());
         for g in self.generations(id, Some(self.config.keep_generations))? {
             keep.extend(g.layer_ids());
+            keep.extend(g.data_ids());
         }
         Ok(keep)
     }

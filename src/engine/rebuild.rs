@@ -130,6 +130,7 @@ impl Engine {
         let next = self.publish(
             id,
             vec![LayerInfo {
+                data: Vec::new(),
                 id: layer_id,
                 created: fsutil::now(),
                 source: "rebuild".into(),

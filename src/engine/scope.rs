@@ -189,6 +189,7 @@ impl Engine {
         }
         fault::point("scope-commit:renamed");
         current.layers.push(LayerInfo {
+            data: Vec::new(),
             id: layer.to_string(),
             created: fsutil::now(),
             source: record.dir.display().to_string(),
@@ -351,6 +352,7 @@ impl Engine {
             fault::point("scope-merge:renamed");
             let mut next = now.clone();
             next.layers = vec![LayerInfo {
+                data: Vec::new(),
                 id: layer_id,
                 created: fsutil::now(),
                 source: if extra.is_some() {

@@ -113,7 +113,9 @@ impl Engine {
         Ok((stats, fsutil::allocated_bytes(image)?))
     }
 
-    /// Squashes the cache's current generation into a single base layer.
+    /// Squashes the cache's current generation into a single base layer: a metadata base when
+    /// `squash_method = "metadata"` allows it here ([`Engine::metadata_squash_refusal`]), else
+    /// a full one.
     pub fn squash(&self, id: &CacheId) -> Result<SquashOutcome> {
         // A clone cache has one image per generation: its "squash" rebuilds that image.
         if self
@@ -122,7 +124,70 @@ impl Engine {
         {
             return self.clone_rebuild(id);
         }
+        if self.config.squash_method == crate::input::config::SquashMethod::Metadata {
+            match self.metadata_squash_refusal(id)? {
+                None => return self.squash_metadata(id),
+                Some(why) => {
+                    tracing::info!(cache = %id, why, "full squash instead of a metadata squash")
+                }
+            }
+        }
         self.squash_with(id, None, None)
+    }
+
+    /// A full squash whatever `squash_method` says: one base holding every file's data.
+    pub fn squash_full(&self, id: &CacheId) -> Result<SquashOutcome> {
+        self.squash_with(id, None, None)
+    }
+
+    /// A metadata squash (issue 31): one base layer of the merged tree's metadata whose regular
+    /// files are stubs redirecting into the generation's old layers, now mounted as data-only
+    /// layers below it. O(files), not O(bytes): nothing is copied but metadata. Refused, with
+    /// the reason, where [`Engine::metadata_squash_refusal`] says so.
+    pub fn squash_metadata(&self, id: &CacheId) -> Result<SquashOutcome> {
+        if let Some(why) = self.metadata_squash_refusal(id)? {
+            return Err(Error::invalid(format!(
+                "cache {id} cannot be metadata-squashed: {why}; `jobcachefs cache squash {} --namespace {}` makes a full one",
+                id.name, id.namespace
+            )));
+        }
+        let result = self.squash_inner(id, None, None, true);
+        if result.is_err() && self.cache_record(id)?.is_some() {
+            let _clock = self.lock_cache(id)?;
+            self.unmount_unused_layers(id)?;
+        }
+        result
+    }
+
+    /// Why cache `id` cannot take a metadata squash here, if it cannot: the kernel lacks
+    /// data-only layers for `metacopy=off` mounts (before 6.16), the cache is a clone cache, or
+    /// a registry syncs it (exports ship real data; a metadata base is squashed fully first).
+    pub fn metadata_squash_refusal(&self, id: &CacheId) -> Result<Option<String>> {
+        let cache = self.require_cache(id)?;
+        if cache.mode == crate::state::records::CacheMode::Clone {
+            return Ok(Some(
+                "it is a clone cache (one image per generation)".into(),
+            ));
+        }
+        if self.config.registry_for(id).is_some() {
+            return Ok(Some(
+                "a registry syncs it, and exports ship whole files".into(),
+            ));
+        }
+        if !self.host.data_layers_supported() {
+            return Ok(Some(
+                "this kernel does not serve a lower layer's metacopy stubs from data-only layers on a metacopy=off mount (Linux 6.16+)".into(),
+            ));
+        }
+        let depth = self.current(id)?.layers.len();
+        if depth + self.current(id)?.data_ids().len() >= crate::host::mounts::MAX_OVERLAY_LOWERS / 2
+        {
+            return Ok(Some(format!(
+                "its {depth} layers and their data layers would pass half the {} layers one overlay holds",
+                crate::host::mounts::MAX_OVERLAY_LOWERS
+            )));
+        }
+        Ok(None)
     }
 
     /// Rebuilds the cache's stack into a single base of `size` bytes (shrinking a cache).
@@ -139,7 +204,7 @@ impl Engine {
         extra: Option<(&Path, &str)>,
         size: Option<u64>,
     ) -> Result<SquashOutcome> {
-        let result = self.squash_inner(id, extra, size);
+        let result = self.squash_inner(id, extra, size, false);
         // Layer mounts made only for this squash go, whatever the outcome.
         if result.is_err() && self.cache_record(id)?.is_some() {
             let _clock = self.lock_cache(id)?;
@@ -153,6 +218,7 @@ impl Engine {
         id: &CacheId,
         extra: Option<(&Path, &str)>,
         size: Option<u64>,
+        metadata: bool,
     ) -> Result<SquashOutcome> {
         let cache = self.require_cache(id)?;
         let limit = size.unwrap_or(cache.cache_size);
@@ -175,13 +241,19 @@ impl Engine {
         let base = {
             let _clock = self.lock_cache(id)?;
             let current = self.current(id)?;
+            // A lone metadata base still has its data to fold (a full squash materialises it).
+            let lone_meta =
+                !metadata && current.layers.len() == 1 && !current.data_ids().is_empty();
             if extra.is_none()
                 && current.layers.len() <= 1
+                && !lone_meta
                 && !(size.is_some() && current.layers.len() == 1)
             {
                 let _ = std::fs::remove_file(self.layout.squash_due(id));
                 return Ok(SquashOutcome::NothingToDo);
             }
+            // Over a metadata base, its data-only layers below: the view shows whole files.
+            let data = self.ensure_layers_mounted(id, &current.data_ids())?;
             let mut lowers = self.ensure_layers_mounted(id, &current.layer_ids())?;
             if let Some((img, _)) = extra {
                 ensure_dir(&extra_mnt)?;
@@ -190,12 +262,15 @@ impl Engine {
                 scratch.mounts.push(extra_mnt.clone());
                 lowers.push(extra_mnt.join("upper"));
             }
-            // A read-only overlay needs two lowers at least: the empty dir makes up the count.
+            // A read-only overlay needs two lowers at least: the empty dir makes up the count,
+            // on top (a metadata base must stay the lowest normal layer: a stub's data is
+            // looked up in the data-only layers only from there).
             while lowers.len() < 2 {
-                lowers.insert(0, self.layout.empty());
+                lowers.push(self.layout.empty());
             }
             ensure_dir(&view)?;
-            self.host.mount_overlay(&lowers, None, &view)?;
+            self.host
+                .mount_overlay_with_data(&lowers, &data, None, &view)?;
             scratch.mounts.push(view.clone());
             current
         };
@@ -216,7 +291,11 @@ impl Engine {
             &new_mnt,
             "the merged tree",
             |target| {
-                let stats = copy_tree(&view, target, progress)?;
+                let stats = if metadata {
+                    crate::files::copy::stub_tree(&view, target, progress)?
+                } else {
+                    copy_tree(&view, target, progress)?
+                };
                 fault::point("squash:copied");
                 Ok(stats)
             },
@@ -249,7 +328,27 @@ impl Engine {
         }
         let layer_id = match extra {
             Some((_, l)) => l.to_string(),
+            None if metadata => format!("meta-{}", fsutil::random_hex()),
             None => format!("base-{}", fsutil::random_hex()),
+        };
+        // A metadata base's data: the folded layers newest first; a folded metadata base gives
+        // its own data instead (its stubs are superseded). The first data layer with a regular
+        // file at a path is the layer the merged view took that path from: every layer above
+        // it had no entry there, nor a non-directory on the way (either would have hidden it).
+        let data: Vec<String> = if metadata {
+            base.layers
+                .iter()
+                .rev()
+                .flat_map(|l| {
+                    if l.data.is_empty() {
+                        vec![l.id.clone()]
+                    } else {
+                        l.data.clone()
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
         let dst = self.layout.layer_image(id, &layer_id);
         std::fs::rename(&image_path, &dst).at("rename into the cache", &dst)?;
@@ -257,10 +356,13 @@ impl Engine {
         fsutil::fsync_dir(&self.layout.layers_dir(id))?;
         fault::point("squash:renamed");
         let mut layers = vec![LayerInfo {
+            data,
             id: layer_id,
             created: fsutil::now(),
             source: if extra.is_some() {
                 "commit+squash".into()
+            } else if metadata {
+                "metadata squash".into()
             } else {
                 "squash".into()
             },
@@ -281,8 +383,15 @@ impl Engine {
             }
             (None, Some(s)) => Provenance::new("resize", format!("generation {}", now.generation))
                 .with("cache-size", s.to_string()),
-            (None, None) => Provenance::new("squash", format!("generation {}", now.generation))
-                .with("folded", base_ids.len().to_string()),
+            (None, None) => Provenance::new(
+                if metadata {
+                    "metadata-squash"
+                } else {
+                    "squash"
+                },
+                format!("generation {}", now.generation),
+            )
+            .with("folded", base_ids.len().to_string()),
         };
         let next = self.publish(id, layers, provenance)?;
         fault::point("squash:published");

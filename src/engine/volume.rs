@@ -231,6 +231,7 @@ impl Engine {
                 let current = self.current(id)?;
                 record.generation = current.generation;
                 record.layers = current.layer_ids();
+                record.data_layers = current.data_ids();
                 if let Some(scope) = &req.scope {
                     // The scope's layers on top of the cache's: pinned by the record like them.
                     if let Some(s) = self.scope_record(id, scope)? {
@@ -245,7 +246,8 @@ impl Engine {
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 touch(&self.layout.last_used(id));
-                match self.ensure_layers_mounted(id, &record.layers) {
+                let data = self.ensure_layers_mounted(id, &record.data_layers);
+                match data.and_then(|_| self.ensure_layers_mounted(id, &record.layers)) {
                     Ok(l) if l.is_empty() => vec![self.layout.empty()],
                     Ok(l) => l,
                     Err(e) => {
@@ -488,6 +490,7 @@ impl Engine {
         let lowers = match &record.cache {
             Some(id) => {
                 let _clock = self.lock_cache(id)?;
+                self.ensure_layers_mounted(id, &record.data_layers)?;
                 let l = self.ensure_layers_mounted(id, &record.layers)?;
                 if l.is_empty() {
                     vec![self.layout.empty()]
@@ -900,6 +903,7 @@ pub(crate) fn new_record(
         unchanged: false,
         made_dir: !dir.exists(),
         labels: req.labels.clone(),
+        data_layers: Vec::new(),
         scope: req.scope.clone(),
         on_success: req.write_back && req.on_success,
         success: None,

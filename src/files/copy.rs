@@ -10,6 +10,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{
     DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
 };
@@ -31,18 +32,38 @@ pub struct CopyStats {
 /// Called after each copied entry with the running totals (progress display).
 pub type Progress = Box<dyn FnMut(&CopyStats)>;
 
+/// What a copy does with the overlay's xattrs and with file data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyMode {
+    /// Drop `trusted.overlay.*` (a squash's merged view: they never travel with the files).
+    Plain,
+    /// Keep every xattr (a clone image, where they are the job's data).
+    Verbatim,
+    /// A metadata layer: each regular file a sparse stub of its size whose metacopy and
+    /// redirect xattrs send overlayfs to its own path in the data-only layers; the job's own
+    /// `trusted.overlay.*` xattrs (the view shows them unescaped) stored escaped, as data.
+    Stubs,
+}
+
 struct Ctx {
     links: HashMap<(u64, u64), PathBuf>,
     stats: CopyStats,
     progress: Option<Progress>,
-    /// Keep `trusted.overlay.*` xattrs (a clone image, where they are the job's data).
-    verbatim: bool,
+    mode: CopyMode,
 }
 
 /// Copies the contents of `src` into the existing directory `dst`, then gives `dst` the owner,
 /// mode, xattrs and times of `src`.
 pub(crate) fn copy_tree(src: &Path, dst: &Path, progress: Option<Progress>) -> Result<CopyStats> {
-    copy_tree_with(src, dst, progress, false)
+    copy_tree_with(src, dst, progress, CopyMode::Plain)
+}
+
+/// The metadata of the merged view `src` into `dst` (directories, links, nodes, owners, modes,
+/// xattrs, times, hardlinks), each regular file a sparse stub of its size redirecting to its own
+/// path in the data-only layers that will be mounted below `dst`'s layer. Its `bytes` count
+/// nothing: no data is copied.
+pub(crate) fn stub_tree(src: &Path, dst: &Path, progress: Option<Progress>) -> Result<CopyStats> {
+    copy_tree_with(src, dst, progress, CopyMode::Stubs)
 }
 
 /// [`copy_tree`] keeping every xattr, `trusted.overlay.*` included: for a clone-mode image,
@@ -52,24 +73,24 @@ pub(crate) fn copy_tree_verbatim(
     dst: &Path,
     progress: Option<Progress>,
 ) -> Result<CopyStats> {
-    copy_tree_with(src, dst, progress, true)
+    copy_tree_with(src, dst, progress, CopyMode::Verbatim)
 }
 
 fn copy_tree_with(
     src: &Path,
     dst: &Path,
     progress: Option<Progress>,
-    verbatim: bool,
+    mode: CopyMode,
 ) -> Result<CopyStats> {
     let mut ctx = Ctx {
         links: HashMap::new(),
         stats: CopyStats::default(),
         progress,
-        verbatim,
+        mode,
     };
     walk_sorted(src, &mut |step| ctx.step(dst, step))?;
     let md = fs::symlink_metadata(src).at("stat", src)?;
-    apply_metadata(src, dst, &md, verbatim)?;
+    apply_metadata(src, dst, &md, mode, None)?;
     Ok(ctx.stats)
 }
 
@@ -98,7 +119,15 @@ impl Ctx {
             }
             self.links.insert((md.dev(), md.ino()), d.clone());
         }
-        if ft.is_file() {
+        if ft.is_file() && self.mode == CopyMode::Stubs {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&d)
+                .and_then(|f| f.set_len(md.len()))
+                .at("create stub", &d)?;
+        } else if ft.is_file() {
             self.stats.bytes += copy_file_data(s, &d)?;
         } else if ft.is_symlink() {
             let target = fs::read_link(s).at("read link", s)?;
@@ -111,7 +140,9 @@ impl Ctx {
 
     /// Gives the copy `d` of entry `e` its metadata and reports progress.
     fn finish(&mut self, e: Entry<'_>, d: &Path) -> Result<()> {
-        apply_metadata(e.path, d, e.md, self.verbatim)?;
+        let redirect =
+            (self.mode == CopyMode::Stubs && e.md.is_file()).then(|| Path::new("/").join(e.rel));
+        apply_metadata(e.path, d, e.md, self.mode, redirect.as_deref())?;
         if let Some(p) = self.progress.as_mut() {
             p(&self.stats);
         }
@@ -166,7 +197,14 @@ pub(crate) fn copy_file_data(src: &Path, dst: &Path) -> Result<u64> {
 
 /// Owner, then mode (chown clears setuid bits), then xattrs (chown clears capabilities), then
 /// times (everything before changes ctime only, but creating children changes a dir's mtime).
-fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, verbatim: bool) -> Result<()> {
+/// A stub (`redirect`) gets its metacopy and redirect xattrs with the others, before its times.
+fn apply_metadata(
+    src: &Path,
+    dst: &Path,
+    md: &fs::Metadata,
+    mode: CopyMode,
+    redirect: Option<&Path>,
+) -> Result<()> {
     fchownat(
         None,
         dst,
@@ -182,13 +220,37 @@ fn apply_metadata(src: &Path, dst: &Path, md: &fs::Metadata, verbatim: bool) -> 
     }
     let names = xattr::list(src).at("list xattrs of", src)?;
     for name in names {
-        if is_overlay_xattr(&name) && !verbatim {
-            continue;
-        }
+        let stored = match mode {
+            CopyMode::Plain if is_overlay_xattr(&name) => continue,
+            // overlayfs shows a layer's `trusted.overlay.overlay.X` as the job's
+            // `trusted.overlay.X`: store it so.
+            CopyMode::Stubs if is_overlay_xattr(&name) => {
+                let rest = &name.as_encoded_bytes()[super::OVERLAY_XATTR_PREFIX.len()..];
+                let mut n =
+                    std::ffi::OsString::from(format!("{}overlay.", super::OVERLAY_XATTR_PREFIX));
+                n.push(std::ffi::OsStr::from_bytes(rest));
+                n
+            }
+            _ => name.clone(),
+        };
         if let Some(value) = xattr::get(src, &name).at("read xattr of", src)? {
-            xattr::set(dst, &name, &value)
-                .ctx(|| format!("set xattr {} on {}", name.to_string_lossy(), dst.display()))?;
+            xattr::set(dst, &stored, &value).ctx(|| {
+                format!(
+                    "set xattr {} on {}",
+                    stored.to_string_lossy(),
+                    dst.display()
+                )
+            })?;
         }
+    }
+    if let Some(r) = redirect {
+        xattr::set(dst, crate::host::mounts::METACOPY_XATTR, b"").at("mark stub", dst)?;
+        xattr::set(
+            dst,
+            crate::host::mounts::REDIRECT_XATTR,
+            r.as_os_str().as_bytes(),
+        )
+        .at("set the stub's redirect", dst)?;
     }
     let atime = TimeSpec::new(md.atime(), md.atime_nsec());
     let mtime = TimeSpec::new(md.mtime(), md.mtime_nsec());

@@ -241,9 +241,10 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn mount_overlay(
+    fn mount_overlay_with_data(
         &self,
         lowers: &[PathBuf],
+        _data: &[PathBuf],
         upper: Option<(&Path, &Path)>,
         target: &Path,
     ) -> Result<()> {

@@ -41,7 +41,22 @@ pub trait Host: Send + Sync + std::fmt::Debug {
         lowers: &[PathBuf],
         upper: Option<(&Path, &Path)>,
         target: &Path,
+    ) -> Result<()> {
+        self.mount_overlay_with_data(lowers, &[], upper, target)
+    }
+    /// [`Host::mount_overlay`] with data-only layers below the lowers, newest first.
+    fn mount_overlay_with_data(
+        &self,
+        lowers: &[PathBuf],
+        data: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
     ) -> Result<()>;
+    /// Whether this kernel serves a lower layer's metacopy stub from a data-only layer with
+    /// `metacopy=off` (Linux 6.16+): the metadata squash's gate.
+    fn data_layers_supported(&self) -> bool {
+        false
+    }
     /// Unmounts `target` (nothing mounted there is success); `lazy` detaches a busy mount.
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()>;
     /// Loop devices and their backing files.
@@ -93,13 +108,17 @@ impl Host for RealHost {
     fn mount_image(&self, image: &Path, target: &Path, how: ImageMount) -> Result<()> {
         mounts::mount_image(image, target, how.read_only)
     }
-    fn mount_overlay(
+    fn mount_overlay_with_data(
         &self,
         lowers: &[PathBuf],
+        data: &[PathBuf],
         upper: Option<(&Path, &Path)>,
         target: &Path,
     ) -> Result<()> {
-        mounts::mount_overlay(lowers, upper, target)
+        mounts::mount_overlay_with_data(lowers, data, upper, target)
+    }
+    fn data_layers_supported(&self) -> bool {
+        mounts::data_layers_supported()
     }
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         mounts::unmount(target, lazy)

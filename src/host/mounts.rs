@@ -234,6 +234,15 @@ fn probe_interface() -> OverlayInterface {
 /// The legacy `mount(2)` option string for `lowers` (bottom first) and an optional
 /// `(upperdir, workdir)`; [`plan_overlay`] refuses it when the kernel would cut it.
 pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
+    overlay_options_with_data(lowers, &[], upper)
+}
+
+/// [`overlay_options`] with data-only layers (`::` before each, in mount order).
+pub fn overlay_options_with_data(
+    lowers: &[PathBuf],
+    data: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> String {
     // overlayfs lists the uppermost lower first.
     let lower: Vec<String> = lowers
         .iter()
@@ -241,6 +250,10 @@ pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Str
         .map(|p| p.display().to_string())
         .collect();
     let mut opts = format!("lowerdir={}", lower.join(":"));
+    for d in data {
+        opts.push_str("::");
+        opts.push_str(&d.display().to_string());
+    }
     if let Some((u, w)) = upper {
         opts.push_str(&format!(
             ",upperdir={},workdir={}",
@@ -271,15 +284,26 @@ pub fn plan_overlay(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,
 ) -> Result<OverlayPlan> {
-    if lowers.is_empty() || lowers.len() > MAX_OVERLAY_LOWERS {
+    plan_overlay_with_data(iface, lowers, &[], upper)
+}
+
+/// [`plan_overlay`] with data-only layers below the lowers.
+pub fn plan_overlay_with_data(
+    iface: OverlayInterface,
+    lowers: &[PathBuf],
+    data: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> Result<OverlayPlan> {
+    if lowers.is_empty() || lowers.len() + data.len() > MAX_OVERLAY_LOWERS {
         return Err(Error::invalid(format!(
             "an overlay of {} lower layers was asked; jobcachefs mounts 1 to {MAX_OVERLAY_LOWERS}: \
              squash the cache (`jobcachefs cache squash NAME`)",
-            lowers.len()
+            lowers.len() + data.len()
         )));
     }
     let all: Vec<&Path> = lowers
         .iter()
+        .chain(data)
         .map(PathBuf::as_path)
         .chain(upper.into_iter().flat_map(|(u, w)| [u, w]))
         .collect();
@@ -317,7 +341,7 @@ pub fn plan_overlay(
             Ok(OverlayPlan::Paths)
         }
         OverlayInterface::MountData => {
-            let opts = overlay_options(lowers, upper);
+            let opts = overlay_options_with_data(lowers, data, upper);
             if opts.len() > MOUNT_DATA_MAX {
                 return Err(Error::invalid(format!(
                     "an overlay of {} layers needs {} bytes of mount options; this kernel reads \
@@ -330,6 +354,58 @@ pub fn plan_overlay(
             Ok(OverlayPlan::Data(opts))
         }
     }
+}
+
+/// The xattr that makes a lower layer's regular file a metadata-only stub.
+pub const METACOPY_XATTR: &str = "trusted.overlay.metacopy";
+/// The xattr naming where a stub's data is (an absolute path, looked up in data-only layers).
+pub const REDIRECT_XATTR: &str = "trusted.overlay.redirect";
+
+/// Whether this kernel serves a metacopy stub of a lower layer from a data-only layer on an
+/// overlay mounted with `metacopy=off` (Linux 6.16, "relax redirect/metacopy requirements for
+/// lower -> data redirect"): found out once per process by a trial mount of such a pair in a
+/// scratch dir, with the data read back. `JOBCACHEFS_NO_DATA_LAYERS=1` answers no (the tests of
+/// the fallback).
+pub fn data_layers_supported() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if std::env::var_os("JOBCACHEFS_NO_DATA_LAYERS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    *PROBED.get_or_init(|| match probe_data_layers() {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::info!(error = %e, "data-only layers unavailable: metadata squash off");
+            false
+        }
+    })
+}
+
+fn probe_data_layers() -> Result<bool> {
+    let dir = std::env::temp_dir().join(format!("jobcachefs-probe-{}", std::process::id()));
+    let (meta, data, view) = (dir.join("m"), dir.join("d"), dir.join("v"));
+    let result = (|| {
+        for d in [&meta, &data, &view] {
+            std::fs::create_dir_all(d).at("create", d)?;
+        }
+        std::fs::write(data.join("f"), b"data").at("write", &data)?;
+        let stub = meta.join("f");
+        std::fs::File::create(&stub)
+            .and_then(|f| f.set_len(4))
+            .at("create", &stub)?;
+        xattr::set(&stub, METACOPY_XATTR, b"").at("set xattr on", &stub)?;
+        xattr::set(&stub, REDIRECT_XATTR, b"/f").at("set xattr on", &stub)?;
+        mount_overlay_with_data(
+            std::slice::from_ref(&meta),
+            std::slice::from_ref(&data),
+            None,
+            &view,
+        )?;
+        let read = std::fs::read(view.join("f"));
+        unmount(&view, true)?;
+        Ok(read.map(|b| b == b"data").unwrap_or(false))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// An overlay as `/proc/self/mountinfo` shows it.
@@ -356,7 +432,16 @@ pub fn parse_overlay(super_options: &str) -> OverlayView {
         let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
         match key {
             "ro" if i == 0 => view.read_only = true,
-            "lowerdir" => top_first.extend(value.split(':').map(|v| PathBuf::from(unescape(v)))),
+            "lowerdir" => {
+                // `A:B::D1::D2`: data-only layers after the first `::`.
+                let (normal, data) = value.split_once("::").unwrap_or((value, ""));
+                top_first.extend(normal.split(':').map(|v| PathBuf::from(unescape(v))));
+                view.data.extend(
+                    data.split("::")
+                        .filter(|d| !d.is_empty())
+                        .map(|v| PathBuf::from(unescape(v))),
+                );
+            }
             "lowerdir+" => top_first.push(PathBuf::from(unescape(value))),
             "datadir+" => view.data.push(PathBuf::from(unescape(value))),
             "upperdir" => view.upper = Some(PathBuf::from(unescape(value))),
@@ -375,6 +460,16 @@ pub fn parse_overlay(super_options: &str) -> OverlayView {
 pub fn verify_overlay(
     entry: &MountEntry,
     lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> Result<()> {
+    verify_overlay_with_data(entry, lowers, &[], upper)
+}
+
+/// [`verify_overlay`] with the data-only layers asked for, in mount order.
+pub fn verify_overlay_with_data(
+    entry: &MountEntry,
+    lowers: &[PathBuf],
+    data: &[PathBuf],
     upper: Option<(&Path, &Path)>,
 ) -> Result<()> {
     let at = entry.mount_point.display();
@@ -406,10 +501,10 @@ pub fn verify_overlay(
             ));
         }
     }
-    if !view.data.is_empty() {
+    if view.data != data {
         return fail(format!(
-            "it has {} data-only layers (asked none)",
-            view.data.len()
+            "its data-only layers are {:?} (asked {:?})",
+            view.data, data
         ));
     }
     let asked_upper = upper.map(|(u, _)| u.to_path_buf());
@@ -452,8 +547,21 @@ pub fn mount_overlay(
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> Result<()> {
+    mount_overlay_with_data(lowers, &[], upper, target)
+}
+
+/// [`mount_overlay`] with data-only layers below the lowers (newest first: the first that
+/// holds a regular file at a stub's redirect serves its data). Since Linux 6.16 a lower layer's
+/// metacopy stub may redirect into a data-only layer without `metacopy=on`, so volumes keep
+/// `metacopy=off`: their copy-ups are whole files, as always.
+pub fn mount_overlay_with_data(
+    lowers: &[PathBuf],
+    data: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+) -> Result<()> {
     let iface = interface();
-    let plan = plan_overlay(iface, lowers, upper)?;
+    let plan = plan_overlay_with_data(iface, lowers, data, upper)?;
     let describe = || {
         format!(
             "mount an overlay of {} layers at {} (interface {})",
@@ -478,7 +586,7 @@ pub fn mount_overlay(
             .map_err(|e| Error::io(describe(), e.into()))?;
         }
         OverlayPlan::Fds | OverlayPlan::Paths => {
-            mount_overlay_new_api(plan == OverlayPlan::Fds, lowers, upper, target).map_err(
+            mount_overlay_new_api(plan == OverlayPlan::Fds, lowers, data, upper, target).map_err(
                 |(e, log)| {
                     let what = if log.is_empty() {
                         describe()
@@ -493,7 +601,7 @@ pub fn mount_overlay(
     crate::fault::point("overlay:mounted");
     let verified = mount_table().and_then(|table| {
         match table.iter().rev().find(|m| m.mount_point == target) {
-            Some(entry) => verify_overlay(entry, lowers, upper),
+            Some(entry) => verify_overlay_with_data(entry, lowers, data, upper),
             None => Err(Error::new(
                 ErrorKind::Io,
                 format!(
@@ -518,6 +626,7 @@ pub fn mount_overlay(
 fn mount_overlay_new_api(
     by_fd: bool,
     lowers: &[PathBuf],
+    data: &[PathBuf],
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> std::result::Result<(), (rustix::io::Errno, String)> {
@@ -558,6 +667,9 @@ fn mount_overlay_new_api(
     fsconfig_set_string(&fs, "source", "jobcachefs").map_err(with_log)?;
     for lower in lowers.iter().rev() {
         layer("lowerdir+", lower).map_err(naming("lowerdir+", lower))?;
+    }
+    for d in data {
+        layer("datadir+", d).map_err(naming("datadir+", d))?;
     }
     if let Some((u, w)) = upper {
         layer("upperdir", u).map_err(naming("upperdir", u))?;

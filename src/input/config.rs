@@ -21,6 +21,7 @@ struct RawConfig {
     max_depth_hard: Option<usize>,
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
+    squash_method: Option<String>,
     squash_idle_seconds: Option<u64>,
     scope_size: Option<String>,
     scope_idle: Option<String>,
@@ -206,6 +207,16 @@ pub enum CloneBackend {
     Pool,
 }
 
+/// How a due squash is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SquashMethod {
+    /// A new base holding every file's data: O(bytes).
+    #[default]
+    Full,
+    /// A new base of metadata whose files redirect into the old layers: O(files).
+    Metadata,
+}
+
 /// Largest `max_depth_hard`: half the layers one overlay may have
 /// ([`crate::host::mounts::MAX_OVERLAY_LOWERS`]), the other half left for a scope's layers.
 pub const MAX_DEPTH_HARD: usize = 64;
@@ -228,6 +239,10 @@ pub struct Config {
     pub max_depth_hard: usize,
     /// A generation whose layers above the base allocate more than this is squashed.
     pub squash_delta_size: u64,
+    /// How due squashes (queued, idle) are made: `full` (a base holding every file's data) or
+    /// `metadata` (a base of metadata over the old layers as data-only layers, where the
+    /// kernel and the cache allow it; full elsewhere).
+    pub squash_method: SquashMethod,
     /// Whether `volume delete` runs a due squash itself (true) or leaves it queued for `gc` or
     /// the agent (false, what the Kubernetes hook does to stay inside the provisioner's timeout).
     pub squash_inline: bool,
@@ -293,6 +308,7 @@ impl Default for Config {
             // for a squash; idle ones get one sooner (squash_idle_seconds).
             max_depth: 8,
             max_depth_hard: 32,
+            squash_method: SquashMethod::Full,
             squash_delta_size: 4 << 30,
             squash_inline: true,
             squash_idle_seconds: 600,
@@ -360,6 +376,15 @@ impl Config {
             max_volume_size: size("max_volume_size", &raw.max_volume_size, d.max_volume_size)?,
             max_depth,
             max_depth_hard,
+            squash_method: match raw.squash_method.as_deref() {
+                None | Some("full") => SquashMethod::Full,
+                Some("metadata") => SquashMethod::Metadata,
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "squash_method in {origin} is {other:?}: use \"full\" or \"metadata\""
+                    )))
+                }
+            },
             squash_delta_size: size(
                 "squash_delta_size",
                 &raw.squash_delta_size,
@@ -742,6 +767,7 @@ mod properties {
         "max_depth_hard",
         "squash_delta_size",
         "squash_inline",
+        "squash_method",
         "squash_idle_seconds",
         "scope_size",
         "scope_idle",

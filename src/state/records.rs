@@ -82,6 +82,12 @@ pub struct LayerInfo {
     /// content. Empty for a commit's delta layer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub covers: Vec<String>,
+    /// For a metadata base (`cache squash --metadata`): the layers its files' data lives in,
+    /// mounted as overlayfs data-only layers below it, newest first (each file is a sparse stub
+    /// whose redirect names its own path; the first data layer holding a regular file there is
+    /// the one the merged view took it from). Empty for every other layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<String>,
 }
 
 impl LayerInfo {
@@ -155,6 +161,15 @@ impl Generation {
     /// Layer ids, bottom first.
     pub fn layer_ids(&self) -> Vec<String> {
         self.layers.iter().map(|l| l.id.clone()).collect()
+    }
+
+    /// The data-only layers below a metadata base, newest first (empty without one). Only a
+    /// generation's base may be a metadata base.
+    pub fn data_ids(&self) -> Vec<String> {
+        self.layers
+            .first()
+            .map(|l| l.data.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -257,6 +272,10 @@ pub struct VolumeRecord {
     /// Free-form labels from the caller (e.g. the Kubernetes PV/PVC names).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The data-only layers below its generation's metadata base, newest first: pinned and
+    /// mounted like `layers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_layers: Vec<String>,
     /// The cache's scope this volume reads on top of the cache and writes back into (never
     /// into the cache itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]

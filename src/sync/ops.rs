@@ -544,6 +544,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             remote.repo
         )));
     }
+    materialize(engine, id)?;
     let (_l, store) = open_store(engine)?;
     let remote = &remote
         .clone()
@@ -722,6 +723,17 @@ fn import_with(
     result
 }
 
+/// A metadata base (its files' data in data-only layers) never travels: the registry line holds
+/// real layers, and a line's layers are stacked in any order on the other side. Such a base
+/// (made before a registry was configured for the cache) is squashed fully first.
+fn materialize(engine: &Engine, id: &CacheId) -> Result<()> {
+    if engine.cache_record(id)?.is_some() && !engine.current(id)?.data_ids().is_empty() {
+        tracing::info!(cache = %id, "a metadata base is squashed fully before it is synced");
+        engine.squash_full(id)?;
+    }
+    Ok(())
+}
+
 fn import_inner(
     engine: &Engine,
     id: &CacheId,
@@ -731,6 +743,7 @@ fn import_inner(
     wait: bool,
 ) -> Result<ImportReport> {
     let started = Instant::now();
+    materialize(engine, id)?;
     let (_l, store) = open_store_with(engine, wait)?;
     let remote = &remote
         .clone()
@@ -914,6 +927,7 @@ fn import_inner(
                     // Held by an older generation (still on disk for its volumes).
                     let size = std::fs::metadata(&dst).at("stat", &dst)?.len();
                     layers.push(LayerInfo {
+                        data: Vec::new(),
                         id: lid.clone(),
                         created: fsutil::now(),
                         source: source.clone(),
@@ -1118,6 +1132,7 @@ fn tmp_layer_image(engine: &Engine, l: &LineLayer) -> PathBuf {
 /// What the cache records of `img`, built for line layer `l` with `size`.
 fn built_info(img: &Path, l: &LineLayer, source: &str, size: u64) -> Result<LayerInfo> {
     Ok(LayerInfo {
+        data: Vec::new(),
         id: l.id.clone(),
         created: fsutil::now(),
         source: source.to_string(),

@@ -598,6 +598,7 @@ pub(super) fn import(
     let next = engine.publish(
         id,
         vec![LayerInfo {
+            data: Vec::new(),
             id: layer.clone(),
             created: fsutil::now(),
             source: format!("import {}", remote.repo),
