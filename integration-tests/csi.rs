@@ -1143,3 +1143,68 @@ fn real_csi_volume_stats_of_one_volume_among_many() {
     }
     node.assert_clean_volumes();
 }
+
+/// A debugging tool's client: gRPC's C-core (grpcio, pinned in .venv by scripts/setup), with
+/// the `:authority` it sends by default over a unix socket — the socket path, %-encoded, which
+/// h2 alone refuses (RST_STREAM PROTOCOL_ERROR). Three calls on one channel, so the later ones
+/// name that authority through the connection's HPACK table. The requests are empty messages
+/// and the answers are checked as protobuf bytes: no stubs needed.
+#[test]
+fn real_csi_a_grpcio_client_with_its_default_authority_is_served() {
+    if !root_or_skip("real_csi_a_grpcio_client_with_its_default_authority_is_served") {
+        return;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it makes the virtualenv with the pinned grpcio)",
+        python.display()
+    );
+    let node = Node::new();
+    let plugin = Plugin::start(&node);
+    let script = r#"
+import sys, grpc
+with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
+    for method in sys.argv[2:]:
+        # No (de)serializers: the request and the answer are raw protobuf bytes.
+        print(channel.unary_unary(method)(b"", timeout=20).hex())
+"#;
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&plugin.sock)
+        .args([
+            "/csi.v1.Identity/GetPluginInfo",
+            "/csi.v1.Identity/GetPluginInfo",
+            "/csi.v1.Node/NodeGetInfo",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "grpcio's calls failed ({}):\n{stderr}\nplugin log:\n{}",
+        out.status,
+        plugin.log()
+    );
+    let answers: Vec<Vec<u8>> = stdout
+        .lines()
+        .map(|l| {
+            (0..l.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(answers.len(), 3, "{stdout}");
+    let has = |a: &[u8], s: &str| a.windows(s.len()).any(|w| w == s.as_bytes());
+    for a in &answers[..2] {
+        assert!(has(a, "csi.jobcachefs.io"), "GetPluginInfo answered {a:x?}");
+    }
+    assert!(
+        has(&answers[2], "node-1"),
+        "NodeGetInfo answered {:x?}",
+        answers[2]
+    );
+}
