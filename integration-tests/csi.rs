@@ -1068,3 +1068,143 @@ fn real_csi_scopes_and_on_success_inline_and_through_a_pvc() {
     assert_eq!(generation(&node, "ci", "gradle"), 1);
     node.assert_clean_volumes();
 }
+
+/// NodeGetVolumeStats of one volume among many: each volume's bytes are its own, and a volume
+/// record elsewhere on the node that cannot be read at all (here a directory where its
+/// volume.json should be; on a node, a bad block) does not turn a live volume into a missing
+/// one. The stats read the asked volume's record alone.
+#[test]
+fn real_csi_volume_stats_of_one_volume_among_many() {
+    if !root_or_skip("real_csi_volume_stats_of_one_volume_among_many") {
+        return;
+    }
+    let node = Node::new();
+    let plugin = Plugin::start(&node);
+    let k = Kubelet::connect(&plugin, &node);
+    const N: usize = 8;
+    let targets: Vec<PathBuf> = (0..N)
+        .map(|i| k.target(&format!("pod-{i}"), "cache"))
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        k.publish(inline(
+            &format!("csi-{i}"),
+            t,
+            "ci",
+            "default",
+            &[("cache", "npm"), ("size", "128Mi")],
+        ))
+        .unwrap();
+        // Volume i holds i MiB of its own.
+        let f = std::fs::File::create(t.join("blob")).unwrap();
+        std::io::Write::write_all(&mut &f, &vec![0x5a; i << 20]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let used = |i: usize| -> i64 {
+        let mut n = k.node();
+        let s =
+            k.rt.block_on(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: format!("csi-{i}"),
+                volume_path: targets[i].display().to_string(),
+                staging_target_path: String::new(),
+            }))
+            .unwrap_or_else(|e| panic!("stats of csi-{i}: {e:?}"))
+            .into_inner();
+        assert!(!s.volume_condition.unwrap().abnormal);
+        s.usage[0].used
+    };
+    let check = |when: &str| {
+        let base = used(0);
+        for i in 1..N {
+            let own = used(i) - base;
+            let want = (i << 20) as i64;
+            assert!(
+                (want..want + (1 << 20)).contains(&own),
+                "{when}: csi-{i} uses {own} bytes more than an empty volume, it holds {want}"
+            );
+        }
+    };
+    check("all records readable");
+    let unreadable = node.state().join("volumes/00000000000000000000");
+    std::fs::create_dir_all(unreadable.join("volume.json")).unwrap();
+    check("one record elsewhere unreadable");
+    // The stats of a volume asked by another volume's id are still refused.
+    let mut n = k.node();
+    let e =
+        k.rt.block_on(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "csi-1".into(),
+            volume_path: targets[2].display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    std::fs::remove_dir_all(&unreadable).unwrap();
+    for (i, t) in targets.iter().enumerate() {
+        k.unpublish(&format!("csi-{i}"), t).unwrap();
+    }
+    node.assert_clean_volumes();
+}
+
+/// A debugging tool's client: gRPC's C-core (grpcio, pinned in .venv by scripts/setup), with
+/// the `:authority` it sends by default over a unix socket — the socket path, %-encoded, which
+/// h2 alone refuses (RST_STREAM PROTOCOL_ERROR). Three calls on one channel, so the later ones
+/// name that authority through the connection's HPACK table. The requests are empty messages
+/// and the answers are checked as protobuf bytes: no stubs needed.
+#[test]
+fn real_csi_a_grpcio_client_with_its_default_authority_is_served() {
+    if !root_or_skip("real_csi_a_grpcio_client_with_its_default_authority_is_served") {
+        return;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it makes the virtualenv with the pinned grpcio)",
+        python.display()
+    );
+    let node = Node::new();
+    let plugin = Plugin::start(&node);
+    let script = r#"
+import sys, grpc
+with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
+    for method in sys.argv[2:]:
+        # No (de)serializers: the request and the answer are raw protobuf bytes.
+        print(channel.unary_unary(method)(b"", timeout=20).hex())
+"#;
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&plugin.sock)
+        .args([
+            "/csi.v1.Identity/GetPluginInfo",
+            "/csi.v1.Identity/GetPluginInfo",
+            "/csi.v1.Node/NodeGetInfo",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "grpcio's calls failed ({}):\n{stderr}\nplugin log:\n{}",
+        out.status,
+        plugin.log()
+    );
+    let answers: Vec<Vec<u8>> = stdout
+        .lines()
+        .map(|l| {
+            (0..l.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(answers.len(), 3, "{stdout}");
+    let has = |a: &[u8], s: &str| a.windows(s.len()).any(|w| w == s.as_bytes());
+    for a in &answers[..2] {
+        assert!(has(a, "csi.jobcachefs.io"), "GetPluginInfo answered {a:x?}");
+    }
+    assert!(
+        has(&answers[2], "node-1"),
+        "NodeGetInfo answered {:x?}",
+        answers[2]
+    );
+}

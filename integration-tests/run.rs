@@ -33,10 +33,48 @@ impl Bg {
     fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
+
+    /// CMD's process group: CMD is the run's child and leads its own group.
+    fn cmd_groups(&self) -> Vec<i32> {
+        let children = format!("/proc/{0}/task/{0}/children", self.child.id());
+        std::fs::read_to_string(children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+/// A run the test gave up on (a failed assertion, [`FINISH_BOUND`] passed): CMD's group and the
+/// run are SIGKILLed, so that no job outlives the test. (The node's drop deletes the volume
+/// with `volume delete`, which does not stop a dead run's job.)
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            for pgid in self.cmd_groups() {
+                let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts a run in the background; returns once CMD has written `ready`.
 fn spawn_run(node: &Node, cache: &str, dir: &Path, extra: &[&str], script: &str) -> Bg {
+    spawn_run_ignoring(node, cache, dir, extra, script, &[])
+}
+
+/// [`spawn_run`] with `ignored` set to SIG_IGN in the run's process, as a runner started under
+/// `nohup` (SIGHUP) or by a supervisor that ignores SIGINT hands them down.
+fn spawn_run_ignoring(
+    node: &Node,
+    cache: &str,
+    dir: &Path,
+    extra: &[&str],
+    script: &str,
+    ignored: &[Signal],
+) -> Bg {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let ready = node.tmp.path().join("ready");
     let _ = std::fs::remove_file(&ready);
@@ -50,6 +88,17 @@ fn spawn_run(node: &Node, cache: &str, dir: &Path, extra: &[&str], script: &str)
         .args(["--", "sh", "-c", script])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap());
+    let ignored: Vec<libc::c_int> = ignored.iter().map(|s| *s as libc::c_int).collect();
+    // SAFETY: runs in the child between fork and exec; signal() is async-signal-safe and the
+    // closure allocates nothing (the list was made before the fork).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+            for s in &ignored {
+                libc::signal(*s, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
     let child = c.spawn().unwrap();
     wait_for(&ready);
     Bg { child, stderr }
@@ -67,8 +116,27 @@ fn wait_for(p: &Path) {
     }
 }
 
+/// How long a run may take to end once it was told to (or its CMD ends on its own): a stopped
+/// run discards its volume in well under a second.
+const FINISH_BOUND: Duration = Duration::from_secs(30);
+
+/// Waits for a background run to end, at most [`FINISH_BOUND`]: a run whose CMD ignores the
+/// signal passed on would otherwise keep the test waiting for ever. Past the bound the test
+/// fails, and the run and its job are killed (`Bg`'s drop).
 fn finish(mut bg: Bg) -> Run {
-    let status = bg.child.wait().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = bg.child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > FINISH_BOUND {
+            panic!(
+                "the run did not end within {FINISH_BOUND:?} (killed now); its stderr:\n{}",
+                std::fs::read_to_string(&bg.stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     use std::os::unix::process::ExitStatusExt;
     Run {
         code: status
@@ -267,6 +335,47 @@ fn real_run_passes_stop_signals_to_cmd_and_discards_the_volume() {
     kill(child.pid(), Signal::SIGHUP).unwrap();
     assert_eq!(finish(child).code, 129);
     assert_eq!(n.generation("maven"), 0);
+    n.assert_clean();
+}
+
+/// A run that inherited ignored stop signals (a runner under `nohup`, a supervisor ignoring
+/// SIGINT) still stops its job: CMD starts with them at their default action, and the signal
+/// the run passes on ends it.
+#[test]
+fn real_run_stops_cmd_even_when_the_runner_ignores_stop_signals() {
+    if !root_or_skip("real_run_stops_cmd_even_when_the_runner_ignores_stop_signals") {
+        return;
+    }
+    let n = Node::new();
+    let dir = n.vol("job");
+    let ready = n.tmp.path().join("ready");
+    let ign = n.tmp.path().join("sigign");
+    // CMD writes the mask of the signals it ignores, then waits for the signal.
+    let script = format!(
+        "grep SigIgn /proc/$$/status > {ign}; touch {ready}; sleep 300",
+        ign = ign.display(),
+        ready = ready.display()
+    );
+    let stop = [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM];
+    for sig in stop {
+        let child = spawn_run_ignoring(&n, "maven", &dir, &["--write-back"], &script, &stop);
+        kill(child.pid(), sig).unwrap();
+        let r = finish(child);
+        assert_eq!(r.code, 128 + sig as i32, "{sig}: {}", r.stderr);
+        assert!(r.stderr.contains("changes discarded"), "{}", r.stderr);
+        let mask = std::fs::read_to_string(&ign).unwrap();
+        let mask = u64::from_str_radix(mask.trim().trim_start_matches("SigIgn:").trim(), 16)
+            .unwrap_or_else(|e| panic!("{mask:?}: {e}"));
+        for s in stop {
+            assert_eq!(
+                mask & (1 << (s as i32 - 1)),
+                0,
+                "CMD was started with {s} ignored (SigIgn {mask:x})"
+            );
+        }
+    }
+    assert_eq!(n.generation("maven"), 0);
+    assert_eq!(volumes(&n), Vec::<String>::new());
     n.assert_clean();
 }
 

@@ -205,6 +205,95 @@ fn real_sync_delta_moves_only_the_new_layer() {
     b.assert_clean();
 }
 
+/// The progress lines of a transfer in a command's JSON log: (percent, bytes done, message).
+fn progress_lines(stderr: &str, what: &str) -> Vec<(u64, u64, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let f = &v["fields"];
+            let msg = f["message"].as_str()?;
+            let rest = msg.strip_prefix(what)?;
+            let pct = rest.split('(').nth(1)?.split('%').next()?.parse().ok()?;
+            Some((pct, f["done"].as_u64()?, msg.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn real_sync_long_transfers_log_their_progress() {
+    if !root_or_skip("real_sync_long_transfers_log_their_progress") {
+        return;
+    }
+    // 96 MiB that does not compress: both ways well past the size from which a transfer logs
+    // each tenth (64 MiB), whatever the machine's speed. Not on a terminal (the tests' stderr
+    // is a file), so the log says it, not a bar.
+    let reg = Registry::start();
+    let a = Node::with_config(&reg.config(""));
+    let b = Node::with_config(&reg.config(""));
+    let v = a.create("v", "big", &["--size", "256Mi", "--write-back"]);
+    sh(&format!(
+        "cd {}; head -c 100663296 /dev/urandom > blob",
+        v.display()
+    ));
+    a.delete(&v, &[]).ok();
+    let check = |r: &Run, what: &str| {
+        let lines = progress_lines(&r.stderr, what);
+        let text = lines
+            .iter()
+            .map(|l| l.2.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        // Each tenth at least once, in order, the bytes growing with it.
+        for tenth in 1..=10 {
+            assert!(
+                lines.iter().any(|l| l.0 / 10 == tenth),
+                "{what}: no line at {}0%:\n{text}\n{}",
+                tenth,
+                r.stderr
+            );
+        }
+        assert!(
+            lines
+                .windows(2)
+                .all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1),
+            "{what}: not in order:\n{text}"
+        );
+        assert!(
+            lines.len() <= 10 + 2 * 60,
+            "{what}: {} lines, more than a tenth each and one per 5 s:\n{text}",
+            lines.len()
+        );
+        // Past the first half second a line tells the rate and the time left.
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.2.contains("MiB/s") && l.2.contains(" left")),
+            "{what}: no line with a rate and a time left:\n{text}"
+        );
+        // The last line is the end: all of it, about the files' bytes (tar headers on export,
+        // the compressed stream on import).
+        let (pct, done, _) = lines.last().unwrap();
+        assert_eq!(*pct, 100, "{what}:\n{text}");
+        assert!(
+            (96 << 20..=100 << 20).contains(done),
+            "{what}: {done} bytes counted for 96 MiB of files:\n{text}"
+        );
+    };
+    let r = a.run(&["cache", "export", "big", "-o", "json"]).ok();
+    assert_eq!(r.json()["outcome"], "pushed");
+    check(&r, "export default/big: ");
+    let r = b.run(&["cache", "import", "big", "-o", "json"]).ok();
+    assert_eq!(r.json()["outcome"], "imported");
+    check(&r, "import default/big: ");
+    // Nothing moved, nothing logged.
+    let r = b.run(&["cache", "import", "big", "-o", "json"]).ok();
+    assert_eq!(r.json()["outcome"], "up-to-date");
+    assert_eq!(progress_lines(&r.stderr, "import default/big: ").len(), 0);
+    a.assert_clean();
+    b.assert_clean();
+}
+
 #[test]
 fn real_sync_converges_in_both_orders_and_after_a_race() {
     if !root_or_skip("real_sync_converges_in_both_orders_and_after_a_race") {

@@ -375,23 +375,52 @@ pub fn print_doctor(findings: &[jobcachefs::doctor::Finding]) {
     );
 }
 
-/// A progress bar on stderr for long operations, when stderr is a terminal; plain log lines
-/// (from the engine's tracing) otherwise.
+/// A progress display on stderr for long operations, when stderr is a terminal: a spinner with
+/// the entries and bytes of a copy (squash, resize), a bar with bytes, rate and time left of a
+/// transfer (import, export). Not on a terminal the engine logs instead (a line every few
+/// seconds for a transfer).
 pub fn progress_hook() -> Option<jobcachefs::engine::ProgressHook> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use jobcachefs::engine::Progress;
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}] {prefix}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    let hook = move |name: &str, s: &jobcachefs::files::copy::CopyStats| {
-        if s.entries.is_multiple_of(64) {
-            bar.set_message(name.to_string());
-            bar.set_prefix(format!("{} entries, {}", s.entries, human_bytes(s.bytes)));
-            bar.tick();
+    let spinner = ProgressStyle::with_template("{spinner} {msg} [{elapsed}] {prefix}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let transfer = ProgressStyle::with_template("{prefix} [{bar:30}] {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(spinner.clone());
+    // Whether the bar is drawn as a transfer now (one command may copy, then transfer).
+    let drawn_as_transfer = std::sync::Mutex::new(false);
+    let restyle = move |bar: &ProgressBar, as_transfer: bool| {
+        let mut now = drawn_as_transfer.lock().unwrap_or_else(|e| e.into_inner());
+        if *now != as_transfer {
+            bar.set_style(if as_transfer {
+                transfer.clone()
+            } else {
+                spinner.clone()
+            });
+            *now = as_transfer;
+        }
+    };
+    let hook = move |name: &str, p: Progress<'_>| match p {
+        Progress::Copy(s) => {
+            if s.entries.is_multiple_of(64) {
+                restyle(&bar, false);
+                bar.set_message(name.to_string());
+                bar.set_prefix(format!("{} entries, {}", s.entries, human_bytes(s.bytes)));
+                bar.tick();
+            }
+        }
+        Progress::Transfer(t) => {
+            restyle(&bar, true);
+            bar.set_prefix(name.to_string());
+            bar.set_length(t.total);
+            bar.set_position(t.done);
+            bar.set_message(t.describe());
         }
     };
     Some(jobcachefs::engine::ProgressHook(std::sync::Arc::new(hook)))

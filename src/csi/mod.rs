@@ -11,6 +11,8 @@
 //!   checks the request's fields, asks [`crate::k8s::policy`] for the decision (the same rules
 //!   as the hook) and calls the engine. The spec's types stop there.
 //! - [`status`]: the one mapping of library errors to the spec's status codes.
+//! - [`authority`] (with [`hpack`]): every connection's header blocks read before h2 does, so
+//!   that clients which send the socket path as `:authority` (grpcio, grpc-java, csc) work.
 //!
 //! The engine is blocking; every call runs on tokio's blocking pool, so publishes of many pods
 //! wait only for the engine's own short locks, never for each other's I/O.
@@ -19,7 +21,9 @@
 // it in the helpers would only be unboxed again at the trait's edge.
 #![allow(clippy::result_large_err)]
 
+mod authority;
 pub mod controller;
+mod hpack;
 pub mod identity;
 pub mod node;
 pub mod status;
@@ -139,7 +143,10 @@ async fn run(engine: Engine, opts: Options, path: PathBuf) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
             .at("chmod", &path)?;
     }
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(authority::Repaired::new),
+    );
     let shared = std::sync::Arc::new(node::Plugin::new(engine, opts.node_id.clone()));
     let controller = opts.controller.then(|| {
         csi::controller_server::ControllerServer::new(controller::Controller::new(shared.clone()))

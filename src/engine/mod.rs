@@ -12,6 +12,7 @@ mod commit;
 mod gc;
 mod identity;
 mod merge;
+pub mod progress;
 mod publish;
 mod rebuild;
 mod release;
@@ -24,6 +25,7 @@ pub use admission::DiskBudget;
 pub use cache::{CacheInfo, PruneCandidate};
 pub use clone::CloneStoreKind;
 pub use gc::GcReport;
+pub use progress::{Progress, ProgressFn, ProgressHook};
 pub use publish::HistoryEntry;
 pub use release::ReleaseReport;
 pub use runs::{process_start, RunClaim, RunOwner, RUN_LABEL};
@@ -104,20 +106,6 @@ fn check_format(layout: &Layout) -> Result<()> {
             std::fs::rename(&tmp, &path).at("rename", &path)
         }
         Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
-    }
-}
-
-/// Receives progress of long operations (squash, resize): the operation's name and its copy
-/// counters so far. The CLI draws a progress bar with it on a terminal.
-#[derive(Clone)]
-pub struct ProgressHook(pub std::sync::Arc<ProgressFn>);
-
-/// The callback inside a [`ProgressHook`].
-pub type ProgressFn = dyn Fn(&str, &crate::files::copy::CopyStats) + Send + Sync;
-
-impl std::fmt::Debug for ProgressHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProgressHook")
     }
 }
 
@@ -215,6 +203,12 @@ impl Engine {
     pub fn with_progress(mut self, hook: ProgressHook) -> Self {
         self.progress = Some(hook);
         self
+    }
+
+    /// The meter of a transfer of about `total` bytes named `what`: drawn by the hook, if one
+    /// is set, else logged (see [`progress`]).
+    pub(crate) fn meter(&self, what: impl Into<String>, total: u64) -> progress::Meter {
+        progress::Meter::new(what, total, self.progress.clone())
     }
 
     /// The paths of this state dir.

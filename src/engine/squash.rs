@@ -281,8 +281,9 @@ impl Engine {
         let started = std::time::Instant::now();
         let progress = self.progress.clone().map(|h| {
             let name = format!("squash {id}");
-            Box::new(move |s: &crate::files::copy::CopyStats| (h.0)(&name, s))
-                as crate::files::copy::Progress
+            Box::new(move |s: &crate::files::copy::CopyStats| {
+                (h.0)(&name, super::Progress::Copy(s))
+            }) as crate::files::copy::Progress
         });
         let (stats, allocated) = self.build_image(
             &mut scratch,

@@ -9,7 +9,7 @@ use crate::host::{mounts, ImageMount};
 use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir, read_json};
-use crate::state::layout::volume_id;
+use crate::state::layout::{volume_id, Layout};
 use crate::state::records::{
     CacheMode, CacheRecord, RootOwner, VolumeKind, VolumeRecord, VolumeState,
 };
@@ -799,44 +799,53 @@ impl Engine {
     /// Live volumes with their use.
     pub fn volume_list(&self) -> Result<Vec<VolumeInfo>> {
         let table = self.host.mount_table()?;
-        let mut out = Vec::new();
-        for record in self.volume_records()? {
-            let upper = self.layout.upper_mount(&record.id);
-            let used = if mounts::is_mounted(&table, &upper) {
-                fsutil::fs_usage(&upper).ok().map(|(u, _)| u)
-            } else {
-                None
-            };
-            let mounted = mounts::is_mounted(&table, &record.dir);
-            out.push(VolumeInfo {
-                record,
-                used,
-                mounted,
-            });
-        }
-        Ok(out)
+        Ok(self
+            .volume_records()?
+            .into_iter()
+            .map(|record| info_of(&table, &self.layout, record))
+            .collect())
     }
 
-    /// The record of the volume at `dir`, if there is one: one file read, where
-    /// [`Engine::volume_show`] reads every record and the mount table (the CSI plugin asks this
-    /// on every publish and unpublish).
+    /// The record of the volume at `dir`, if there is one: one file read (the CSI plugin asks
+    /// this on every publish and unpublish).
     pub fn volume_record_at(&self, dir: &Path) -> Result<Option<VolumeRecord>> {
         let dir = resolve_dir(dir)?;
         read_json(&self.layout.volume_record(&volume_id(&dir)))
     }
 
-    /// One volume by DIR.
+    /// One volume by DIR: its record alone, and the mount table. kubelet asks this of every
+    /// CSI volume every minute (NodeGetVolumeStats), so neither the other volumes' records nor
+    /// their usage are read, and a record elsewhere that cannot be read changes nothing here.
     pub fn volume_show(&self, dir: &Path) -> Result<VolumeInfo> {
         let dir = resolve_dir(dir)?;
-        self.volume_list()?
-            .into_iter()
-            .find(|v| v.record.dir == dir)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no volume at {}: see `jobcachefs volume ls`", dir.display()),
-                )
-            })
+        let not_found = || {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no volume at {}: see `jobcachefs volume ls`", dir.display()),
+            )
+        };
+        // The id is a digest of DIR: the record found must still name DIR.
+        let record = self
+            .volume_record_at(&dir)?
+            .filter(|r| r.dir == dir)
+            .ok_or_else(not_found)?;
+        Ok(info_of(&self.host.mount_table()?, &self.layout, record))
+    }
+}
+
+/// A volume's record with what the mount table says of it.
+fn info_of(table: &[mounts::MountEntry], layout: &Layout, record: VolumeRecord) -> VolumeInfo {
+    let upper = layout.upper_mount(&record.id);
+    let used = if mounts::is_mounted(table, &upper) {
+        fsutil::fs_usage(&upper).ok().map(|(u, _)| u)
+    } else {
+        None
+    };
+    let mounted = mounts::is_mounted(table, &record.dir);
+    VolumeInfo {
+        record,
+        used,
+        mounted,
     }
 }
 

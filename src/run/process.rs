@@ -10,7 +10,10 @@
 //! - **Signals** SIGINT, SIGTERM and SIGHUP are blocked from the start of the run and taken with
 //!   `sigwait` (no handler runs anywhere): one arriving while the volumes are made is held, CMD
 //!   is then not started and the volumes are discarded; one arriving while CMD runs is passed on;
-//!   one arriving during the delete changes nothing but the commit decision (discard).
+//!   one arriving during the delete changes nothing but the commit decision (discard). A blocked
+//!   signal is queued even when its disposition is "ignore", so a run under `nohup` still takes
+//!   SIGHUP; CMD starts with the three at their default action whatever the run inherited, so
+//!   the signal passed on stops it.
 //! - **Nothing left behind.** CMD gets `PR_SET_PDEATHSIG` = SIGKILL, so a `jobcachefs run`
 //!   killed with SIGKILL takes CMD with it; what CMD's group still holds is killed by the repair
 //!   (engine/runs.rs). When CMD exits, members of its group still running (a daemon it started
@@ -108,6 +111,13 @@ pub fn run(
     // allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            // The stop signals this run passes on must stop CMD: a runner started under
+            // `nohup` (or by a supervisor that ignores SIGINT) hands its ignored dispositions
+            // down through exec, and a shell may not even trap a signal ignored at its start.
+            // The mask is std's to reset (it empties it before exec).
+            for s in STOP_SIGNALS {
+                libc::signal(s as libc::c_int, libc::SIG_DFL);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             if libc::getppid() != parent {
                 // The run died before the death signal was set: it would not come.

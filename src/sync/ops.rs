@@ -37,6 +37,7 @@ use super::oci::{self, BlobRecord, Compression, Descriptor, Manifest, ManifestKi
 use super::registry::Direct;
 use super::tarlayer::{self, refuse, ImportPolicy};
 use super::transport::{Remote, LATEST};
+use crate::engine::progress::Meter;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::host::{image, mounts};
 use crate::input::names::{is_layer_id, CacheId};
@@ -403,18 +404,35 @@ fn open_store_with(engine: &Engine, wait: bool) -> Result<(lock::Lock, Store)> {
     Ok((l, Store::open(&dir.join("oci"))?))
 }
 
-/// The blob of local layer `layer`, tarring it the first time.
-fn layer_blob(engine: &Engine, store: &Store, id: &CacheId, layer: &str) -> Result<BlobRecord> {
+/// The blob of local layer `layer`, tarring it the first time. `estimate`: the bytes `meter`
+/// expects of its tar (see [`export_estimate`]), replaced by what it really was.
+fn layer_blob(
+    engine: &Engine,
+    store: &Store,
+    id: &CacheId,
+    layer: &str,
+    (meter, estimate): (&Meter, u64),
+) -> Result<BlobRecord> {
     if let Some(r) = store.record(layer)? {
+        meter.set_total(meter.total().saturating_sub(estimate));
         return Ok(r);
     }
     let img = engine.layout().layer_image(id, layer);
     let m = PrivateMount::new(engine, &img, true)?;
     let upper = m.target.join("upper");
-    let r = store.put_layer(|w| tarlayer::write_layer(&upper, w).map(|_| ()))?;
+    let before = meter.done();
+    let r = store.put_layer(|w| tarlayer::write_layer(&upper, meter.writer(w)).map(|_| ()))?;
+    meter.set_total(meter.total().saturating_sub(estimate) + (meter.done() - before));
     m.unmount()?;
     store.set_record(layer, &r)?;
     Ok(r)
+}
+
+/// What an export's meter expects a local layer's tar to be: the bytes its image holds (the
+/// files and ext4's own metadata: near enough for a bar; each layer's figure is replaced by
+/// its tar's once it is written).
+fn export_estimate(info: &LayerInfo) -> u64 {
+    info.allocated
 }
 
 /// Makes sure the registry has the blob of local layer `layer` and returns its record: a blob
@@ -428,18 +446,24 @@ fn layer_pushed(
     id: &CacheId,
     layer: &str,
     remote_has: &HashSet<&str>,
+    (meter, estimate): (&Meter, u64),
 ) -> Result<BlobRecord> {
+    let rest = meter.total().saturating_sub(estimate);
     if let Some(r) = store.record_any(layer)? {
         if remote_has.contains(r.digest.as_str()) || direct.has_blob(&r.digest)? {
+            meter.set_total(rest);
             return Ok(r);
         }
         if store.has(&r.digest) {
+            meter.set_total(rest + r.size);
             let p = store.blob_path(&r.digest)?;
             let f = std::fs::File::open(&p).at("open", &p)?;
-            direct.upload(std::io::BufReader::new(f), || Ok(r.digest.clone()))?;
+            let body = std::io::BufReader::with_capacity(1 << 20, meter.reader(f));
+            direct.upload(body, || Ok(r.digest.clone()))?;
             return Ok(r);
         }
     }
+    let before = meter.done();
     let img = engine.layout().layer_image(id, layer);
     let m = PrivateMount::new(engine, &img, true)?;
     let upper = m.target.join("upper");
@@ -450,12 +474,14 @@ fn layer_pushed(
         // `done` moves in: if the thread panics, the channel closes and `recv` returns.
         s.spawn(move || {
             let out = std::io::BufWriter::with_capacity(1 << 20, pipe);
-            let r = oci::encode_layer(out, |w| tarlayer::write_layer(upper, w).map(|_| ()))
-                .and_then(|(out, r)| {
-                    out.into_inner()
-                        .map_err(|e| Error::io("send the layer", e.into_error()))?;
-                    Ok(r)
-                });
+            let r = oci::encode_layer(out, |w| {
+                tarlayer::write_layer(upper, meter.writer(w)).map(|_| ())
+            })
+            .and_then(|(out, r)| {
+                out.into_inner()
+                    .map_err(|e| Error::io("send the layer", e.into_error()))?;
+                Ok(r)
+            });
             // The pipe is closed here: the upload's body ends, then it asks for the digest.
             let _ = done.send(r);
         });
@@ -470,6 +496,7 @@ fn layer_pushed(
         });
         result.map(|()| sent)
     });
+    meter.set_total(rest + (meter.done() - before));
     m.unmount()?;
     let r = upload?
         .ok_or_else(|| Error::new(ErrorKind::Io, "the layer's upload ended without a digest"))?;
@@ -594,6 +621,15 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
             ));
         };
         let rebased = line::remote_has_news(&r.line, &local, &dead);
+        // Counted as the tar is written (before compression): what the node reads and sends.
+        let to_tar = plan
+            .iter()
+            .filter_map(|s| match *s {
+                Src::Local(i) => Some(export_estimate(&current.layers[i])),
+                Src::Remote(_) => None,
+            })
+            .sum();
+        let meter = engine.meter(format!("export {id}"), to_tar);
         let remote_digests: HashSet<&str> = r.layers.iter().map(|d| d.digest.as_str()).collect();
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
@@ -609,9 +645,12 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                 }
                 Src::Local(i) => {
                     let info = &current.layers[i];
+                    let m = (&meter, export_estimate(info));
                     let b = match &direct {
-                        Some(d) => layer_pushed(engine, &store, d, id, &info.id, &remote_digests)?,
-                        None => layer_blob(engine, &store, id, &info.id)?,
+                        Some(d) => {
+                            layer_pushed(engine, &store, d, id, &info.id, &remote_digests, m)?
+                        }
+                        None => layer_blob(engine, &store, id, &info.id, m)?,
                     };
                     let mut annotations = BTreeMap::new();
                     annotations.insert(oci::ANN_LAYER_ID.to_string(), info.id.clone());
@@ -632,6 +671,7 @@ fn export_inner(engine: &Engine, id: &CacheId, remote: &Remote) -> Result<Export
                 }
             }
         }
+        meter.finish();
         let generation = r.generation + 1;
         let config = serde_json::json!({
             "architecture": oci::node_platform().architecture,
@@ -820,6 +860,12 @@ fn import_inner(
     };
     let mut built = Vec::new();
     let mut new_bytes = 0;
+    // Counted as the compressed blobs are read: downloaded and built in one go (the direct
+    // path), or built from the store after skopeo pulled them.
+    let meter = engine.meter(
+        format!("import {id}"),
+        missing.iter().map(|&i| r.layers[i].size).sum(),
+    );
     let direct = if missing.iter().any(|&i| !store.has(&r.layers[i].digest)) {
         Direct::probe(remote, false)
     } else {
@@ -837,6 +883,7 @@ fn import_inner(
             let keep = (remote.reference.is_some()
                 || !r.layers[i].annotations.contains_key(oci::ANN_LAYER_ID))
             .then_some(&store);
+            let before = meter.done();
             let streamed = if store.has(&r.layers[i].digest) {
                 None // already here (a foreign image imported before): built from the store
             } else {
@@ -849,6 +896,7 @@ fn import_inner(
                     &policy,
                     &source,
                     keep,
+                    &meter,
                 )?
             };
             let (img, info) = match streamed {
@@ -856,8 +904,9 @@ fn import_inner(
                 None => {
                     // Its files did not fit the image sized from the blob's size (or the blob
                     // is here already): fetch it, then check and build it sized from what it
-                    // holds.
-                    fetch_blob(direct, &store, &r.layers[i])?;
+                    // holds. Its bytes are counted again from the start.
+                    meter.rewind(before);
+                    fetch_blob(direct, &store, &r.layers[i], &meter)?;
                     let stats = scan(
                         &store,
                         &r.layers[i],
@@ -865,7 +914,11 @@ fn import_inner(
                         &r.diff_ids[i],
                         &policy,
                     )?;
-                    build_layer(engine, &store, layer, &r.line[i], &stats, &policy, &source)?
+                    // A blob that was in the store already is counted as it is built.
+                    let m = (meter.done() == before).then_some(&meter);
+                    build_layer(
+                        engine, &store, layer, &r.line[i], &stats, &policy, &source, m,
+                    )?
                 }
             };
             new_bytes += r.layers[i].size;
@@ -897,11 +950,13 @@ fn import_inner(
                 &stats,
                 &policy,
                 &source,
+                Some(&meter),
             )?;
             new_bytes += r.layers[i].size;
             built.push((img, info));
         }
     }
+    meter.finish();
     fault::point("sync:layers-built");
     let _c = engine.lock_cache(id)?;
     let now = engine.current(id)?;
@@ -1080,7 +1135,9 @@ fn scan(
     Ok(stats)
 }
 
-/// Builds a local layer image from a checked blob, in `<state>/sync/tmp`.
+/// Builds a local layer image from a checked blob, in `<state>/sync/tmp`; `meter` counts the
+/// blob's bytes as they are read, when its download was not counted.
+#[allow(clippy::too_many_arguments)]
 fn build_layer(
     engine: &Engine,
     store: &Store,
@@ -1089,6 +1146,7 @@ fn build_layer(
     stats: &tarlayer::LayerStats,
     policy: &ImportPolicy,
     source: &str,
+    meter: Option<&Meter>,
 ) -> Result<(PathBuf, LayerInfo)> {
     // Room for the content, one inode per entry (the images have one per 8 KiB) and ext4's own
     // metadata; the image is sparse, so what it does not use costs nothing.
@@ -1096,7 +1154,13 @@ fn build_layer(
         .div_ceil(1 << 20)
         * (1 << 20);
     let (img, m, upper) = new_tmp_layer(engine, l, size.max(image::MIN_IMAGE_SIZE))?;
-    tarlayer::extract_layer(open_blob(store, d, c)?, &upper, policy)?;
+    let p = store.blob_path(&d.digest)?;
+    let blob = std::fs::File::open(&p).at("open", &p)?;
+    let tar = match meter {
+        Some(m) => decompress(m.reader(blob), c, &d.digest)?,
+        None => decompress(blob, c, &d.digest)?,
+    };
+    tarlayer::extract_layer(tar, &upper, policy)?;
     fault::point("sync:layer-mounted");
     m.unmount()?;
     fsutil::fsync_file(&img)?;
@@ -1168,6 +1232,7 @@ fn build_layer_streamed(
     policy: &ImportPolicy,
     source: &str,
     keep: Option<&Store>,
+    meter: &Meter,
 ) -> Result<Option<(PathBuf, LayerInfo)>> {
     let kept = match keep {
         Some(store) => Some(store.blob_path(&d.digest)?.with_extension("download")),
@@ -1176,7 +1241,7 @@ fn build_layer_streamed(
     let size = streamed_image_size(d.size, policy.max_bytes);
     let built = (|| -> Result<PathBuf> {
         let (img, m, upper) = new_tmp_layer(engine, l, size)?;
-        let body = direct.blob(&d.digest, d.size)?;
+        let body = Box::new(meter.reader(direct.blob(&d.digest, d.size)?));
         let body: Box<dyn std::io::Read + Send> = match &kept {
             Some(p) => Box::new(Tee(body, std::fs::File::create(p).at("create", p)?)),
             None => body,
@@ -1240,6 +1305,7 @@ fn pull_blobs(
     store: &Store,
     manifest: &str,
     layers: &[&Descriptor],
+    meter: &Meter,
 ) -> Result<()> {
     if layers.iter().all(|d| store.has(&d.digest)) {
         return Ok(());
@@ -1248,8 +1314,9 @@ fn pull_blobs(
         Some(direct) => {
             for d in layers {
                 remote.time_left("download the layers of")?;
-                fetch_blob(&direct, store, d)?;
+                fetch_blob(&direct, store, d, meter)?;
             }
+            meter.finish();
             Ok(())
         }
         None => remote.pull(manifest, store.dir(), "pull"),
@@ -1291,15 +1358,16 @@ fn push_manifest(remote: &Remote, store: &Store, desc: &Descriptor, tags: &[&str
     Ok(())
 }
 
-/// Downloads blob `d` into the store (hashed on the way; a corrupt download is not kept).
-fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor) -> Result<()> {
+/// Downloads blob `d` into the store (hashed on the way; a corrupt download is not kept),
+/// counted by `meter`.
+fn fetch_blob(direct: &Direct, store: &Store, d: &Descriptor, meter: &Meter) -> Result<()> {
     let dst = store.blob_path(&d.digest)?;
     if dst.exists() {
         return Ok(());
     }
     let tmp = dst.with_extension("download");
     let result = (|| {
-        let mut body = HashingReader::new(direct.blob(&d.digest, d.size)?);
+        let mut body = HashingReader::new(meter.reader(direct.blob(&d.digest, d.size)?));
         let mut f = std::fs::File::create(&tmp).at("create", &tmp)?;
         std::io::copy(&mut body, &mut f).ctx(|| format!("download layer {}", d.digest))?;
         let got = body.finish();

@@ -529,7 +529,13 @@ pub(super) fn import(
     let start = from.as_ref().map_or(0, |(_, n)| *n);
     let todo: Vec<usize> = (start..r.layers.len()).collect();
     let needed: Vec<&Descriptor> = todo.iter().map(|&i| &r.layers[i]).collect();
-    pull_blobs(remote, store, &r.manifest, &needed)?;
+    let to_download = needed
+        .iter()
+        .filter(|d| !store.has(&d.digest))
+        .map(|d| d.size)
+        .sum();
+    let meter = engine.meter(format!("import {id}"), to_download);
+    pull_blobs(remote, store, &r.manifest, &needed, &meter)?;
     let policy = ImportPolicy {
         allow_devices,
         max_bytes: limit,
