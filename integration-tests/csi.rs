@@ -8,139 +8,17 @@
 #![allow(clippy::result_large_err)]
 
 mod common;
+#[path = "common/kubelet.rs"]
+mod kubelet;
 
 use bpfman_csi::v1 as csi;
 use common::{root_or_skip, Node};
+use kubelet::{Kubelet, Plugin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A running `jobcachefs csi`.
-struct Plugin {
-    child: Child,
-    sock: PathBuf,
-    log: PathBuf,
-}
-
-impl Plugin {
-    fn start(node: &Node) -> Plugin {
-        Plugin::start_with(node, &[], &[])
-    }
-
-    fn start_with(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Plugin {
-        let sock = node.tmp.path().join("plugin/csi.sock");
-        let log = node.tmp.path().join(format!(
-            "plugin-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
-        let mut c = node.command();
-        c.args([
-            "csi",
-            "--endpoint",
-            &format!("unix://{}", sock.display()),
-            "--node-id",
-            "node-1",
-        ]);
-        c.args(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = c.spawn().expect("start jobcachefs csi");
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the plugin did not serve {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Plugin { child, sock, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// kubelet's side: a CSI client over the plugin's socket.
-struct Kubelet {
-    rt: tokio::runtime::Runtime,
-    channel: Channel,
-    pods: PathBuf,
-}
-
-impl Kubelet {
-    fn connect(plugin: &Plugin, node: &Node) -> Kubelet {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let sock = plugin.sock.clone();
-        let channel = rt
-            .block_on(
-                Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        tokio::net::UnixStream::connect(sock.clone())
-                    })),
-            )
-            .unwrap();
-        Kubelet {
-            rt,
-            channel,
-            pods: node.vol("pods"),
-        }
-    }
-
-    fn node(&self) -> csi::node_client::NodeClient<Channel> {
-        csi::node_client::NodeClient::new(self.channel.clone())
-    }
-
-    /// The target kubelet gives an inline volume `vol` of pod `uid`; its parent made.
-    fn target(&self, uid: &str, vol: &str) -> PathBuf {
-        let parent = self
-            .pods
-            .join(uid)
-            .join("volumes/kubernetes.io~csi")
-            .join(vol);
-        std::fs::create_dir_all(&parent).unwrap();
-        parent.join("mount")
-    }
-
-    fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
-        let mut n = self.node();
-        self.rt.block_on(n.node_publish_volume(req)).map(|_| ())
-    }
-
-    fn unpublish(&self, id: &str, target: &Path) -> Result<(), tonic::Status> {
-        let mut n = self.node();
-        self.rt
-            .block_on(n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            }))
-            .map(|_| ())
-    }
-}
-
 fn mount_cap() -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_type: Some(csi::volume_capability::AccessType::Mount(

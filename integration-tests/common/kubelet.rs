@@ -1,11 +1,12 @@
-//! The kubelet stand-in for tests outside csi.rs: a running `jobcachefs csi` and a CSI client
-//! over its unix socket making the calls kubelet makes for an inline ephemeral volume
-//! (NodePublishVolume with the pod info kubelet adds, NodeUnpublishVolume). The same shape as
-//! csi.rs's own stand-in; included with `#[path]` by the tests that use it, so that the crates
-//! that do not use it carry no gRPC client.
+//! The kubelet stand-in: a running `jobcachefs csi` and a CSI client over its unix socket making
+//! the calls kubelet makes (NodePublishVolume with the pod info kubelet adds, NodeUnpublishVolume,
+//! and whatever else a test sends through `node()` or the channel). Included with `#[path]` by
+//! the tests that use it (csi.rs, runners.rs), so that the crates that do not carry no gRPC
+//! client.
 
-// tonic::Status is what the stand-in returns, as kubelet gets it.
-#![allow(clippy::result_large_err)]
+// tonic::Status is what the stand-in returns, as kubelet gets it; not every includer uses
+// every call.
+#![allow(clippy::result_large_err, dead_code)]
 
 use crate::common::Node;
 use bpfman_csi::v1 as csi;
@@ -17,15 +18,27 @@ use tonic::transport::{Channel, Endpoint};
 
 /// A running `jobcachefs csi` on a node.
 pub struct Plugin {
-    child: Child,
+    pub child: Child,
     pub sock: PathBuf,
     log: PathBuf,
 }
 
 impl Plugin {
     pub fn start(node: &Node) -> Plugin {
+        Plugin::start_with(node, &[], &[])
+    }
+
+    /// With more arguments (`--controller`) and environment (`KUBECONFIG`).
+    pub fn start_with(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Plugin {
         let sock = node.tmp.path().join("plugin/csi.sock");
-        let log = node.tmp.path().join("plugin.log");
+        // A log per start: a test that restarts the plugin reads the new one's.
+        let log = node.tmp.path().join(format!(
+            "plugin-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         let mut c = node.command();
         c.args([
             "csi",
@@ -33,9 +46,13 @@ impl Plugin {
             &format!("unix://{}", sock.display()),
             "--node-id",
             "node-1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+        ]);
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut child = c.spawn().expect("start jobcachefs csi");
         let started = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -58,22 +75,37 @@ impl Plugin {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Sends `sig` and waits for the plugin to end.
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+        self.child.wait().unwrap()
+    }
 }
 
 impl Drop for Plugin {
     fn drop(&mut self) {
+        // SIGTERM, as kubelet's pod deletion does; SIGKILL if it has not ended in 10 s.
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 /// kubelet's side.
 pub struct Kubelet {
-    rt: tokio::runtime::Runtime,
-    channel: Channel,
+    pub rt: tokio::runtime::Runtime,
+    pub channel: Channel,
     pods: PathBuf,
 }
 
@@ -99,6 +131,16 @@ impl Kubelet {
             channel,
             pods: node.vol("pods"),
         }
+    }
+
+    pub fn node(&self) -> csi::node_client::NodeClient<Channel> {
+        csi::node_client::NodeClient::new(self.channel.clone())
+    }
+
+    /// NodePublishVolume as given.
+    pub fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        let mut n = self.node();
+        self.rt.block_on(n.node_publish_volume(req)).map(|_| ())
     }
 
     /// The target kubelet gives the inline volume `vol` of the pod `uid`, its parent made.
