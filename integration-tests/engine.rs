@@ -839,6 +839,65 @@ fn real_deleted_data_is_not_committed() {
 }
 
 #[test]
+fn real_volume_journal_is_given_back_at_commit_and_a_crash_is_seen() {
+    if !root_or_skip("real_volume_journal_is_given_back_at_commit_and_a_crash_is_seen") {
+        return;
+    }
+    use jobcachefs::host::image;
+    let n = Node::new();
+    // The default size (2 GiB): an upper with a journal, mounted for it.
+    let v = n.create("rebuild", "journal", &["--write-back"]);
+    let vols = n.run(&["volume", "ls", "-o", "json"]).ok().json();
+    let id = vols[0]["id"].as_str().unwrap().to_string();
+    let img = n.state().join("volumes").join(&id).join("upper.img");
+    let upper = n.state().join("mnt/uppers").join(&id);
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "OPTIONS", "--target"])
+        .arg(&upper)
+        .output()
+        .unwrap();
+    let options = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        options.contains("data=writeback") && options.contains("journal_async_commit"),
+        "{options}"
+    );
+    // A job that cleans and rebuilds a tree: the journal is written.
+    sh(&format!(
+        "cd {}; for pass in 1 2 3; do rm -rf t; mkdir t; for d in $(seq 30); do mkdir t/$d; \
+         for f in $(seq 100); do echo $pass > t/$d/$f; done; done; sync; done",
+        v.display()
+    ));
+    let used = image::journal_allocated(&img).unwrap();
+    assert!(used > 1 << 20, "{used} bytes of the journal written");
+    // What a node crash leaves (a copy of the mounted image): not clean, nothing given back.
+    let crashed = n.state().join("crashed.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        img.display(),
+        crashed.display()
+    ));
+    assert!(!image::is_clean(&crashed).unwrap());
+    assert_eq!(image::release_journal(&crashed).unwrap(), 0);
+    std::fs::remove_file(&crashed).unwrap();
+    // The commit gives the journal back, all but its superblock.
+    let r = n.delete(&v, &["-o", "json"]).ok().json();
+    assert_eq!(r["outcome"], "committed", "{r}");
+    let layers = n.state().join("caches/default/journal/layers");
+    let layer = std::fs::read_dir(&layers)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(image::is_clean(&layer).unwrap());
+    assert_eq!(image::journal_allocated(&layer).unwrap(), 4096);
+    let c = n.create("check", "journal", &[]);
+    assert_eq!(std::fs::read_to_string(c.join("t/30/100")).unwrap(), "3\n");
+    n.delete(&c, &[]).ok();
+    n.assert_clean();
+}
+
+#[test]
 fn real_layer_mounts_stay_after_the_last_volume() {
     if !root_or_skip("real_layer_mounts_stay_after_the_last_volume") {
         return;

@@ -299,7 +299,8 @@ fn trial_mount(engine: &Engine) -> crate::Result<()> {
         std::fs::write(lower.join("probe"), b"lower")
             .map_err(|e| crate::Error::io("write probe", e))?;
         let img = img_dir.join("probe.img");
-        crate::host::image::create(&img, crate::host::image::MIN_IMAGE_SIZE, 0, 0)?;
+        // A volume's upper as volumes get it: with its journal, mounted with its options.
+        crate::host::image::create_volume(&img, 128 << 20, 0, 0)?;
         mounts::mount_image(&img, &m, false)?;
         let r = (|| {
             std::fs::create_dir(m.join("upper")).map_err(|e| crate::Error::io("mkdir", e))?;

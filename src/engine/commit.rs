@@ -29,6 +29,7 @@ impl Engine {
         let src = self.layout.volume_image(&record.id);
         let dst = self.layout.layer_image(id, layer);
         if src.exists() {
+            self.release_journal(&src);
             // The image's blocks reach the disk before any name points at them.
             fsutil::fsync_file(&src)?;
         }
@@ -85,6 +86,19 @@ impl Engine {
             squashed: false,
             scope: None,
         })
+    }
+
+    /// Gives the journal of a volume's cleanly unmounted image back to the host before it becomes
+    /// a layer (before its size is measured): a layer is only read, and a journal written by a
+    /// busy job would otherwise stay allocated in it, up to 64 MiB. Best effort (the layer is
+    /// then only bigger); a retried commit does it again, harmlessly.
+    pub(crate) fn release_journal(&self, image: &std::path::Path) {
+        match self.host.release_journal(image) {
+            Ok(bytes) => tracing::debug!(image = %image.display(), bytes, "journal released"),
+            Err(e) => {
+                tracing::warn!(image = %image.display(), error = %e, "journal not released before commit")
+            }
+        }
     }
 
     /// An over-size commit: squash the cache and the volume's tree into one new base; publish it

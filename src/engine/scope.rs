@@ -136,6 +136,7 @@ impl Engine {
         let src = self.layout.volume_image(&record.id);
         let dst = self.layout.layer_image(id, layer);
         if src.exists() {
+            self.release_journal(&src);
             fsutil::fsync_file(&src)?;
         }
         let clock = self.lock_cache(id)?;

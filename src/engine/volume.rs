@@ -520,7 +520,8 @@ impl Engine {
     fn mount_volume(&self, record: &VolumeRecord, lowers: &[std::path::PathBuf]) -> Result<()> {
         let vol = &record.id;
         let image_path = self.layout.volume_image(vol);
-        self.host.make_image(&image_path, record.size, 0, 0)?;
+        self.host
+            .make_volume_image(&image_path, record.size, 0, 0)?;
         fault::point("create:image-made");
         let upper = self.layout.upper_mount(vol);
         ensure_dir(&upper)?;

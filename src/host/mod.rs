@@ -65,6 +65,16 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn detach(&self, device: &Path) -> Result<()>;
     /// Makes a sparse ext4 image of `size` bytes whose root is owned by `uid:gid`.
     fn make_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()>;
+    /// Makes a volume's upper image: [`Host::make_image`] with a small journal (a job deletes
+    /// and writes again; see [`image::create_volume`]).
+    fn make_volume_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+        self.make_image(path, size, uid, gid)
+    }
+    /// Punches the journal of a cleanly unmounted image out of its sparse file, all but the
+    /// journal's superblock; the bytes given back (0 without a journal to give back).
+    fn release_journal(&self, _image: &Path) -> Result<u64> {
+        Ok(0)
+    }
     /// Checks and repairs an unmounted image (e2fsck -p); the exit code (0 clean, 1 repaired).
     fn check_image(&self, path: &Path) -> Result<i32>;
     /// Whether an unmounted image's superblock says it was cleanly unmounted.
@@ -131,6 +141,12 @@ impl Host for RealHost {
     }
     fn make_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
         image::create(path, size, uid, gid)
+    }
+    fn make_volume_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+        image::create_volume(path, size, uid, gid)
+    }
+    fn release_journal(&self, image: &Path) -> Result<u64> {
+        image::release_journal(image)
     }
     fn check_image(&self, path: &Path) -> Result<i32> {
         image::check(path)

@@ -120,13 +120,26 @@ pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
     }
     // noinit_itable: the images are made with lazy_itable_init; without it the kernel would zero
     // every inode table in the background and fill the sparse file.
-    match mount(
-        Some(dev.path()),
-        target,
-        Some("ext4"),
-        flags,
-        Some("noinit_itable"),
-    ) {
+    let plain = "noinit_itable";
+    let data = if !read_only && crate::host::image::has_journal(image) {
+        // A volume's journal (image::create_volume) is there so that ext4 reuses deleted inodes
+        // at once, not for crash safety: an image that was not cleanly unmounted is never
+        // committed. data=ordered would make each journal commit a flush before the commit block
+        // and a FUA write of it, which a loop device turns into two fsyncs of the image on the
+        // host: 3,000 flushes for 1,500 fsync'd 4 KiB files against 1,500 without a journal.
+        // journal_async_commit writes the commit block with a checksum and flushes once
+        // (1,500), and needs data=writeback: data is then not forced out before the metadata
+        // that points at it, no weaker than the journal-less images were.
+        "noinit_itable,data=writeback,journal_async_commit"
+    } else {
+        plain
+    };
+    let mut result = mount(Some(dev.path()), target, Some("ext4"), flags, Some(data));
+    if data != plain && result == Err(nix::errno::Errno::EINVAL) {
+        tracing::warn!(image = %image.display(), options = data, "ext4 refused the journal's mount options: mounting without them");
+        result = mount(Some(dev.path()), target, Some("ext4"), flags, Some(plain));
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(e) => {
             dev.detach();
