@@ -84,7 +84,22 @@ fn real_overcommit_is_refused_up_front_and_a_full_disk_still_lets_deletes_finish
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!err.contains("Input/output error"), "{err}");
 
-    // Now fill the host filesystem itself (space used outside jobcachefs), then delete.
+    let digest = |f: &Path| {
+        let out = std::process::Command::new("sha256sum")
+            .arg(f)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let written = digest(&a.join("fill"));
+
+    // Now fill the host filesystem itself (space used outside jobcachefs), then delete. The
+    // volume's metadata, committed to its journal by the fsync, may not have reached its home
+    // blocks yet: their write-back then fails, and the delete replays the journal before commit.
     let filler = node.state().join("filler-outside-jobcachefs");
     let _ = std::process::Command::new("dd")
         .args([
@@ -114,6 +129,11 @@ fn real_overcommit_is_refused_up_front_and_a_full_disk_still_lets_deletes_finish
     assert!(
         filled > 400,
         "the filled 512Mi volume was committed whole: {filled} MiB"
+    );
+    assert_eq!(
+        digest(&c.join("fill")),
+        written,
+        "the committed bytes are the ones the job wrote"
     );
     node.delete(&c, &[]).ok();
     let doctor = node.run(&["doctor"]);

@@ -82,6 +82,7 @@ impl Engine {
             &mut scratch,
             &image_path,
             cache.cache_size,
+            false,
             &new_mnt,
             "the merged layers",
             |target| {

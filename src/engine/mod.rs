@@ -189,13 +189,17 @@ impl Engine {
     pub(crate) fn write_record<T: serde::Serialize>(&self, path: &Path, value: &T) -> Result<()> {
         match crate::state::fsutil::write_json_atomic(path, value) {
             Err(e) if e.is_enospc() => {
-                let ballast = self.layout.ballast();
-                if std::fs::remove_file(&ballast).is_ok() {
-                    tracing::warn!(record = %path.display(), "the state dir's disk is full: the ballast was released so that this record can be written; it is made again when space allows");
-                }
+                self.release_ballast(&format!("the record {}", path.display()));
                 crate::state::fsutil::write_json_atomic(path, value)
             }
             other => other,
+        }
+    }
+
+    /// Removes the ballast file (if it is there) so that `what` finds room on a full disk.
+    pub(crate) fn release_ballast(&self, what: &str) {
+        if std::fs::remove_file(self.layout.ballast()).is_ok() {
+            tracing::warn!("the state dir's disk is full: the ballast was released so that {what} can be written; it is made again when space allows");
         }
     }
 

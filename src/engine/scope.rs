@@ -306,6 +306,7 @@ impl Engine {
                 &mut scratch,
                 &image_path,
                 limit,
+                false,
                 &new_mnt,
                 "the merged scope",
                 |target| {

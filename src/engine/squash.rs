@@ -77,17 +77,24 @@ impl Engine {
     /// for `fill` to write its `upper/` tree; then unmounts every scratch mount (the new image
     /// first, so that its blocks are flushed) and fsyncs the image. Returns what `fill` copied
     /// and the image's allocated bytes; `what` names the tree when it does not fit (a `Quota`
-    /// error). The image stays in `scratch` until the caller renames it into place.
+    /// error). The image stays in `scratch` until the caller renames it into place. A
+    /// `metadata` image (a metadata base's stubs) gets inodes that hold their xattrs.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn build_image(
         &self,
         scratch: &mut Scratch,
         image: &Path,
         size: u64,
+        metadata: bool,
         mnt: &Path,
         what: &str,
         fill: impl FnOnce(&Path) -> Result<crate::files::copy::CopyStats>,
     ) -> Result<(crate::files::copy::CopyStats, u64)> {
-        self.host.make_image(image, size, 0, 0)?;
+        if metadata {
+            self.host.make_metadata_image(image, size, 0, 0)?;
+        } else {
+            self.host.make_image(image, size, 0, 0)?;
+        }
         scratch.image = Some(image.to_path_buf());
         ensure_dir(mnt)?;
         self.host
@@ -289,6 +296,7 @@ impl Engine {
             &mut scratch,
             &image_path,
             limit,
+            metadata,
             &new_mnt,
             "the merged tree",
             |target| {

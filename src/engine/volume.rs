@@ -700,6 +700,19 @@ impl Engine {
         }
         let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &upper) {
+            if !record.discard && record.commit_layer.is_none() && read_only(&upper) {
+                // ext4 turned the upper read-only under the job: a write of its failed (the host
+                // disk filled up) and the job's later writes were refused. What it left is a
+                // failed job's half, not its result.
+                let reason = format!(
+                    "the volume's filesystem failed while the job ran (write errors: was the disk of {} full?) and went read-only: its changes were not committed",
+                    self.layout.volume_image(&vol).display()
+                );
+                tracing::warn!(dir = %record.dir.display(), "{reason}");
+                record.discard = true;
+                self.write_record(&self.layout.volume_record(&vol), &record)?;
+                not_committed = Some(reason);
+            }
             if record.on_success && !record.discard && record.commit_layer.is_none() {
                 self.judge_success(&mut record, &upper.join("upper"))?;
             }
@@ -729,9 +742,15 @@ impl Engine {
                 }
             }
             self.host.unmount(&upper, record.discard)?;
-            if record.commit_layer.is_some() {
+            if record.commit_layer.is_some() && !record.discard {
                 self.wait_released(&self.layout.volume_image(&vol))?;
-                record.clean = true;
+                match self.repair_unclean_upper(&record)? {
+                    None => record.clean = true,
+                    Some(reason) => {
+                        record.discard = true;
+                        not_committed = Some(reason);
+                    }
+                }
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
             }
         }
@@ -773,6 +792,40 @@ impl Engine {
             _ => {}
         }
         Ok(outcome)
+    }
+
+    /// Checks the upper image that this delete has just unmounted: `None` if it is clean (or
+    /// was made clean), else why it is not committed. A journaled upper is left unclean by write
+    /// errors that only showed once the job was done: its journal (reserved in the host file,
+    /// see [`crate::host::image::create_volume`]) holds every change the job made, but writing
+    /// them back to their home blocks failed when the host disk filled up, and ext4 aborted the
+    /// journal at the delete's first write. `e2fsck -p` replays the journal and checks the whole
+    /// filesystem — with the ballast's room if the disk is still full — and only a tree it
+    /// passes is committed: a layer that cannot be mounted would break every later job.
+    fn repair_unclean_upper(&self, record: &VolumeRecord) -> Result<Option<String>> {
+        let image = self.layout.volume_image(&record.id);
+        if self.host.image_is_clean(&image)? {
+            return Ok(None);
+        }
+        tracing::warn!(dir = %record.dir.display(), image = %image.display(),
+            "the volume's filesystem hit write errors after the job wrote it (host disk full?): replaying its journal and checking it before commit");
+        if fsutil::free_bytes(&image).is_ok_and(|free| free < 64 << 20) {
+            self.release_ballast("an upper image's journal replay");
+        }
+        let checked = self.host.check_image(&image);
+        match checked {
+            Ok(code) if self.host.image_is_clean(&image)? => {
+                tracing::warn!(dir = %record.dir.display(), code, "the volume's filesystem was repaired from its journal: committing it");
+                Ok(None)
+            }
+            Ok(code) => Ok(Some(format!(
+                "the volume's filesystem hit write errors (host disk full?) and e2fsck -p left {} unclean (exit code {code}): its changes were not committed",
+                image.display()
+            ))),
+            Err(e) => Ok(Some(format!(
+                "the volume's filesystem hit write errors (host disk full?) and could not be repaired: {e}; its changes were not committed"
+            ))),
+        }
     }
 
     /// Judges a write-back `on-success` volume by its success marker, in its upper dir `upper`
@@ -1002,6 +1055,12 @@ pub(crate) fn no_success_reason(record: &VolumeRecord) -> String {
         crate::state::records::SUCCESS_MARKER,
         record.dir.display()
     )
+}
+
+/// Whether the filesystem mounted at `dir` is read-only now (false if it cannot be asked).
+fn read_only(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
 }
 
 #[cfg(test)]

@@ -16,7 +16,17 @@ pub const MIN_IMAGE_SIZE: u64 = 16 << 20;
 /// tens of MiB of allocated blocks into each of them. A volume's upper gets one:
 /// [`create_volume`].
 pub fn create(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
-    make(path, size, uid, gid, None)
+    make(path, size, uid, gid, None, None)
+}
+
+/// Creates a metadata base's image: [`create`] with 512-byte inodes, so that a stub's
+/// `trusted.overlay.metacopy` and `trusted.overlay.redirect` (and the file's own few xattrs) fit
+/// in the inode. In ext4's default 256-byte inode only 88 bytes are free for xattrs, which a
+/// redirect of more than 24 bytes overflows into a 4 KiB block of its own: 16,000 stubs then
+/// allocated 77 MiB (as much as the full squash's data) and a cold walk read a block per file
+/// (4.2x the host dir). 512 leaves 340 bytes: a redirect of up to about 250 bytes.
+pub fn create_metadata(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+    make(path, size, uid, gid, None, Some(512))
 }
 
 /// Creates a volume's upper image: [`create`] with a small journal ([`volume_journal_mib`]),
@@ -29,8 +39,77 @@ pub fn create(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
 /// small files into a volume after `rm -rf` of the same tree took 1.6-1.7x the host dir with
 /// caches dropped in between, and 5.9 s instead of 0.3 s without (bare image, same run). With a
 /// journal ext4 does not look ([`release_journal`] gives its blocks back at commit).
+///
+/// The journal's blocks are reserved in the host file ([`reserve_journal`]) for the volume's
+/// life: a journal commit must never need a new block of the host disk, or a full host disk
+/// aborts the journal at the volume's unmount and its image, left needing recovery, cannot be
+/// mounted read-only as a layer (the full-disk delete of `integration-tests/reliability.rs`).
 pub fn create_volume(path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
-    make(path, size, uid, gid, volume_journal_mib(size))
+    make(path, size, uid, gid, volume_journal_mib(size), None)?;
+    reserve_journal(path)?;
+    Ok(())
+}
+
+/// Allocates (without writing: unwritten extents, which read as zeros like the holes they
+/// replace) the host blocks of the image's journal, so that writing the journal never needs room
+/// on the host disk. Returns the bytes reserved (0 without a journal this reads).
+pub fn reserve_journal(path: &Path) -> Result<u64> {
+    let (f, sb) = open_superblock(path, true)?;
+    let Some(extents) = journal_extents(&sb) else {
+        return Ok(0);
+    };
+    let block = block_size(&sb);
+    let mut reserved = 0;
+    for (_, physical, len) in extents {
+        fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            physical * block,
+            len * block,
+            "reserve the journal's blocks in",
+            path,
+        )?;
+        reserved += len * block;
+    }
+    Ok(reserved)
+}
+
+/// Opens an image (for writing too if `write`) and reads its primary superblock.
+fn open_superblock(path: &Path, write: bool) -> Result<(std::fs::File, [u8; 1024])> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .at("open", path)?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024)
+        .at("read superblock of", path)?;
+    Ok((f, sb))
+}
+
+/// The filesystem's block size, from its superblock (s_log_block_size at 0x18).
+fn block_size(sb: &[u8]) -> u64 {
+    1024u64 << u32::from_le_bytes(sb[0x18..0x1C].try_into().unwrap())
+}
+
+/// `fallocate` of `len` bytes at `offset` of the image `f` (at `path`) with `flags`, for `what`.
+fn fallocate(
+    f: &std::fs::File,
+    flags: nix::fcntl::FallocateFlags,
+    offset: u64,
+    len: u64,
+    what: &str,
+    path: &Path,
+) -> Result<()> {
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(f),
+        flags,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(std::io::Error::from)
+    .at(what, path)
 }
 
 /// The journal of a volume's image of `size` bytes, in MiB: a 32nd of the image, at least 4 MiB
@@ -41,7 +120,14 @@ pub fn volume_journal_mib(size: u64) -> Option<u64> {
     (size >= 128 << 20).then(|| ((size >> 20) / 32).clamp(4, 64))
 }
 
-fn make(path: &Path, size: u64, uid: u32, gid: u32, journal_mib: Option<u64>) -> Result<()> {
+fn make(
+    path: &Path,
+    size: u64,
+    uid: u32,
+    gid: u32,
+    journal_mib: Option<u64>,
+    inode_size: Option<u32>,
+) -> Result<()> {
     if size < MIN_IMAGE_SIZE {
         return Err(Error::invalid(format!(
             "size {size} bytes is too small: use at least {}",
@@ -60,6 +146,9 @@ fn make(path: &Path, size: u64, uid: u32, gid: u32, journal_mib: Option<u64>) ->
         .iter()
         .map(OsString::from)
         .collect();
+    if let Some(bytes) = inode_size {
+        args.extend(["-I".into(), bytes.to_string().into()]);
+    }
     match journal_mib {
         None => args.extend(["-O", "^has_journal"].map(OsString::from)),
         Some(mib) => {
@@ -135,21 +224,18 @@ pub fn is_clean(path: &Path) -> Result<bool> {
     if !path.exists() {
         return Ok(true);
     }
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).at("open", path)?;
-    let mut sb = [0u8; 1024];
-    f.read_exact_at(&mut sb, 1024)
-        .at("read superblock of", path)?;
+    let (_, sb) = open_superblock(path, false)?;
     Ok(superblock_clean(&sb))
 }
 
 /// s_state (u16 at 0x3A) bit 0: cleanly unmounted — which a journaled filesystem keeps set while
 /// mounted (the journal vouches for it), setting `needs_recovery` (bit 2 of s_feature_incompat,
-/// u32 at 0x60) instead until it is cleanly unmounted.
+/// u32 at 0x60) instead until it is cleanly unmounted — and bit 1 clear: no error recorded (a
+/// failed metadata write, which ext4 notes there and unmounts "cleanly" over).
 fn superblock_clean(sb: &[u8]) -> bool {
     let state = u16::from_le_bytes([sb[0x3A], sb[0x3B]]);
     let incompat = u32::from_le_bytes(sb[0x60..0x64].try_into().unwrap());
-    state & 1 == 1 && incompat & INCOMPAT_RECOVER == 0
+    state & 0b11 == 1 && incompat & INCOMPAT_RECOVER == 0
 }
 
 /// Whether the ext4 filesystem on `image` has a journal (false if it is not ext4 or cannot be
@@ -181,21 +267,14 @@ const JBD2_MAGIC: u32 = 0xC03B_3998;
 /// (`s_jnl_blocks`), checked against the journal superblock found there.
 pub fn release_journal(path: &Path) -> Result<u64> {
     use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .at("open", path)?;
-    let mut sb = [0u8; 1024];
-    f.read_exact_at(&mut sb, 1024)
-        .at("read superblock of", path)?;
+    let (f, sb) = open_superblock(path, true)?;
     if !superblock_clean(&sb) {
         return Ok(0);
     }
     let Some(extents) = journal_extents(&sb) else {
         return Ok(0);
     };
-    let block = 1024u64 << u32::from_le_bytes(sb[0x18..0x1C].try_into().unwrap());
+    let block = block_size(&sb);
     let Some(&(_, first, _)) = extents.iter().find(|(logical, _, _)| *logical == 0) else {
         return Ok(0);
     };
@@ -217,15 +296,15 @@ pub fn release_journal(path: &Path) -> Result<u64> {
         if len == 0 {
             continue;
         }
-        nix::fcntl::fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(&f),
+        fallocate(
+            &f,
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                 | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            (physical * block) as i64,
-            (len * block) as i64,
-        )
-        .map_err(std::io::Error::from)
-        .at("punch the journal out of", path)?;
+            physical * block,
+            len * block,
+            "punch the journal out of",
+            path,
+        )?;
         punched += len * block;
     }
     Ok(punched)
@@ -235,15 +314,11 @@ pub fn release_journal(path: &Path) -> Result<u64> {
 /// [`release_journal`] could not read): what a commit gives back, less the journal superblock.
 pub fn journal_allocated(path: &Path) -> Result<u64> {
     use nix::unistd::{lseek, Whence};
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).at("open", path)?;
-    let mut sb = [0u8; 1024];
-    f.read_exact_at(&mut sb, 1024)
-        .at("read superblock of", path)?;
+    let (f, sb) = open_superblock(path, false)?;
     let Some(extents) = journal_extents(&sb) else {
         return Ok(0);
     };
-    let block = 1024u64 << u32::from_le_bytes(sb[0x18..0x1C].try_into().unwrap());
+    let block = block_size(&sb);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
     let mut allocated = 0;
     for (_, physical, len) in extents {
@@ -347,6 +422,13 @@ mod tests {
         let extents = journal_extents(&sb).expect("a journal in one readable extent");
         let (_, first, len) = extents[0];
         assert_eq!(len, 8 << 20 >> 12, "an 8 MiB journal in a 256 MiB image");
+        // The journal is reserved in the host file from the start (unwritten extents, which
+        // SEEK_DATA counts as holes: the file's blocks tell).
+        assert!(
+            allocated(&img) >= len * 4096,
+            "the journal is reserved in the host file from the start: {} bytes allocated",
+            allocated(&img)
+        );
         // What a job leaves: the whole log written, the journal superblock clean.
         let used = vec![0x5au8; 4096];
         for b in 1..len {
@@ -395,6 +477,12 @@ mod tests {
             .unwrap();
         assert!(!is_clean(&img).unwrap());
         assert_eq!(release_journal(&img).unwrap(), 0);
+        // What a write error leaves behind a "clean" unmount: s_state valid, with the error bit.
+        f.write_all_at(&(incompat & !INCOMPAT_RECOVER).to_le_bytes(), 1024 + 0x60)
+            .unwrap();
+        assert!(is_clean(&img).unwrap());
+        f.write_all_at(&3u16.to_le_bytes(), 1024 + 0x3A).unwrap();
+        assert!(!is_clean(&img).unwrap(), "an image with an error recorded");
     }
 
     #[test]

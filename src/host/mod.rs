@@ -70,6 +70,11 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn make_volume_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
         self.make_image(path, size, uid, gid)
     }
+    /// Makes a metadata base's image: [`Host::make_image`] with inodes large enough to hold a
+    /// stub's overlay xattrs ([`image::create_metadata`]).
+    fn make_metadata_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+        self.make_image(path, size, uid, gid)
+    }
     /// Punches the journal of a cleanly unmounted image out of its sparse file, all but the
     /// journal's superblock; the bytes given back (0 without a journal to give back).
     fn release_journal(&self, _image: &Path) -> Result<u64> {
@@ -144,6 +149,9 @@ impl Host for RealHost {
     }
     fn make_volume_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
         image::create_volume(path, size, uid, gid)
+    }
+    fn make_metadata_image(&self, path: &Path, size: u64, uid: u32, gid: u32) -> Result<()> {
+        image::create_metadata(path, size, uid, gid)
     }
     fn release_journal(&self, image: &Path) -> Result<u64> {
         image::release_journal(image)
