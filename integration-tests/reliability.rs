@@ -1,5 +1,6 @@
 //! Reliability as root, for real: disk admission on a small state filesystem, deletes on a full
-//! disk, refused input that leaves no trace, a seeded SIGKILL campaign and 64 live volumes.
+//! disk, an upper that failed under its job, refused input that leaves no trace, a seeded SIGKILL
+//! campaign and 64 live volumes.
 //!
 //! `JOBCACHEFS_CHAOS_KILLS` (default 100) and `JOBCACHEFS_CHAOS_SEED` tune the campaign.
 
@@ -142,6 +143,45 @@ fn real_overcommit_is_refused_up_front_and_a_full_disk_still_lets_deletes_finish
         "{}",
         doctor.stdout
     );
+}
+
+#[test]
+fn real_an_upper_that_failed_under_its_job_is_not_committed() {
+    if !root_or_skip("real_an_upper_that_failed_under_its_job_is_not_committed") {
+        return;
+    }
+    let node = Node::new();
+    let v = node.create("v", "c", &["--write-back"]);
+    std::fs::write(v.join("first"), "written before the failure").unwrap();
+    // What ext4 does on a write error (errors=remount-ro): the upper turns read-only under the
+    // job, whose later writes are refused.
+    let uppers = node.state().join("mnt").join("uppers");
+    let upper = std::fs::read_dir(&uppers)
+        .unwrap()
+        .next()
+        .expect("the volume's upper mount")
+        .unwrap()
+        .path();
+    sh(&format!("sync; mount -o remount,ro {}", upper.display()));
+    assert!(std::fs::write(v.join("second"), "refused").is_err());
+    let d = node.delete(&v, &["-o", "json"]).ok().json();
+    assert_eq!(d["outcome"], "discarded", "{d}");
+    let reason = d["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("failed while the job ran") && reason.contains("not committed"),
+        "{d}"
+    );
+    assert_eq!(
+        node.show("c")["generation"],
+        0,
+        "nothing was published: {}",
+        node.show("c")
+    );
+    let c = node.create("c2", "c", &[]);
+    assert!(!c.join("first").exists(), "the failed job's half stays out");
+    node.delete(&c, &[]).ok();
+    assert!(node.mounts().is_empty(), "{:?}", node.mounts());
+    assert!(node.loops().is_empty(), "{:?}", node.loops());
 }
 
 #[test]
