@@ -180,8 +180,7 @@ fn real_an_upper_that_failed_under_its_job_is_not_committed() {
     let c = node.create("c2", "c", &[]);
     assert!(!c.join("first").exists(), "the failed job's half stays out");
     node.delete(&c, &[]).ok();
-    assert!(node.mounts().is_empty(), "{:?}", node.mounts());
-    assert!(node.loops().is_empty(), "{:?}", node.loops());
+    node.assert_clean();
 }
 
 #[test]
