@@ -97,10 +97,13 @@ fn real_overcommit_is_refused_up_front_and_a_full_disk_still_lets_deletes_finish
             .to_string()
     };
     let written = digest(&a.join("fill"));
+    // The fsync put the volume's metadata in its journal; `sync` writes it to its home blocks
+    // too (ext4 would within 30 s). Without it the write-back below would fail on the full
+    // disk, and the delete would rightly refuse to commit a filesystem with write errors
+    // (real_an_upper_that_failed_under_its_job_is_not_committed).
+    sh("sync");
 
-    // Now fill the host filesystem itself (space used outside jobcachefs), then delete. The
-    // volume's metadata, committed to its journal by the fsync, may not have reached its home
-    // blocks yet: their write-back then fails, and the delete replays the journal before commit.
+    // Now fill the host filesystem itself (space used outside jobcachefs), then delete.
     let filler = node.state().join("filler-outside-jobcachefs");
     let _ = std::process::Command::new("dd")
         .args([
@@ -168,7 +171,7 @@ fn real_an_upper_that_failed_under_its_job_is_not_committed() {
     assert_eq!(d["outcome"], "discarded", "{d}");
     let reason = d["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("failed while the job ran") && reason.contains("not committed"),
+        reason.contains("write errors while the job ran") && reason.contains("not committed"),
         "{d}"
     );
     assert_eq!(

@@ -60,7 +60,8 @@ pub enum DeleteOutcome {
     /// Discarded: `--discard`, not write-back, or a plain volume.
     Discarded,
     /// A write-back volume whose changes could not be committed, and why (its image was not
-    /// cleanly unmounted after a node crash; another volume held the cache's write lease).
+    /// cleanly unmounted after a node crash; its filesystem had write errors; another volume
+    /// held the cache's write lease).
     /// Reported as `"outcome": "discarded"` with a `reason`.
     #[serde(rename = "discarded")]
     NotCommitted {
@@ -700,18 +701,21 @@ impl Engine {
         }
         let table = self.host.mount_table()?;
         if mounts::is_mounted(&table, &upper) {
-            if !record.discard && record.commit_layer.is_none() && read_only(&upper) {
-                // ext4 turned the upper read-only under the job: a write of its failed (the host
-                // disk filled up) and the job's later writes were refused. What it left is a
-                // failed job's half, not its result.
-                let reason = format!(
-                    "the volume's filesystem failed while the job ran (write errors: was the disk of {} full?) and went read-only: its changes were not committed",
-                    self.layout.volume_image(&vol).display()
-                );
-                tracing::warn!(dir = %record.dir.display(), "{reason}");
-                record.discard = true;
-                self.write_record(&self.layout.volume_record(&vol), &record)?;
-                not_committed = Some(reason);
+            if !record.discard && record.commit_layer.is_none() {
+                if let Some(failure) = write_failure(&upper) {
+                    // A write of the job's failed (the host disk filled up under the sparse
+                    // image): what the volume holds may be files whose data never reached the
+                    // disk, which no check can tell from real zeros. A cache that serves them
+                    // breaks every later build, so the volume is not committed.
+                    not_committed = Some(not_committing(
+                        &mut record,
+                        format!(
+                            "the volume's filesystem had write errors while the job ran ({failure}; was the disk of {} full?): its changes were not committed",
+                            self.layout.volume_image(&vol).display()
+                        ),
+                    ));
+                    self.write_record(&self.layout.volume_record(&vol), &record)?;
+                }
             }
             if record.on_success && !record.discard && record.commit_layer.is_none() {
                 self.judge_success(&mut record, &upper.join("upper"))?;
@@ -744,12 +748,19 @@ impl Engine {
             self.host.unmount(&upper, record.discard)?;
             if record.commit_layer.is_some() && !record.discard {
                 self.wait_released(&self.layout.volume_image(&vol))?;
-                match self.repair_unclean_upper(&record)? {
-                    None => record.clean = true,
-                    Some(reason) => {
-                        record.discard = true;
-                        not_committed = Some(reason);
-                    }
+                if self.host.image_is_clean(&self.layout.volume_image(&vol))? {
+                    record.clean = true;
+                } else {
+                    // Write errors that showed only at the unmount (the metadata's write-back
+                    // from the journal failed): the image needs recovery, and a layer that
+                    // cannot be mounted would break every later job.
+                    not_committed = Some(not_committing(
+                        &mut record,
+                        format!(
+                            "the volume's filesystem {} was not clean after its unmount (write errors: was its disk full?): its changes were not committed",
+                            self.layout.volume_image(&vol).display()
+                        ),
+                    ));
                 }
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
             }
@@ -775,8 +786,9 @@ impl Engine {
                 reason: no_success_reason(&record),
             },
             _ if record.unchanged => DeleteOutcome::Unchanged,
-            _ if not_committed.is_some() => DeleteOutcome::NotCommitted {
-                reason: not_committed.unwrap_or_default(),
+            // A retry finds the reason in the record.
+            _ if not_committed.is_some() || record.note.is_some() => DeleteOutcome::NotCommitted {
+                reason: not_committed.or(record.note.clone()).unwrap_or_default(),
             },
             _ => DeleteOutcome::Discarded,
         };
@@ -792,40 +804,6 @@ impl Engine {
             _ => {}
         }
         Ok(outcome)
-    }
-
-    /// Checks the upper image that this delete has just unmounted: `None` if it is clean (or
-    /// was made clean), else why it is not committed. A journaled upper is left unclean by write
-    /// errors that only showed once the job was done: its journal (reserved in the host file,
-    /// see [`crate::host::image::create_volume`]) holds every change the job made, but writing
-    /// them back to their home blocks failed when the host disk filled up, and ext4 aborted the
-    /// journal at the delete's first write. `e2fsck -p` replays the journal and checks the whole
-    /// filesystem — with the ballast's room if the disk is still full — and only a tree it
-    /// passes is committed: a layer that cannot be mounted would break every later job.
-    fn repair_unclean_upper(&self, record: &VolumeRecord) -> Result<Option<String>> {
-        let image = self.layout.volume_image(&record.id);
-        if self.host.image_is_clean(&image)? {
-            return Ok(None);
-        }
-        tracing::warn!(dir = %record.dir.display(), image = %image.display(),
-            "the volume's filesystem hit write errors after the job wrote it (host disk full?): replaying its journal and checking it before commit");
-        if fsutil::free_bytes(&image).is_ok_and(|free| free < 64 << 20) {
-            self.release_ballast("an upper image's journal replay");
-        }
-        let checked = self.host.check_image(&image);
-        match checked {
-            Ok(code) if self.host.image_is_clean(&image)? => {
-                tracing::warn!(dir = %record.dir.display(), code, "the volume's filesystem was repaired from its journal: committing it");
-                Ok(None)
-            }
-            Ok(code) => Ok(Some(format!(
-                "the volume's filesystem hit write errors (host disk full?) and e2fsck -p left {} unclean (exit code {code}): its changes were not committed",
-                image.display()
-            ))),
-            Err(e) => Ok(Some(format!(
-                "the volume's filesystem hit write errors (host disk full?) and could not be repaired: {e}; its changes were not committed"
-            ))),
-        }
     }
 
     /// Judges a write-back `on-success` volume by its success marker, in its upper dir `upper`
@@ -1057,10 +1035,28 @@ pub(crate) fn no_success_reason(record: &VolumeRecord) -> String {
     )
 }
 
-/// Whether the filesystem mounted at `dir` is read-only now (false if it cannot be asked).
-fn read_only(dir: &Path) -> bool {
-    nix::sys::statvfs::statvfs(dir)
-        .is_ok_and(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+/// Marks `record` as not committed for `reason` (kept in its note, which a retried delete
+/// reports) and returns the reason. The caller writes the record.
+fn not_committing(record: &mut VolumeRecord, reason: String) -> String {
+    tracing::warn!(dir = %record.dir.display(), "{reason}");
+    record.discard = true;
+    record.note = Some(reason.clone());
+    reason
+}
+
+/// Why the filesystem mounted at `dir` had write errors, if it had: ext4 turned it read-only
+/// (errors=remount-ro), or a `syncfs` reports a write-back error no one has seen yet (a fresh
+/// descriptor samples the superblock's error sequence so that one is reported, data or metadata).
+fn write_failure(dir: &Path) -> Option<String> {
+    let read_only = nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    if read_only {
+        return Some("it went read-only".to_string());
+    }
+    let d = std::fs::File::open(dir).ok()?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
+        .err()
+        .map(|e| format!("syncfs: {e}"))
 }
 
 #[cfg(test)]
