@@ -326,7 +326,7 @@ fn real_run_passes_stop_signals_to_cmd_and_discards_the_volume() {
     );
     assert_eq!(volumes(&n), Vec::<String>::new());
     // A CMD that dies of the signal: 128 + signal, as shells report it.
-    let script = format!("touch {}; sleep 300", ready.display());
+    let script = format!("touch {}; exec sleep 300", ready.display());
     let child = spawn_run(&n, "maven", &dir, &["--write-back"], &script);
     kill(child.pid(), Signal::SIGINT).unwrap();
     let r = finish(child);
@@ -352,7 +352,7 @@ fn real_run_stops_cmd_even_when_the_runner_ignores_stop_signals() {
     let ign = n.tmp.path().join("sigign");
     // CMD writes the mask of the signals it ignores, then waits for the signal.
     let script = format!(
-        "grep SigIgn /proc/$$/status > {ign}; touch {ready}; sleep 300",
+        "grep SigIgn /proc/$$/status > {ign}; touch {ready}; exec sleep 300",
         ign = ign.display(),
         ready = ready.display()
     );
@@ -443,7 +443,10 @@ fn real_a_sigkilled_run_is_repaired_by_gc() {
     let n = Node::new();
     let dir = n.vol("job");
     // A live run is left alone by gc.
-    let script = format!("touch {}; sleep 300", n.tmp.path().join("ready").display());
+    let script = format!(
+        "touch {}; exec sleep 300",
+        n.tmp.path().join("ready").display()
+    );
     let live = spawn_run(&n, "other", &n.vol("live"), &[], &script);
     let pgid = killed_run(&n, &dir);
     let gc = n.run(&["gc", "-o", "json"]).ok().json();
@@ -494,7 +497,10 @@ fn real_run_refuses_bad_input_before_making_anything() {
     )
     .unwrap();
     let created = n.create("created", "maven", &[]);
-    let script = format!("touch {}; sleep 300", n.tmp.path().join("ready").display());
+    let script = format!(
+        "touch {}; exec sleep 300",
+        n.tmp.path().join("ready").display()
+    );
     let live = spawn_run(&n, "maven", &n.vol("live"), &[], &script);
     let plain = n.tmp.path().join("plain-file");
     std::fs::write(&plain, "not a program").unwrap();
