@@ -55,12 +55,57 @@ fn real_metadata_squash_shows_the_same_tree_and_commits_whole_files() {
     if !root_or_skip("real_metadata_squash_shows_the_same_tree_and_commits_whole_files") {
         return;
     }
+    same_tree_and_whole_files(&[], true);
+}
+
+/// The ext4 metadata base, which kernels without EROFS get: forced here.
+#[test]
+fn real_an_ext4_metadata_base_shows_the_same_tree_and_commits_whole_files() {
+    if !root_or_skip("real_an_ext4_metadata_base_shows_the_same_tree_and_commits_whole_files") {
+        return;
+    }
+    same_tree_and_whole_files(&[("JOBCACHEFS_NO_EROFS", "1")], false);
+}
+
+/// Whether the image of the cache's base layer is EROFS (else it is ext4).
+fn base_is_erofs(n: &Node, cache: &str) -> bool {
+    let id = n.show(cache)["layers"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let img = n
+        .state()
+        .join(format!("caches/default/{cache}/layers/{id}.img"));
+    let erofs = jobcachefs::files::erofs::is_erofs(&img);
+    if erofs {
+        // An independent reader of the format: erofs-utils' fsck decodes every inode,
+        // directory and xattr (its --extract walks the whole tree).
+        let out = std::process::Command::new("fsck.erofs")
+            .arg("--extract")
+            .arg(&img)
+            .output()
+            .expect("fsck.erofs (erofs-utils, scripts/setup installs it)");
+        assert!(
+            out.status.success(),
+            "fsck.erofs {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    erofs
+}
+
+fn same_tree_and_whole_files(env: &[(&str, &str)], erofs: bool) {
     let n = Node::with_config("keep_generations = 1\n");
     let want = three_layers(&n, "rich");
     let r = n
-        .run(&["cache", "squash", "rich", "--metadata", "-o", "json"])
+        .run_env(
+            &["cache", "squash", "rich", "--metadata", "-o", "json"],
+            env,
+        )
         .ok()
         .json();
+    assert_eq!(base_is_erofs(&n, "rich"), erofs, "the base's format");
     assert_eq!(r["outcome"], "squashed", "{r}");
     assert_eq!(
         show_layers(&n, "rich"),
@@ -129,8 +174,10 @@ fn real_metadata_squash_shows_the_same_tree_and_commits_whole_files() {
     let v = n.create("w", "rich", &[]);
     let want = snap(&v);
     n.delete(&v, &[]).ok();
-    n.run(&["cache", "squash", "rich", "--metadata"]).ok();
+    n.run_env(&["cache", "squash", "rich", "--metadata"], env)
+        .ok();
     assert_eq!(show_layers(&n, "rich"), (1, 4));
+    assert_eq!(base_is_erofs(&n, "rich"), erofs, "the base's format");
     let v = n.create("x", "rich", &[]);
     assert_same_tree(&want, &v, "after a second metadata squash");
     n.delete(&v, &[]).ok();

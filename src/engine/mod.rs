@@ -463,8 +463,10 @@ fn layer_mount_matches(
     image: &Path,
     loops: &[crate::host::loopback::Backing],
 ) -> std::result::Result<(), String> {
-    if found.fstype != "ext4" {
-        return Err(format!("it is {}, not ext4", found.fstype));
+    // Layers are ext4; a metadata base may be EROFS (files::erofs). The loop device below
+    // ties the mount to the image either way.
+    if found.fstype != "ext4" && found.fstype != "erofs" {
+        return Err(format!("it is {}, not ext4 or erofs", found.fstype));
     }
     if !found.mount_options.starts_with("ro") {
         return Err("it is writable".into());

@@ -292,23 +292,34 @@ impl Engine {
                 (h.0)(&name, super::Progress::Copy(s))
             }) as crate::files::copy::Progress
         });
-        let (stats, allocated) = self.build_image(
-            &mut scratch,
-            &image_path,
-            limit,
-            metadata,
-            &new_mnt,
-            "the merged tree",
-            |target| {
-                let stats = if metadata {
-                    crate::files::copy::stub_tree(&view, target, progress)?
-                } else {
-                    copy_tree(&view, target, progress)?
-                };
-                fault::point("squash:copied");
-                Ok(stats)
-            },
-        )?;
+        let (stats, allocated) = if metadata && self.host.erofs_metadata() {
+            // An EROFS image written straight from the view: no mkfs, no mount, a few MiB.
+            scratch.image = Some(image_path.clone());
+            let stats = crate::files::erofs::write_stub_image(&view, &image_path, progress)?;
+            fault::point("squash:copied");
+            for m in scratch.mounts.drain(..).rev() {
+                self.host.unmount(&m, false)?;
+            }
+            (stats, fsutil::allocated_bytes(&image_path)?)
+        } else {
+            self.build_image(
+                &mut scratch,
+                &image_path,
+                limit,
+                metadata,
+                &new_mnt,
+                "the merged tree",
+                |target| {
+                    let stats = if metadata {
+                        crate::files::copy::stub_tree(&view, target, progress)?
+                    } else {
+                        copy_tree(&view, target, progress)?
+                    };
+                    fault::point("squash:copied");
+                    Ok(stats)
+                },
+            )?
+        };
         if allocated > limit {
             return Err(Error::new(
                 ErrorKind::Quota,

@@ -3,6 +3,7 @@
 //! ([`tree`]) that tests compare.
 
 pub mod copy;
+pub mod erofs;
 pub mod merge;
 pub mod sparse;
 pub mod tree;

@@ -57,6 +57,11 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn data_layers_supported(&self) -> bool {
         false
     }
+    /// Whether a metadata base is written as an EROFS image ([`crate::files::erofs`]) rather
+    /// than as stub files in an ext4 image: probed once ([`mounts::erofs_supported`]).
+    fn erofs_metadata(&self) -> bool {
+        false
+    }
     /// Unmounts `target` (nothing mounted there is success); `lazy` detaches a busy mount.
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()>;
     /// Loop devices and their backing files.
@@ -134,6 +139,9 @@ impl Host for RealHost {
     }
     fn data_layers_supported(&self) -> bool {
         mounts::data_layers_supported()
+    }
+    fn erofs_metadata(&self) -> bool {
+        mounts::erofs_supported()
     }
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         mounts::unmount(target, lazy)

@@ -99,6 +99,14 @@ pub fn is_mounted(table: &[MountEntry], path: &Path) -> bool {
 /// its logical block size; a read-only one is buffered (see [`loopback::direct_io_for`]). On
 /// failure nothing stays attached.
 pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
+    // A metadata base written as EROFS (files::erofs) is read-only by nature.
+    let erofs = crate::files::erofs::is_erofs(image);
+    if erofs && !read_only {
+        return Err(Error::invalid(format!(
+            "{} is an EROFS metadata base, which only mounts read-only",
+            image.display()
+        )));
+    }
     let direct_io = loopback::direct_io_for(read_only);
     let block_size = if direct_io {
         loopback::block_size_for(image, loopback::ext4_block_size(image))
@@ -134,8 +142,12 @@ pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
     } else {
         plain
     };
-    let mut result = mount(Some(dev.path()), target, Some("ext4"), flags, Some(data));
-    if data != plain && result == Err(nix::errno::Errno::EINVAL) {
+    let mut result = if erofs {
+        mount(Some(dev.path()), target, Some("erofs"), flags, None::<&str>)
+    } else {
+        mount(Some(dev.path()), target, Some("ext4"), flags, Some(data))
+    };
+    if !erofs && data != plain && result == Err(nix::errno::Errno::EINVAL) {
         tracing::warn!(image = %image.display(), options = data, "ext4 refused the journal's mount options: mounting without them");
         result = mount(Some(dev.path()), target, Some("ext4"), flags, Some(plain));
     }
@@ -416,6 +428,57 @@ fn probe_data_layers() -> Result<bool> {
         let read = std::fs::read(view.join("f"));
         unmount(&view, true)?;
         Ok(read.map(|b| b == b"data").unwrap_or(false))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Whether metadata bases can be EROFS images ([`crate::files::erofs`]): probed once by
+/// writing one with a stub, mounting it from a loop device as an overlay's lower layer over a
+/// data-only layer, and reading the stub's data back. `JOBCACHEFS_NO_EROFS=1` answers no (the
+/// tests of the ext4 fallback); so does a kernel without EROFS, which then gets ext4 bases.
+pub fn erofs_supported() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if std::env::var_os("JOBCACHEFS_NO_EROFS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    *PROBED.get_or_init(|| match probe_erofs() {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::info!(error = %e, "EROFS metadata bases unavailable: ext4 ones instead");
+            false
+        }
+    })
+}
+
+fn probe_erofs() -> Result<bool> {
+    let dir = std::env::temp_dir().join(format!("jobcachefs-erofs-{}", std::process::id()));
+    let (tree, data, mnt, view) = (dir.join("t"), dir.join("d"), dir.join("m"), dir.join("v"));
+    // A read-only overlay needs a second lower (not inside another layer: overlapping layers
+    // are refused).
+    let top = dir.join("e");
+    let image = dir.join("meta.img");
+    let result = (|| {
+        for d in [&tree, &data, &mnt, &view, &top] {
+            std::fs::create_dir_all(d).at("create", d)?;
+        }
+        std::fs::write(tree.join("f"), b"data").at("write", &tree)?;
+        std::fs::write(data.join("f"), b"data").at("write", &data)?;
+        crate::files::erofs::write_stub_image(&tree, &image, None)?;
+        mount_image(&image, &mnt, true)?;
+        let read = (|| {
+            mount_overlay_with_data(
+                &[mnt.join("upper"), top.clone()],
+                std::slice::from_ref(&data),
+                None,
+                &view,
+            )?;
+            let read = std::fs::read(view.join("f"));
+            unmount(&view, true)?;
+            Ok::<_, Error>(read.map(|b| b == b"data").unwrap_or(false))
+        })();
+        unmount(&mnt, true)?;
+        read
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
