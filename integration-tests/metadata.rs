@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_same_tree, rich_tree, root_or_skip, sh, snap, Node};
+use common::{assert_same_tree, rich_tree, root_or_skip, sh, snap, Node, Rng};
 
 /// A cache of three layers with every kind of entry, copy-ups, whiteouts, opaque dirs, renamed
 /// dirs and hardlinks; returns the view a volume shows of it.
@@ -323,4 +323,281 @@ fn real_a_metadata_base_is_synced_as_whole_files() {
     for n in [&a, &b, &c] {
         n.assert_clean();
     }
+}
+
+/// What the cache must show: every regular file's bytes and every directory, by path.
+#[derive(Default, Clone, PartialEq, Debug)]
+struct Model {
+    files: std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>,
+    dirs: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl Model {
+    /// The model of what `root` shows (symlinks and other kinds are not generated).
+    fn read(root: &std::path::Path) -> Model {
+        let mut m = Model::default();
+        let mut stack = vec![std::path::PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+                let e = e.unwrap();
+                let r = rel.join(e.file_name());
+                let md = std::fs::symlink_metadata(e.path()).unwrap();
+                if md.is_dir() {
+                    m.dirs.insert(r.clone());
+                    stack.push(r);
+                } else if md.is_symlink() {
+                    // A symlink stands in the model as its target.
+                    let t = std::fs::read_link(e.path()).unwrap();
+                    m.files.insert(r, t.into_os_string().into_encoded_bytes());
+                } else {
+                    m.files.insert(r, std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        m
+    }
+
+    fn parents(&mut self, rel: &std::path::Path) {
+        let mut p = rel.parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            self.dirs.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+}
+
+/// One job's random changes in the volume at `v`, mirrored in `model`: new files (some in a
+/// directory of hundreds of entries, some with 255-byte names, some sparse), rewrites, appends,
+/// deletes, `rm -rf` and renames of directories, hardlinks.
+fn random_job(rng: &mut Rng, v: &std::path::Path, model: &mut Model) {
+    use std::io::Write;
+    let long = "n".repeat(250);
+    let names = [
+        "a",
+        "b.txt",
+        "z",
+        "-dash",
+        "a.b.c",
+        long.as_str(),
+        "ü-utf8",
+        "x y",
+    ];
+    let dirs = ["", "d0", "d0/s", "d1", "d1/s/t", "d2"];
+    for _ in 0..rng.below(30) + 5 {
+        let existing: Vec<_> = model.files.keys().cloned().collect();
+        match rng.below(10) {
+            0..=3 => {
+                let rel = std::path::Path::new(rng.pick(&dirs)).join(format!(
+                    "{}{}",
+                    rng.pick(&names),
+                    rng.below(4)
+                ));
+                if model.dirs.contains(&rel) {
+                    continue;
+                }
+                std::fs::create_dir_all(v.join(&rel).parent().unwrap()).unwrap();
+                let len = rng.below(9000);
+                let body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                std::fs::write(v.join(&rel), &body).unwrap();
+                let mut body = body;
+                if rng.below(5) == 0 {
+                    // Sparse: a 1 MiB hole, then a byte.
+                    let f = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(v.join(&rel))
+                        .unwrap();
+                    let end = len as u64 + (1 << 20);
+                    f.set_len(end).unwrap();
+                    std::os::unix::fs::FileExt::write_all_at(&f, b"!", end).unwrap();
+                    body.resize(end as usize, 0);
+                    body.push(b'!');
+                }
+                model.parents(&rel);
+                model.files.insert(rel, body);
+            }
+            4 if !existing.is_empty() => {
+                let rel = rng.pick(&existing).clone();
+                if rel.starts_with("links") {
+                    continue;
+                }
+                let tail = format!("+{}", rng.next());
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(v.join(&rel))
+                    .unwrap()
+                    .write_all(tail.as_bytes())
+                    .unwrap();
+                model.files.get_mut(&rel).unwrap().extend(tail.as_bytes());
+            }
+            5 if !existing.is_empty() => {
+                let rel = rng.pick(&existing).clone();
+                std::fs::remove_file(v.join(&rel)).unwrap();
+                model.files.remove(&rel);
+            }
+            6 => {
+                let d = std::path::Path::new(rng.pick(&dirs[1..])).to_path_buf();
+                if model.dirs.contains(&d) {
+                    std::fs::remove_dir_all(v.join(&d)).unwrap();
+                    model.files.retain(|p, _| !p.starts_with(&d));
+                    model.dirs.retain(|p| !p.starts_with(&d));
+                }
+            }
+            7 => {
+                // A rename of a top directory (volumes have no redirect_dir: copied up whole).
+                let (from, to) = (rng.pick(&["d0", "d1", "d2"]), format!("r{}", rng.below(3)));
+                let (from, to) = (std::path::Path::new(from), std::path::Path::new(&to));
+                if model.dirs.contains(from)
+                    && !model.dirs.contains(to)
+                    && !model.files.contains_key(to)
+                {
+                    // overlayfs refuses to rename a lower directory without redirect_dir
+                    // (EXDEV); mv then copies it, as build tools do.
+                    sh(&format!(
+                        "mv {} {}",
+                        v.join(from).display(),
+                        v.join(to).display()
+                    ));
+                    let moved = |p: &std::path::Path| to.join(p.strip_prefix(from).unwrap());
+                    model.files = std::mem::take(&mut model.files)
+                        .into_iter()
+                        .map(|(p, b)| {
+                            if p.starts_with(from) {
+                                (moved(&p), b)
+                            } else {
+                                (p, b)
+                            }
+                        })
+                        .collect();
+                    model.dirs = std::mem::take(&mut model.dirs)
+                        .into_iter()
+                        .map(|p| if p.starts_with(from) { moved(&p) } else { p })
+                        .collect();
+                }
+            }
+            8 if !existing.is_empty() => {
+                // Hardlinks live in `links/` and are never written again (a copy-up would split
+                // them, which the model does not follow).
+                let src = rng.pick(&existing).clone();
+                let rel = std::path::Path::new("links").join(format!("l{}", rng.next() % 1000));
+                if src.starts_with("links") || model.files.contains_key(&rel) {
+                    continue;
+                }
+                std::fs::create_dir_all(v.join("links")).unwrap();
+                std::fs::hard_link(v.join(&src), v.join(&rel)).unwrap();
+                model.dirs.insert("links".into());
+                let body = model.files[&src].clone();
+                model.files.insert(rel, body);
+            }
+            9 if !model.dirs.contains(std::path::Path::new("big")) => {
+                // Hundreds of entries with names of every length: a directory of many EROFS
+                // blocks, looked up by bisection across them.
+                std::fs::create_dir(v.join("big")).unwrap();
+                model.dirs.insert("big".into());
+                // A symlink too long to sit inline after its inode (a data block of its own).
+                let target = "ab/".repeat(1350);
+                std::os::unix::fs::symlink(&target, v.join("big/long-link")).unwrap();
+                model
+                    .files
+                    .insert("big/long-link".into(), target.into_bytes());
+                for i in 0..700 {
+                    let name = format!("{i:03}-{}", "x".repeat(i % 240));
+                    std::fs::write(v.join("big").join(&name), name.as_bytes()).unwrap();
+                    model
+                        .files
+                        .insert(std::path::Path::new("big").join(&name), name.into_bytes());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Random sequences of commits, metadata squashes and full squashes against a model: after each
+/// step a volume shows exactly the model's files and directories, and a squash changes nothing
+/// a snapshot sees (owners, modes, times, xattrs, sparse maps, hardlinks).
+#[test]
+fn real_random_commits_and_squashes_match_a_model() {
+    if !root_or_skip("real_random_commits_and_squashes_match_a_model") {
+        return;
+    }
+    let seed = std::env::var("JOBCACHEFS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6a6f_6263_6163_6865u64);
+    eprintln!("seed {seed} (JOBCACHEFS_TEST_SEED replays it)");
+    let mut rng = Rng(seed | 1);
+    let n = Node::with_config("keep_generations = 1\nmax_depth = 64\n");
+    let mut model = Model::default();
+    // Two commits, then a squash: a metadata one two times in three (over layers, over an
+    // earlier metadata base and the layers committed on it), else a full one.
+    for step in 0..18 {
+        let op = match (step % 3, rng.below(3)) {
+            (2, 0) => 3,
+            (2, _) => 2,
+            _ => 0,
+        };
+        let what = match op {
+            0 | 1 => {
+                let v = n.create(
+                    &format!("j{step}"),
+                    "r",
+                    &["--size", "256Mi", "--write-back"],
+                );
+                random_job(&mut rng, &v, &mut model);
+                n.delete(&v, &[]).ok();
+                "commit"
+            }
+            kind => {
+                let (flag, what) = if kind == 2 {
+                    ("--metadata", "metadata squash")
+                } else {
+                    ("--full", "full squash")
+                };
+                let v = n.create(&format!("s{step}"), "r", &[]);
+                let want = snap(&v);
+                n.delete(&v, &[]).ok();
+                n.run(&["cache", "squash", "r", flag]).ok();
+                let v = n.create(&format!("q{step}"), "r", &[]);
+                assert_same_tree(&want, &v, &format!("step {step}: after a {what}"));
+                n.delete(&v, &[]).ok();
+                assert_eq!(
+                    base_is_erofs(&n, "r"),
+                    kind == 2,
+                    "step {step}: the base's format"
+                );
+                what
+            }
+        };
+        eprintln!(
+            "step {step}: {what}, {} files, {} dirs",
+            model.files.len(),
+            model.dirs.len()
+        );
+        let v = n.create(&format!("c{step}"), "r", &[]);
+        let seen = Model::read(&v);
+        n.delete(&v, &[]).ok();
+        if seen != model {
+            let missing: Vec<_> = model
+                .files
+                .keys()
+                .filter(|p| !seen.files.contains_key(*p))
+                .collect();
+            let extra: Vec<_> = seen
+                .files
+                .keys()
+                .filter(|p| !model.files.contains_key(*p))
+                .collect();
+            let differ: Vec<_> = model
+                .files
+                .iter()
+                .filter(|(p, b)| seen.files.get(*p).is_some_and(|s| s != *b))
+                .map(|(p, _)| p)
+                .collect();
+            panic!(
+                "seed {seed}, step {step} ({what}): the cache is not the model: missing {missing:?}, extra {extra:?}, different bytes {differ:?}, dirs equal {}",
+                seen.dirs == model.dirs
+            );
+        }
+    }
+    n.assert_clean();
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{root_or_skip, sh, Node};
+use common::{root_or_skip, sh, Node, Rng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -262,20 +262,6 @@ fn real_refused_input_leaves_state_mounts_and_loop_devices_as_they_were() {
         assert_eq!(footprint(&node), before, "{args:?} left a trace");
     }
     assert!(!Path::new("/tmp/jcfs-never").exists());
-}
-
-/// A tiny deterministic generator (xorshift64*), so a failing campaign can be replayed by seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[(self.next() % v.len() as u64) as usize]
-    }
 }
 
 const STEPS: &[&str] = &[

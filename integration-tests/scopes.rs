@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{root_or_skip, sh, Node};
+use common::{root_or_skip, sh, Node, Rng};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -86,21 +86,6 @@ fn actual(dir: &Path) -> Tree {
             (p.display().to_string(), shown)
         })
         .collect()
-}
-
-/// A fixed-seed generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// One job: its view at the start (`base`), the view it makes (`now`), its upper (`delta`).

@@ -245,8 +245,9 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
                 "squash",
                 Status::Ok,
                 format!(
-                    "overlay interface {}; data-only layers serve metadata stubs on metacopy=off mounts: metadata squashes possible ({})",
+                    "overlay interface {}; data-only layers serve metadata stubs on metacopy=off mounts: metadata squashes possible, their bases {} ({})",
                     mounts::interface().name(),
+                    if mounts::erofs_supported() { "EROFS images" } else { "ext4 images of stub files (this kernel does not mount the EROFS base under an overlay, or JOBCACHEFS_NO_EROFS=1)" },
                     if method == crate::input::config::SquashMethod::Metadata { "squash_method = \"metadata\": due squashes are metadata squashes where no registry syncs the cache" } else { "squash_method = \"full\": `cache squash --metadata` by hand" }
                 ),
                 "",

@@ -308,3 +308,23 @@ pub fn rich_tree(dir: &Path, host_refs: bool) {
     xattr::set(dir.join("a/b"), "trusted.cache", b"yes").unwrap();
     xattr::set(dir.join("empty"), "security.test", b"1").unwrap_or(());
 }
+
+/// A tiny deterministic generator (xorshift64*), so a failing campaign is replayed by its seed
+/// (which must not be 0).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}

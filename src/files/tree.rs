@@ -40,7 +40,9 @@ pub struct Entry {
     pub digest: Option<String>,
     /// Data extents (offset, end) of files, as SEEK_DATA/SEEK_HOLE report them.
     pub extents: Vec<(u64, u64)>,
-    /// For a hardlinked file: the first path of its link group.
+    /// For a hardlinked file: the first path of its link group within the tree (a file whose
+    /// other links are outside the tree, or hidden by an overlay's whiteouts, has none: its
+    /// `st_nlink` counts names the tree does not show, and no copy keeps those).
     pub link_of: Option<PathBuf>,
 }
 
@@ -57,6 +59,16 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
         }
         Ok(())
     })?;
+    // A link group of one path is no link group.
+    let mut names: HashMap<PathBuf, usize> = HashMap::new();
+    for first in out.values().filter_map(|e| e.link_of.clone()) {
+        *names.entry(first).or_default() += 1;
+    }
+    for e in out.values_mut() {
+        if e.link_of.as_ref().is_some_and(|f| names[f] < 2) {
+            e.link_of = None;
+        }
+    }
     Ok(out)
 }
 
