@@ -601,3 +601,57 @@ fn real_random_commits_and_squashes_match_a_model() {
     }
     n.assert_clean();
 }
+
+/// Every metadata squash keeps the bytes of files later layers replaced; once they pass the live
+/// ones (and 64 MiB), a full squash is due and `squash_method = "metadata"` makes one, saying
+/// why. The data layers count against the cache-size meanwhile.
+#[test]
+fn real_shadowed_data_makes_the_next_squash_full() {
+    if !root_or_skip("real_shadowed_data_makes_the_next_squash_full") {
+        return;
+    }
+    let n = Node::with_config("squash_method = \"metadata\"\nkeep_generations = 1\n");
+    let write = |name: &str, seed: &str| {
+        let v = n.create(name, "c", &["--size", "256Mi", "--write-back"]);
+        sh(&format!(
+            "cd {}; yes {seed} | head -c 70000000 > big; echo {seed} > small",
+            v.display()
+        ));
+        n.delete(&v, &[]).ok();
+    };
+    for seed in ["a", "b", "c"] {
+        write(seed, seed);
+    }
+    n.run(&["cache", "squash", "c"]).ok();
+    assert_eq!(
+        show_layers(&n, "c"),
+        (1, 3),
+        "a metadata base over 3 layers"
+    );
+    let usage = n.show("c")["layers"][0]["data_usage"].clone();
+    assert!(
+        usage["allocated"].as_u64().unwrap() > 190 << 20
+            && usage["live"].as_u64().unwrap() < 75 << 20,
+        "{usage}"
+    );
+    assert_eq!(n.show("c")["squash_due"], true, "more shadowed than live");
+    // The cache's size counts the data layers under the base.
+    assert!(n.show("c")["allocated"].as_u64().unwrap() > 190 << 20);
+    let r = n.run(&["cache", "squash", "c"]).ok();
+    assert!(
+        r.stderr.contains("full squash instead") && r.stderr.contains("replaced or deleted"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        show_layers(&n, "c"),
+        (1, 0),
+        "a full squash: no data layers"
+    );
+    assert!(n.show("c")["allocated"].as_u64().unwrap() < 75 << 20);
+    let v = n.create("check", "c", &[]);
+    assert_eq!(std::fs::read_to_string(v.join("small")).unwrap(), "c\n");
+    assert_eq!(std::fs::metadata(v.join("big")).unwrap().len(), 70_000_000);
+    n.delete(&v, &[]).ok();
+    n.assert_clean();
+}

@@ -531,6 +531,7 @@ impl Engine {
             id,
             vec![LayerInfo {
                 data: Vec::new(),
+                data_usage: Default::default(),
                 id: layer.to_string(),
                 created: fsutil::now(),
                 source: record.dir.display().to_string(),

@@ -69,6 +69,7 @@ impl Engine {
         let mut layers = current.layers.clone();
         layers.push(LayerInfo {
             data: Vec::new(),
+            data_usage: Default::default(),
             id: layer.to_string(),
             created: fsutil::now(),
             source: record.dir.display().to_string(),
@@ -176,11 +177,26 @@ pub(crate) fn rejection(
     )
 }
 
-/// Whether `g` needs a squash under `config`: deeper than `max_depth`, or its layers above the
-/// base allocate more than `squash_delta_size`.
+/// Whether `g` needs a squash under `config`: deeper than `max_depth`, its layers above the
+/// base allocate more than `squash_delta_size`, or its base is a metadata base whose data
+/// layers are mostly shadowed bytes ([`too_shadowed`]).
 pub fn squash_due(config: &Config, g: &Generation) -> bool {
     g.layers.len() > config.max_depth
         || (g.layers.len() > 1 && g.delta_allocated() > config.squash_delta_size)
+        || g.layers
+            .first()
+            .is_some_and(|b| too_shadowed(&b.data_usage))
+}
+
+/// Shadowed bytes a metadata base's data layers may hold before a full squash is due, whatever
+/// their share: below this a full squash gives back too little to be worth its copy.
+pub const SHADOWED_FLOOR: u64 = 64 << 20;
+
+/// Whether a metadata base's data layers hold more shadowed bytes (files that later layers
+/// replaced or deleted, which every metadata squash keeps) than live ones, and more than
+/// [`SHADOWED_FLOOR`]: then the next squash is a full one, which copies only the live files.
+pub fn too_shadowed(usage: &crate::state::records::DataUsage) -> bool {
+    usage.shadowed() > usage.live.max(SHADOWED_FLOOR)
 }
 
 #[cfg(test)]
@@ -195,6 +211,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, a)| LayerInfo {
                     data: Vec::new(),
+                    data_usage: Default::default(),
                     id: format!("l{i}"),
                     created: 0,
                     source: String::new(),
@@ -244,5 +261,14 @@ mod tests {
             "deltas over 100 bytes"
         );
         assert!(squash_due(&c, &gen(&[1, 1, 1, 1])), "deeper than 3");
+        // A metadata base alone: due once its data layers are mostly shadowed bytes.
+        let mut g = gen(&[1]);
+        let usage = |allocated, live| crate::state::records::DataUsage { allocated, live };
+        g.layers[0].data_usage = usage(200 << 20, 150 << 20);
+        assert!(!squash_due(&c, &g), "a quarter shadowed");
+        g.layers[0].data_usage = usage(400 << 20, 150 << 20);
+        assert!(squash_due(&c, &g), "more shadowed than live");
+        g.layers[0].data_usage = usage(60 << 20, 1 << 20);
+        assert!(!squash_due(&c, &g), "below the floor");
     }
 }

@@ -117,6 +117,7 @@ impl Engine {
         let mut layers: Vec<LayerInfo> = now.layers[..keep].to_vec();
         layers.push(LayerInfo {
             data: Vec::new(),
+            data_usage: Default::default(),
             id: layer_id,
             created: fsutil::now(),
             source: "merge".into(),

@@ -131,6 +131,7 @@ impl Engine {
             id,
             vec![LayerInfo {
                 data: Vec::new(),
+                data_usage: Default::default(),
                 id: layer_id,
                 created: fsutil::now(),
                 source: "rebuild".into(),

@@ -191,6 +191,7 @@ impl Engine {
         fault::point("scope-commit:renamed");
         current.layers.push(LayerInfo {
             data: Vec::new(),
+            data_usage: Default::default(),
             id: layer.to_string(),
             created: fsutil::now(),
             source: record.dir.display().to_string(),
@@ -355,6 +356,7 @@ impl Engine {
             let mut next = now.clone();
             next.layers = vec![LayerInfo {
                 data: Vec::new(),
+                data_usage: Default::default(),
                 id: layer_id,
                 created: fsutil::now(),
                 source: if extra.is_some() {

@@ -18,7 +18,7 @@ use crate::input::names::CacheId;
 use crate::input::quantity::human_bytes;
 use crate::state::fsutil::{self, ensure_dir};
 use crate::state::lock;
-use crate::state::records::{LayerInfo, Provenance};
+use crate::state::records::{DataUsage, LayerInfo, Provenance};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -186,6 +186,16 @@ impl Engine {
                 "this kernel does not serve a lower layer's metacopy stubs from data-only layers on a metacopy=off mount (Linux 6.16+)".into(),
             ));
         }
+        if let Some(base) = self.current(id)?.layers.first() {
+            let usage = base.data_usage;
+            if super::commit::too_shadowed(&usage) {
+                return Ok(Some(format!(
+                    "its data layers hold {} of files that later layers replaced or deleted ({} live): a full squash gives that back",
+                    human_bytes(usage.shadowed()),
+                    human_bytes(usage.live)
+                )));
+            }
+        }
         let depth = self.current(id)?.layers.len();
         if depth + self.current(id)?.data_ids().len() >= crate::host::mounts::MAX_OVERLAY_LOWERS / 2
         {
@@ -320,12 +330,32 @@ impl Engine {
                 },
             )?
         };
-        if allocated > limit {
+        // What the data layers hold: a folded layer's image, or a folded metadata base's data.
+        let data_usage = if metadata {
+            DataUsage {
+                allocated: base
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        if l.data.is_empty() {
+                            l.allocated
+                        } else {
+                            l.data_usage.allocated
+                        }
+                    })
+                    .sum(),
+                live: stats.referenced,
+            }
+        } else {
+            DataUsage::default()
+        };
+        // A metadata base's data layers stay: they count against the cache-size with it.
+        if allocated + data_usage.allocated > limit {
             return Err(Error::new(
                 ErrorKind::Quota,
                 format!(
                     "the squashed cache allocates {} which is over its cache-size {}",
-                    human_bytes(allocated),
+                    human_bytes(allocated + data_usage.allocated),
                     human_bytes(limit)
                 ),
             ));
@@ -377,6 +407,7 @@ impl Engine {
         fault::point("squash:renamed");
         let mut layers = vec![LayerInfo {
             data,
+            data_usage,
             id: layer_id,
             created: fsutil::now(),
             source: if extra.is_some() {
@@ -421,7 +452,14 @@ impl Engine {
             started.elapsed(),
             &[(crate::state::stats::names::SQUASHES, 1)],
         );
-        let _ = std::fs::remove_file(self.layout.squash_due(id));
+        // A metadata base may leave a squash due at once: its data layers mostly shadowed.
+        if super::commit::squash_due(&self.config, &next) {
+            let marker = self.layout.squash_due(id);
+            std::fs::write(&marker, b"").at("queue squash", &marker)?;
+            tracing::info!(cache = %id, "squash queued: the data layers hold more shadowed bytes than live ones");
+        } else {
+            let _ = std::fs::remove_file(self.layout.squash_due(id));
+        }
         self.collect_layers(id)?;
         tracing::info!(cache = %id, generation = next.generation, folded = base_ids.len(),
             entries = stats.entries, bytes = stats.bytes, allocated, secs = started.elapsed().as_secs_f64(), "squash published");

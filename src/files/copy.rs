@@ -27,6 +27,8 @@ pub struct CopyStats {
     pub entries: u64,
     /// Data bytes copied (holes excluded).
     pub bytes: u64,
+    /// For a metadata base: the allocated bytes (`st_blocks`) of the files its stubs reference.
+    pub referenced: u64,
 }
 
 /// Called after each copied entry with the running totals (progress display).
@@ -120,6 +122,7 @@ impl Ctx {
             self.links.insert((md.dev(), md.ino()), d.clone());
         }
         if ft.is_file() && self.mode == CopyMode::Stubs {
+            self.stats.referenced += md.blocks() * 512;
             OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -173,6 +173,9 @@ fn collect(view: &Path, progress: &mut Option<Progress>) -> Result<(Vec<Inode>, 
             Some(i) => i,
             None => {
                 let redirect = md.is_file().then(|| Path::new("/").join(e.rel));
+                if md.is_file() {
+                    stats.referenced += md.blocks() * 512;
+                }
                 tree.push(inode(e.path, md, redirect.as_deref())?);
                 if !md.is_dir() && md.nlink() > 1 {
                     links.insert((md.dev(), md.ino()), tree.len() - 1);

@@ -88,6 +88,31 @@ pub struct LayerInfo {
     /// the one the merged view took it from). Empty for every other layer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<String>,
+    /// For a metadata base: what its data layers hold (zero for every other layer).
+    #[serde(default, skip_serializing_if = "DataUsage::is_zero")]
+    pub data_usage: DataUsage,
+}
+
+/// The bytes of a metadata base's data layers: all they allocate, and what of it the files the
+/// base shows allocate (the rest is shadowed: bytes of files later layers replaced or deleted,
+/// which only a full squash gives back).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataUsage {
+    /// Allocated bytes of the data layers' images.
+    pub allocated: u64,
+    /// Allocated bytes of the files the base's stubs reference.
+    pub live: u64,
+}
+
+impl DataUsage {
+    fn is_zero(&self) -> bool {
+        *self == DataUsage::default()
+    }
+
+    /// Bytes the data layers hold that no file of the base shows.
+    pub fn shadowed(&self) -> u64 {
+        self.allocated.saturating_sub(self.live)
+    }
 }
 
 impl LayerInfo {
@@ -148,9 +173,12 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Allocated bytes of all layers.
+    /// Allocated bytes of its layers, a metadata base's data layers included.
     pub fn allocated(&self) -> u64 {
-        self.layers.iter().map(|l| l.allocated).sum()
+        self.layers
+            .iter()
+            .map(|l| l.allocated + l.data_usage.allocated)
+            .sum()
     }
 
     /// Allocated bytes of the layers above the base.

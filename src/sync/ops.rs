@@ -983,6 +983,7 @@ fn import_inner(
                     let size = std::fs::metadata(&dst).at("stat", &dst)?.len();
                     layers.push(LayerInfo {
                         data: Vec::new(),
+                        data_usage: Default::default(),
                         id: lid.clone(),
                         created: fsutil::now(),
                         source: source.clone(),
@@ -1197,6 +1198,7 @@ fn tmp_layer_image(engine: &Engine, l: &LineLayer) -> PathBuf {
 fn built_info(img: &Path, l: &LineLayer, source: &str, size: u64) -> Result<LayerInfo> {
     Ok(LayerInfo {
         data: Vec::new(),
+        data_usage: Default::default(),
         id: l.id.clone(),
         created: fsutil::now(),
         source: source.to_string(),

@@ -605,6 +605,7 @@ pub(super) fn import(
         id,
         vec![LayerInfo {
             data: Vec::new(),
+            data_usage: Default::default(),
             id: layer.clone(),
             created: fsutil::now(),
             source: format!("import {}", remote.repo),
