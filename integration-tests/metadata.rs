@@ -91,6 +91,32 @@ fn base_is_erofs(n: &Node, cache: &str) -> bool {
             img.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        // Mounted by itself: readdir shows every entry of its root and of `upper`, `.` and
+        // `..` included (glibc drops entries whose inode number is 0).
+        let mnt = n.tmp.path().join("erofs-check");
+        std::fs::create_dir_all(&mnt).unwrap();
+        sh(&format!(
+            "mount -t erofs -o ro,loop {} {}",
+            img.display(),
+            mnt.display()
+        ));
+        let listed = std::process::Command::new("ls")
+            .args(["-a1i"])
+            .arg(&mnt)
+            .arg(mnt.join("upper"))
+            .output()
+            .unwrap();
+        sh(&format!("umount {}", mnt.display()));
+        let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+        let dots = listed
+            .lines()
+            .filter(|l| l.ends_with(" .") || l.ends_with(" .."))
+            .count();
+        assert_eq!(dots, 4, "{listed}");
+        assert!(
+            !listed.lines().any(|l| l.trim_start().starts_with("0 ")),
+            "{listed}"
+        );
     }
     erofs
 }
@@ -652,6 +678,78 @@ fn real_shadowed_data_makes_the_next_squash_full() {
     let v = n.create("check", "c", &[]);
     assert_eq!(std::fs::read_to_string(v.join("small")).unwrap(), "c\n");
     assert_eq!(std::fs::metadata(v.join("big")).unwrap().len(), 70_000_000);
+    n.delete(&v, &[]).ok();
+    n.assert_clean();
+}
+
+/// A POSIX ACL as `system.posix_acl_access` carries it: version 2, then (tag, perm, id) entries
+/// in tag order: owner rw-, user 1000 r--, group r--, mask r--, other ---.
+fn acl_value() -> Vec<u8> {
+    const UNDEFINED: u32 = u32::MAX;
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, UNDEFINED),
+        (0x02, 4, 1000),
+        (0x04, 4, UNDEFINED),
+        (0x10, 4, UNDEFINED),
+        (0x20, 0, UNDEFINED),
+    ] {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+/// What a metadata base must keep as it is, beyond the rich tree: a 3,900-byte xattr (its
+/// inode then passes one EROFS block), a POSIX ACL, and an overlayfs xattr of the job's own
+/// (stored escaped in the layers, shown unescaped in the view) — on a stub and on a directory.
+#[test]
+fn real_a_metadata_base_keeps_big_xattrs_acls_and_the_jobs_overlay_xattrs() {
+    if !root_or_skip("real_a_metadata_base_keeps_big_xattrs_acls_and_the_jobs_overlay_xattrs") {
+        return;
+    }
+    let n = Node::with_config("keep_generations = 1\n");
+    let v = n.create("l1", "c", &["--size", "256Mi", "--write-back"]);
+    std::fs::create_dir(v.join("dir")).unwrap();
+    for p in ["attrs", "dir/f"] {
+        std::fs::write(v.join(p), b"data").unwrap();
+        xattr::set(v.join(p), "user.big", &[b'v'; 3900]).unwrap();
+        xattr::set(v.join(p), "system.posix_acl_access", &acl_value()).unwrap();
+    }
+    xattr::set(v.join("attrs"), "trusted.overlay.job", b"mine").unwrap();
+    xattr::set(v.join("dir"), "trusted.overlay.opaque", b"y").unwrap();
+    n.delete(&v, &[]).ok();
+    let v = n.create("l2", "c", &["--size", "256Mi", "--write-back"]);
+    std::fs::write(v.join("dir/g"), b"g").unwrap();
+    let want = snap(&v);
+    let own = |v: &std::path::Path| {
+        (
+            xattr::get(v.join("attrs"), "trusted.overlay.job").unwrap(),
+            xattr::get(v.join("dir"), "trusted.overlay.opaque").unwrap(),
+        )
+    };
+    let before = own(&v);
+    assert_eq!(
+        before.0.as_deref(),
+        Some(&b"mine"[..]),
+        "the job's own xattr"
+    );
+    n.delete(&v, &[]).ok();
+    n.run(&["cache", "squash", "c", "--metadata"]).ok();
+    assert!(base_is_erofs(&n, "c"));
+    let v = n.create("check", "c", &[]);
+    assert_same_tree(&want, &v, "through the metadata base");
+    assert_eq!(
+        own(&v),
+        before,
+        "the job's overlay xattrs, as the stack showed them"
+    );
+    assert_eq!(
+        xattr::get(v.join("dir/f"), "system.posix_acl_access").unwrap(),
+        Some(acl_value())
+    );
+    assert_eq!(std::fs::read(v.join("dir/f")).unwrap(), b"data");
     n.delete(&v, &[]).ok();
     n.assert_clean();
 }

@@ -58,12 +58,8 @@ const LAYOUT_CHUNK_BASED: u16 = 4;
 const XATTR_TRUSTED: u8 = 4;
 
 /// The xattr name prefixes EROFS stores by index, and the two whole names it stores so.
-const XATTR_PREFIXES: [(&str, u8); 4] = [
-    ("user.", 1),
-    ("trusted.", XATTR_TRUSTED),
-    ("security.", 6),
-    ("lustre.", 5),
-];
+const XATTR_PREFIXES: [(&str, u8); 3] =
+    [("user.", 1), ("trusted.", XATTR_TRUSTED), ("security.", 6)];
 const XATTR_WHOLE: [(&str, u8); 2] = [
     ("system.posix_acl_access", 2),
     ("system.posix_acl_default", 3),
@@ -461,8 +457,10 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
     }
 
     // nids: an inode (with its xattrs and inline data) never crosses a block when it fits in
-    // one; a larger one starts a block.
-    let mut pos = 0usize;
+    // one; a larger one starts a block. nid 0 stays unused: the kernel makes a nid the inode
+    // number, and glibc's readdir skips entries whose inode number is 0 (the root's `.` and
+    // `..` would vanish).
+    let mut pos = 32usize;
     for &i in &order {
         let len = (INODE_SIZE + tree[i].xattrs.len() + places[i].extra).next_multiple_of(32);
         if len > BLOCK || pos % BLOCK + len > BLOCK {
@@ -483,11 +481,8 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
     }
     let total_blocks =
         u32::try_from(next).map_err(|_| Error::invalid("the metadata base would pass 16 TiB"))?;
-    if places[0].nid > u16::MAX as u64 {
-        return Err(Error::invalid(
-            "the metadata base's root inode is out of reach",
-        ));
-    }
+    // The superblock holds the root's nid in 16 bits: the root is placed first.
+    debug_assert_eq!(places[0].nid, 1);
 
     let mut image = vec![0u8; total_blocks as usize * BLOCK];
     let meta = META_BLKADDR as usize * BLOCK;
@@ -566,9 +561,31 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
     sb[16..24].copy_from_slice(&(tree.len() as u64).to_le_bytes());
     put32(sb, 36, total_blocks);
     put32(sb, 40, META_BLKADDR);
+    // A filesystem UUID of its own, as mkfs gives one: overlayfs tells lower filesystems apart
+    // by it (a null or shared UUID turns off features of an overlay with an upper dir).
+    sb[48..64].copy_from_slice(&uuid());
     sb[64..74].copy_from_slice(b"jobcachefs");
     put32(sb, 80, if chunked { INCOMPAT_CHUNKED_FILE } else { 0 });
     Ok(image)
+}
+
+/// 16 random bytes, a version-4 UUID.
+fn uuid() -> [u8; 16] {
+    use std::io::Read;
+    let mut u = [0u8; 16];
+    if fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut u))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
 }
 
 fn put16(buf: &mut [u8], at: usize, v: u16) {
@@ -655,5 +672,8 @@ mod tests {
         let blocks = u32::from_le_bytes(bytes[1024 + 36..1024 + 40].try_into().unwrap());
         assert_eq!(blocks as usize * BLOCK, bytes.len());
         assert_eq!(bytes[1024 + 80] as u32, INCOMPAT_CHUNKED_FILE);
+        // The root's nid (its inode number) is not 0; the UUID is not null.
+        assert_eq!(u16::from_le_bytes([bytes[1024 + 14], bytes[1024 + 15]]), 1);
+        assert_ne!(&bytes[1024 + 48..1024 + 64], &[0u8; 16]);
     }
 }
