@@ -62,6 +62,16 @@ impl Engine {
             return self.commit_squashed(record, &image, layer, total, cache.cache_size);
         }
         if image == src {
+            // The upper's manifest, if it has one, becomes the layer's (before the image: a
+            // manifest left alone by a crash is gc's, and a layer without one is only slower
+            // to metadata-squash).
+            let manifest = self.layout.volume_manifest(&record.id);
+            if manifest.exists() {
+                let to = self.layout.layer_manifest(id, layer);
+                if let Err(e) = std::fs::rename(&manifest, &to) {
+                    tracing::warn!(layer, error = %e, "the layer's manifest was not kept");
+                }
+            }
             std::fs::rename(&src, &dst).at("rename into the cache", &dst)?;
             fsutil::fsync_dir(&self.layout.layers_dir(id))?;
         }

@@ -241,10 +241,16 @@ impl Engine {
             .flat_map(|r| r.flatten());
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(layer) = name.strip_suffix(".img") else {
+            // A manifest goes with its layer (or alone, left by a crash before its layer).
+            let manifest = name.strip_suffix(".manifest");
+            let Some(layer) = name.strip_suffix(".img").or(manifest) else {
                 continue;
             };
             if keep.contains(layer) {
+                continue;
+            }
+            if manifest.is_some() {
+                let _ = std::fs::remove_file(e.path());
                 continue;
             }
             std::fs::remove_file(e.path()).map_err(|err| {

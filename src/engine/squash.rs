@@ -302,10 +302,29 @@ impl Engine {
                 (h.0)(&name, super::Progress::Copy(s))
             }) as crate::files::copy::Progress
         });
+        let mut manifest_path = None;
         let (stats, allocated) = if metadata && self.host.erofs_metadata() {
-            // An EROFS image written straight from the view: no mkfs, no mount, a few MiB.
+            // An EROFS image written straight from the tree: no mkfs, no mount, a few MiB. The
+            // tree comes from the folded layers' manifests when every one has one (no layer is
+            // read: commits under squash_method = "metadata" and metadata bases write them),
+            // else from a walk of the merged view.
+            use crate::files::manifest;
             scratch.image = Some(image_path.clone());
-            let stats = crate::files::erofs::write_stub_image(&view, &image_path, progress)?;
+            let manifests: Option<Vec<manifest::Manifest>> = base
+                .layers
+                .iter()
+                .map(|l| manifest::read(&self.layout.layer_manifest(id, &l.id)))
+                .collect();
+            let from_manifests = manifests.is_some();
+            let tree = match manifests {
+                Some(m) => manifest::merge(&m),
+                None => manifest::of_tree(&view, manifest::Names::View)?,
+            };
+            let stats = crate::files::erofs::write_stub_image(&tree, &image_path)?;
+            let mpath = image_path.with_extension("manifest");
+            manifest::write(&tree, &mpath)?;
+            manifest_path = Some(mpath);
+            tracing::info!(cache = %id, from_manifests, entries = stats.entries, "metadata base written");
             fault::point("squash:copied");
             for m in scratch.mounts.drain(..).rev() {
                 self.host.unmount(&m, false)?;
@@ -401,6 +420,11 @@ impl Engine {
             Vec::new()
         };
         let dst = self.layout.layer_image(id, &layer_id);
+        // The manifest first: one left alone by a crash is gc's (no generation names it).
+        if let Some(m) = &manifest_path {
+            let to = self.layout.layer_manifest(id, &layer_id);
+            std::fs::rename(m, &to).at("rename into the cache", &to)?;
+        }
         std::fs::rename(&image_path, &dst).at("rename into the cache", &dst)?;
         scratch.image = None;
         fsutil::fsync_dir(&self.layout.layers_dir(id))?;

@@ -745,6 +745,23 @@ impl Engine {
                     tracing::warn!(dir = %record.dir.display(), error = %e, "upper image not trimmed before commit");
                 }
             }
+            if record.commit_layer.is_some()
+                && !record.discard
+                && self.config.squash_method == crate::input::config::SquashMethod::Metadata
+            {
+                // The tree a metadata squash will fold, read while the page cache holds it
+                // (files::manifest). Best effort: without it that squash walks the view.
+                let m = self.layout.volume_manifest(&vol);
+                let written = crate::files::manifest::of_tree(
+                    &upper.join("upper"),
+                    crate::files::manifest::Names::Stored,
+                )
+                .and_then(|t| crate::files::manifest::write(&t, &m));
+                if let Err(e) = written {
+                    tracing::warn!(dir = %record.dir.display(), error = %e, "no manifest for the committed layer");
+                    let _ = std::fs::remove_file(&m);
+                }
+            }
             self.host.unmount(&upper, record.discard)?;
             if record.commit_layer.is_some() && !record.discard {
                 self.wait_released(&self.layout.volume_image(&vol))?;

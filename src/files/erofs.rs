@@ -30,11 +30,13 @@ use crate::error::{Error, IoContext, Result};
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::copy::{CopyStats, Progress};
-use super::walk::{walk_sorted, Step};
+use super::copy::CopyStats;
+use super::manifest::{Entry, Manifest};
+use super::OVERLAY_XATTR_PREFIX;
+use std::ffi::OsStr;
 
 /// The EROFS superblock's magic, at byte 1024 of the image (`EROFS_SUPER_MAGIC_V1`).
 pub const MAGIC: u32 = 0xE0F5_E1E2;
@@ -110,17 +112,14 @@ struct Placement {
     start: u32,
 }
 
-/// Writes the metadata of the tree at `view` as a new EROFS image at `image`, each regular
-/// file a stub of its size redirecting to its own path (`/` + its path below `view`) in the
-/// data-only layers mounted below it; the job's own `trusted.overlay.*` xattrs (the view shows
-/// them unescaped) are stored escaped, as data. Hardlinked files stay hardlinked (one inode, the
-/// redirect of its first path). Returns the entries written (`bytes` counts nothing: no data).
-pub(crate) fn write_stub_image(
-    view: &Path,
-    image: &Path,
-    mut progress: Option<Progress>,
-) -> Result<CopyStats> {
-    let (tree, stats) = collect(view, &mut progress)?;
+/// Writes the tree of `m` (a merged view's manifest: the job's own `trusted.overlay.*` xattrs
+/// stored escaped, overlayfs's own records absent) as a new EROFS image at `image`, each regular
+/// file a stub of its size redirecting to its own path (`/` + its path) in the data-only layers
+/// mounted below it. Entries of one link group stay hardlinked (one inode, the redirect of its
+/// first path). Returns the entries written and the bytes the stubs reference (`bytes` counts
+/// nothing: no data).
+pub(crate) fn write_stub_image(m: &Manifest, image: &Path) -> Result<CopyStats> {
+    let (tree, stats) = tree_of(m)?;
     let bytes = layout_and_encode(&tree)?;
     let file = OpenOptions::new()
         .write(true)
@@ -133,119 +132,115 @@ pub(crate) fn write_stub_image(
     Ok(stats)
 }
 
-/// The tree under `view` as inodes: 0 the image's root, 1 `upper` (the view's root).
-fn collect(view: &Path, progress: &mut Option<Progress>) -> Result<(Vec<Inode>, CopyStats)> {
-    let root_md = fs::symlink_metadata(view).at("stat", view)?;
-    let mut tree = vec![
-        Inode {
-            mode: libc::S_IFDIR | 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: root_md.mtime(),
-            mtime_nsec: root_md.mtime_nsec() as u32,
-            size: 0,
-            nlink: 0,
-            xattrs: Vec::new(),
-            body: Body::Dir(vec![(b"upper".to_vec(), 1)]),
-        },
-        inode(view, &root_md, None)?,
-    ];
-    let mut stack = vec![1usize];
-    let mut links: HashMap<(u64, u64), usize> = HashMap::new();
+/// The tree of `m` as inodes: 0 the image's root, 1 `upper` (the tree's root).
+fn tree_of(m: &Manifest) -> Result<(Vec<Inode>, CopyStats)> {
+    let root = m
+        .entries
+        .first()
+        .filter(|e| e.path.as_bytes().is_empty() && e.is_dir())
+        .ok_or_else(|| Error::invalid("a manifest without its root directory"))?;
+    let mut tree = vec![Inode {
+        mode: libc::S_IFDIR | 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: root.mtime,
+        mtime_nsec: root.nsec,
+        size: 0,
+        nlink: 0,
+        xattrs: Vec::new(),
+        body: Body::Dir(vec![(b"upper".to_vec(), 1)]),
+    }];
+    let mut dirs: HashMap<&[u8], usize> = HashMap::new();
+    let mut links: HashMap<u64, usize> = HashMap::new();
     let mut stats = CopyStats::default();
-    walk_sorted(view, &mut |step| {
-        let e = match step {
-            Step::Entry(e) => e,
-            Step::DirDone(_) => {
-                stack.pop();
-                return Ok(());
-            }
+    for e in &m.entries {
+        let path = e.path.as_bytes();
+        if path.is_empty() {
+            tree.push(inode(e)?);
+            dirs.insert(path, 1);
+            continue;
+        }
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&b""[..], path),
         };
-        let md = e.md;
-        let known = (!md.is_dir() && md.nlink() > 1)
-            .then(|| links.get(&(md.dev(), md.ino())).copied())
-            .flatten();
-        let index = match known {
-            Some(i) => i,
+        let parent = *dirs.get(parent).ok_or_else(|| {
+            Error::invalid(format!(
+                "manifest entry {} comes before its directory",
+                String::from_utf8_lossy(path)
+            ))
+        })?;
+        let index = match (e.link != 0).then(|| links.get(&e.link)).flatten() {
+            Some(&i) => i,
             None => {
-                let redirect = md.is_file().then(|| Path::new("/").join(e.rel));
-                if md.is_file() {
-                    stats.referenced += md.blocks() * 512;
+                tree.push(inode(e)?);
+                if e.is_file() {
+                    stats.referenced += e.allocated;
                 }
-                tree.push(inode(e.path, md, redirect.as_deref())?);
-                if !md.is_dir() && md.nlink() > 1 {
-                    links.insert((md.dev(), md.ino()), tree.len() - 1);
+                if e.link != 0 {
+                    links.insert(e.link, tree.len() - 1);
                 }
                 tree.len() - 1
             }
         };
-        let parent = *stack.last().expect("the walk is inside a directory");
         if let Body::Dir(entries) = &mut tree[parent].body {
-            entries.push((e.name.as_bytes().to_vec(), index));
+            entries.push((name.to_vec(), index));
         }
-        if md.is_dir() {
-            stack.push(index);
+        if e.is_dir() {
+            dirs.insert(path, index);
         }
         stats.entries += 1;
-        if let Some(p) = progress.as_mut() {
-            p(&stats);
-        }
-        Ok(())
-    })?;
+    }
     link_counts_and_dots(&mut tree);
     Ok((tree, stats))
 }
 
-/// One entry's inode from its `lstat` and xattrs; `redirect` makes a regular file a stub.
-fn inode(path: &Path, md: &fs::Metadata, redirect: Option<&Path>) -> Result<Inode> {
-    let ft = md.file_type();
-    let body = if ft.is_dir() {
-        Body::Dir(Vec::new())
-    } else if ft.is_file() {
-        Body::File
-    } else if ft.is_symlink() {
-        Body::Symlink(
-            fs::read_link(path)
-                .at("read link", path)?
-                .as_os_str()
-                .as_bytes()
-                .to_vec(),
-        )
-    } else {
-        Body::Special(encode_dev(md.rdev()))
+/// One entry's inode; a regular file becomes a stub redirecting to its own path. Of the
+/// `trusted.overlay.*` names only the job's own (stored escaped, `trusted.overlay.overlay.*`)
+/// are kept: the others are overlayfs's records of the layer they came from.
+fn inode(e: &Entry) -> Result<Inode> {
+    let path = Path::new(OsStr::from_bytes(e.path.as_bytes()));
+    let body = match e.mode & libc::S_IFMT {
+        libc::S_IFDIR => Body::Dir(Vec::new()),
+        libc::S_IFREG => Body::File,
+        libc::S_IFLNK => Body::Symlink(
+            e.target
+                .as_ref()
+                .map(|t| t.as_bytes().to_vec())
+                .unwrap_or_default(),
+        ),
+        _ => Body::Special(encode_dev(e.rdev)),
     };
     let size = match &body {
-        Body::File => md.len(),
+        Body::File => e.size,
         Body::Symlink(t) => t.len() as u64,
         _ => 0,
     };
-    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    for name in xattr::list(path).at("list xattrs of", path)? {
-        let Some(value) = xattr::get(path, &name).at("read xattr of", path)? else {
-            continue;
-        };
-        // overlayfs shows a layer's `trusted.overlay.overlay.X` as the job's `trusted.overlay.X`:
-        // stored escaped again, it stays the job's data and is no directive to overlayfs.
-        let stored = if super::is_overlay_xattr(&name) {
-            let rest = &name.as_bytes()[super::OVERLAY_XATTR_PREFIX.len()..];
-            [super::OVERLAY_XATTR_PREFIX.as_bytes(), b"overlay.", rest].concat()
-        } else {
-            name.as_bytes().to_vec()
-        };
-        xattrs.push((stored, value));
-    }
-    if let Some(r) = redirect {
+    let escaped = [OVERLAY_XATTR_PREFIX.as_bytes(), b"overlay."].concat();
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = e
+        .xattrs
+        .iter()
+        .filter(|(n, _)| {
+            let n = n.as_bytes();
+            !n.starts_with(OVERLAY_XATTR_PREFIX.as_bytes()) || n.starts_with(&escaped)
+        })
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    if matches!(body, Body::File) {
         let metacopy = crate::host::mounts::METACOPY_XATTR.as_bytes().to_vec();
         let redirect = crate::host::mounts::REDIRECT_XATTR.as_bytes().to_vec();
         xattrs.push((metacopy, Vec::new()));
-        xattrs.push((redirect, r.as_os_str().as_bytes().to_vec()));
+        xattrs.push((
+            redirect,
+            Path::new("/").join(path).as_os_str().as_bytes().to_vec(),
+        ));
     }
     Ok(Inode {
-        mode: md.mode(),
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_nsec: md.mtime_nsec() as u32,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+        mtime_nsec: e.nsec,
         size,
         nlink: 0,
         xattrs: encode_xattrs(path, &xattrs)?,
@@ -664,7 +659,8 @@ mod tests {
         std::os::unix::fs::symlink("ab/".repeat(1350), src.join("long-link")).unwrap();
         fs::hard_link(src.join("d/file-with-a-long-name-0000"), src.join("hl")).unwrap();
         let img = d.path().join("m.img");
-        let stats = write_stub_image(&src, &img, None).unwrap();
+        let m = crate::files::manifest::of_tree(&src, crate::files::manifest::Names::View).unwrap();
+        let stats = write_stub_image(&m, &img).unwrap();
         assert_eq!(stats.entries, 303, "the hardlink is an entry too");
         assert!(is_erofs(&img));
         let bytes = fs::read(&img).unwrap();

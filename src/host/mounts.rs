@@ -464,7 +464,8 @@ fn probe_erofs() -> Result<bool> {
         }
         std::fs::write(tree.join("f"), b"data").at("write", &tree)?;
         std::fs::write(data.join("f"), b"data").at("write", &data)?;
-        crate::files::erofs::write_stub_image(&tree, &image, None)?;
+        let m = crate::files::manifest::of_tree(&tree, crate::files::manifest::Names::View)?;
+        crate::files::erofs::write_stub_image(&m, &image)?;
         mount_image(&image, &mnt, true)?;
         let read = (|| {
             mount_overlay_with_data(

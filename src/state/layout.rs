@@ -129,6 +129,11 @@ impl Layout {
         self.layers_dir(id).join(format!("{layer}.img"))
     }
 
+    /// A layer's manifest (`files::manifest`), when it has one.
+    pub fn layer_manifest(&self, id: &CacheId, layer: &str) -> PathBuf {
+        self.layers_dir(id).join(format!("{layer}.manifest"))
+    }
+
     /// The cache's scopes: `<scope>.json` records, `<scope>.lock`, `<scope>.used` (mtime: the
     /// last volume made on it), `<scope>.tmp/` (a merge's half-built image).
     pub fn scopes_dir(&self, id: &CacheId) -> PathBuf {
@@ -183,6 +188,12 @@ impl Layout {
     /// One volume's writable image.
     pub fn volume_image(&self, vol: &str) -> PathBuf {
         self.volume_dir(vol).join("upper.img")
+    }
+
+    /// The manifest of a volume's upper, written before its commit when metadata squashes
+    /// will read it (it becomes the layer's).
+    pub fn volume_manifest(&self, vol: &str) -> PathBuf {
+        self.volume_dir(vol).join("upper.manifest")
     }
 
     /// One volume's lock file.
