@@ -705,6 +705,12 @@ fn real_shadowed_data_makes_the_next_squash_full() {
         "{usage}"
     );
     assert_eq!(n.show("c")["squash_due"], true, "more shadowed than live");
+    let shown = n.run(&["cache", "show", "c"]).ok().stdout;
+    assert!(
+        shown.contains("Data layers: 3 below the metadata base")
+            && shown.contains("the next squash is a full one"),
+        "{shown}"
+    );
     // The cache's size counts the data layers under the base.
     assert!(n.show("c")["allocated"].as_u64().unwrap() > 190 << 20);
     let r = n.run(&["cache", "squash", "c"]).ok();

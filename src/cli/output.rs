@@ -202,6 +202,21 @@ pub fn print_cache(c: &CacheInfo) {
         ]);
     }
     t.print();
+    if let Some(base) = c.layers.first().filter(|b| !b.data.is_empty()) {
+        // A metadata base: its files' data lives in the data layers below it.
+        let u = base.data_usage;
+        println!(
+            "Data layers: {} below the metadata base, {} allocated, {} of it shadowed (files later layers replaced){}",
+            base.data.len(),
+            human_bytes(u.allocated),
+            human_bytes(u.shadowed()),
+            if u.too_shadowed() {
+                ": the next squash is a full one"
+            } else {
+                ""
+            }
+        );
+    }
     println!("Live volumes: {}", c.volumes.len());
     for v in &c.volumes {
         println!("  {}", v.display());

@@ -189,24 +189,13 @@ pub(crate) fn rejection(
 
 /// Whether `g` needs a squash under `config`: deeper than `max_depth`, its layers above the
 /// base allocate more than `squash_delta_size`, or its base is a metadata base whose data
-/// layers are mostly shadowed bytes ([`too_shadowed`]).
+/// layers are mostly shadowed bytes ([`crate::state::records::DataUsage::too_shadowed`]).
 pub fn squash_due(config: &Config, g: &Generation) -> bool {
     g.layers.len() > config.max_depth
         || (g.layers.len() > 1 && g.delta_allocated() > config.squash_delta_size)
         || g.layers
             .first()
-            .is_some_and(|b| too_shadowed(&b.data_usage))
-}
-
-/// Shadowed bytes a metadata base's data layers may hold before a full squash is due, whatever
-/// their share: below this a full squash gives back too little to be worth its copy.
-pub const SHADOWED_FLOOR: u64 = 64 << 20;
-
-/// Whether a metadata base's data layers hold more shadowed bytes (files that later layers
-/// replaced or deleted, which every metadata squash keeps) than live ones, and more than
-/// [`SHADOWED_FLOOR`]: then the next squash is a full one, which copies only the live files.
-pub fn too_shadowed(usage: &crate::state::records::DataUsage) -> bool {
-    usage.shadowed() > usage.live.max(SHADOWED_FLOOR)
+            .is_some_and(|b| b.data_usage.too_shadowed())
 }
 
 #[cfg(test)]

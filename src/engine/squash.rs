@@ -188,7 +188,7 @@ impl Engine {
         }
         if let Some(base) = self.current(id)?.layers.first() {
             let usage = base.data_usage;
-            if super::commit::too_shadowed(&usage) {
+            if usage.too_shadowed() {
                 return Ok(Some(format!(
                     "its data layers hold {} of files that later layers replaced or deleted ({} live): a full squash gives that back",
                     human_bytes(usage.shadowed()),

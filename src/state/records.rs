@@ -113,6 +113,18 @@ impl DataUsage {
     pub fn shadowed(&self) -> u64 {
         self.allocated.saturating_sub(self.live)
     }
+
+    /// Whether the data layers hold more shadowed bytes (files that later layers replaced or
+    /// deleted, which every metadata squash keeps) than live ones, and more than
+    /// [`DataUsage::SHADOWED_FLOOR`]: then the next squash is a full one, which copies only the
+    /// live files.
+    pub fn too_shadowed(&self) -> bool {
+        self.shadowed() > self.live.max(Self::SHADOWED_FLOOR)
+    }
+
+    /// Shadowed bytes the data layers may hold before a full squash is due, whatever their
+    /// share: below this a full squash gives back too little to be worth its copy.
+    pub const SHADOWED_FLOOR: u64 = 64 << 20;
 }
 
 impl LayerInfo {
