@@ -803,3 +803,35 @@ fn real_a_metadata_base_keeps_big_xattrs_acls_and_the_jobs_overlay_xattrs() {
     n.delete(&v, &[]).ok();
     n.assert_clean();
 }
+
+/// Under `squash_method = "metadata"` a commit past `metadata_squash_depth` is followed by a
+/// metadata squash (inline here), not only past `max_depth`; where none is possible (no
+/// data-only layers), the cache waits for `max_depth` as before.
+#[test]
+fn real_metadata_squashes_come_at_their_own_depth() {
+    if !root_or_skip("real_metadata_squashes_come_at_their_own_depth") {
+        return;
+    }
+    let n = Node::with_config("squash_method = \"metadata\"\nmetadata_squash_depth = 2\n");
+    let commit = |cache: &str, i: usize, env: &[(&str, &str)]| {
+        let v = n.create(&format!("{cache}{i}"), cache, &["--write-back"]);
+        std::fs::write(v.join(format!("f{i}")), "x").unwrap();
+        n.run_env(&["volume", "delete", v.to_str().unwrap()], env)
+            .ok();
+    };
+    for i in 0..3 {
+        commit("c", i, &[]);
+    }
+    assert_eq!(show_layers(&n, "c"), (1, 3), "a metadata base over the 3");
+    assert!(base_is_erofs(&n, "c"));
+    let off = [("JOBCACHEFS_NO_DATA_LAYERS", "1")];
+    for i in 0..3 {
+        commit("d", i, &off);
+    }
+    assert_eq!(
+        show_layers(&n, "d"),
+        (3, 0),
+        "no metadata squash possible: max_depth rules"
+    );
+    n.assert_clean();
+}

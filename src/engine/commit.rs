@@ -150,7 +150,13 @@ impl Engine {
             tracing::error!(cache = %id, error = %e, "merging past the hard depth bound failed");
         }
         let current = self.current(id)?;
-        if squash_due(&self.config, &current) {
+        // Under squash_method = "metadata", a metadata squash is due sooner (it costs
+        // milliseconds from manifests) where the cache and the kernel allow one.
+        let metadata_due = self.config.squash_method
+            == crate::input::config::SquashMethod::Metadata
+            && current.layers.len() > self.config.metadata_squash_depth
+            && self.metadata_squash_refusal(id)?.is_none();
+        if metadata_due || squash_due(&self.config, &current) {
             let marker = self.layout.squash_due(id);
             std::fs::write(&marker, b"").at("queue squash", &marker)?;
             if self.config.squash_inline {

@@ -22,6 +22,7 @@ struct RawConfig {
     squash_delta_size: Option<String>,
     squash_inline: Option<bool>,
     squash_method: Option<String>,
+    metadata_squash_depth: Option<usize>,
     squash_idle_seconds: Option<u64>,
     scope_size: Option<String>,
     scope_idle: Option<String>,
@@ -243,6 +244,11 @@ pub struct Config {
     /// `metadata` (a base of metadata over the old layers as data-only layers, where the
     /// kernel and the cache allow it; full elsewhere).
     pub squash_method: SquashMethod,
+    /// Under `squash_method = "metadata"`: a generation with more layers than this is
+    /// metadata-squashed already (where the cache allows one; else at `max_depth`). A metadata
+    /// squash from manifests costs milliseconds, and every layer fewer is a lookup fewer.
+    /// Default 4 (or `max_depth` if smaller).
+    pub metadata_squash_depth: usize,
     /// Whether `volume delete` runs a due squash itself (true) or leaves it queued for `gc` or
     /// the agent (false, what the Kubernetes hook does to stay inside the provisioner's timeout).
     pub squash_inline: bool,
@@ -309,6 +315,7 @@ impl Default for Config {
             max_depth: 8,
             max_depth_hard: 32,
             squash_method: SquashMethod::Full,
+            metadata_squash_depth: 4,
             squash_delta_size: 4 << 30,
             squash_inline: true,
             squash_idle_seconds: 600,
@@ -362,6 +369,14 @@ impl Config {
                 "max_depth_hard in {origin} is {max_depth_hard}: use a number from max_depth ({max_depth}) to {MAX_DEPTH_HARD}"
             )));
         }
+        let metadata_squash_depth = raw
+            .metadata_squash_depth
+            .unwrap_or(d.metadata_squash_depth.min(max_depth));
+        if !(1..=max_depth).contains(&metadata_squash_depth) {
+            return Err(Error::invalid(format!(
+                "metadata_squash_depth in {origin} is {metadata_squash_depth}: use a number from 1 to max_depth ({max_depth})"
+            )));
+        }
         Ok(Config {
             default_cache_size: size(
                 "default_cache_size",
@@ -376,6 +391,7 @@ impl Config {
             max_volume_size: size("max_volume_size", &raw.max_volume_size, d.max_volume_size)?,
             max_depth,
             max_depth_hard,
+            metadata_squash_depth,
             squash_method: match raw.squash_method.as_deref() {
                 None | Some("full") => SquashMethod::Full,
                 Some("metadata") => SquashMethod::Metadata,
@@ -700,6 +716,19 @@ mod tests {
             e.to_string().contains("default_cache_size in /etc/x.toml"),
             "{e}"
         );
+        assert_eq!(Config::from_toml("", "f").unwrap().metadata_squash_depth, 4);
+        assert_eq!(
+            Config::from_toml("max_depth = 3", "f")
+                .unwrap()
+                .metadata_squash_depth,
+            3
+        );
+        let e = Config::from_toml("max_depth = 8\nmetadata_squash_depth = 9", "f").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("metadata_squash_depth in f is 9: use a number from 1 to max_depth (8)"),
+            "{e}"
+        );
         let e = Config::from_toml("max_depth = 1", "f").unwrap_err();
         assert!(e.to_string().contains("max_depth"), "{e}");
         assert_eq!(
@@ -768,6 +797,7 @@ mod properties {
         "squash_delta_size",
         "squash_inline",
         "squash_method",
+        "metadata_squash_depth",
         "squash_idle_seconds",
         "scope_size",
         "scope_idle",
