@@ -751,12 +751,20 @@ impl Engine {
             {
                 // The tree a metadata squash will fold, read while the page cache holds it
                 // (files::manifest). Best effort: without it that squash walks the view.
+                use crate::files::manifest;
                 let m = self.layout.volume_manifest(&vol);
-                let written = crate::files::manifest::of_tree(
+                let written = manifest::of_tree_within(
                     &upper.join("upper"),
-                    crate::files::manifest::Names::Stored,
+                    manifest::Names::Stored,
+                    manifest::COMMIT_ENTRIES_MAX,
                 )
-                .and_then(|t| crate::files::manifest::write(&t, &m));
+                .and_then(|t| match t {
+                    Some(t) => manifest::write(&t, &m),
+                    None => {
+                        tracing::info!(dir = %record.dir.display(), "no manifest: the upper holds more than {} entries", manifest::COMMIT_ENTRIES_MAX);
+                        Ok(())
+                    }
+                });
                 if let Err(e) = written {
                     tracing::warn!(dir = %record.dir.display(), error = %e, "no manifest for the committed layer");
                     let _ = std::fs::remove_file(&m);

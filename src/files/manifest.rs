@@ -132,6 +132,16 @@ pub enum Names {
 
 /// The manifest of the tree at `root`.
 pub fn of_tree(root: &Path, names: Names) -> Result<Manifest> {
+    of_tree_within(root, names, usize::MAX).map(|m| m.unwrap_or_default())
+}
+
+/// Entries a commit walks for its layer's manifest at most: the walk is on the delete's path
+/// (about 20 µs an entry), and past this a commit's latency matters more than the squash's
+/// (which then walks the view).
+pub const COMMIT_ENTRIES_MAX: usize = 250_000;
+
+/// [`of_tree`], or `None` as soon as the tree has more than `max` entries.
+pub fn of_tree_within(root: &Path, names: Names, max: usize) -> Result<Option<Manifest>> {
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
     let mut entries = vec![entry(
         root,
@@ -140,13 +150,20 @@ pub fn of_tree(root: &Path, names: Names) -> Result<Manifest> {
         names,
         &mut links,
     )?];
-    walk_sorted(root, &mut |step| {
+    let walked = walk_sorted(root, &mut |step| {
         if let Step::Entry(e) = step {
+            if entries.len() > max {
+                return Err(crate::error::Error::invalid("too many entries"));
+            }
             entries.push(entry(e.path, e.rel, e.md, names, &mut links)?);
         }
         Ok(())
-    })?;
-    Ok(Manifest { entries })
+    });
+    if entries.len() > max {
+        return Ok(None);
+    }
+    walked?;
+    Ok(Some(Manifest { entries }))
 }
 
 fn entry(
@@ -393,6 +410,17 @@ mod tests {
         // a (group 1 of layer 0), c (group 2 of layer 0), d and e (group 1 of layer 1).
         assert_eq!(paths(&m), ["", "a", "c", "d", "e"]);
         assert_eq!(links, [0, 1, 2, 3, 3]);
+    }
+
+    #[test]
+    fn a_tree_past_the_bound_has_no_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::write(d.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let m = of_tree_within(d.path(), Names::Stored, 6).unwrap().unwrap();
+        assert_eq!(m.entries.len(), 6, "the root and 5 files");
+        assert_eq!(of_tree_within(d.path(), Names::Stored, 5).unwrap(), None);
     }
 
     #[test]
