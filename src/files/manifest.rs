@@ -228,31 +228,18 @@ fn entry(
     })
 }
 
-/// Writes `m` at `path` (temp → fsync → rename).
+/// Writes `m` at `path` (temp → fsync → rename: `fsutil::write_json_atomic`).
 pub fn write(m: &Manifest, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("manifest.tmp");
-    let text = serde_json::to_vec(m).map_err(|e| {
-        crate::error::Error::io(
-            format!("encode {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })?;
-    std::fs::write(&tmp, text).at("write", &tmp)?;
-    crate::state::fsutil::fsync_file(&tmp)?;
-    std::fs::rename(&tmp, path).at("rename", path)?;
-    Ok(())
+    crate::state::fsutil::write_json_atomic(path, m)
 }
 
-/// The manifest at `path`, if there is a readable one.
+/// The manifest at `path`, if there is a readable one (a damaged one only costs the squash a
+/// walk of the view).
 pub fn read(path: &Path) -> Option<Manifest> {
-    let text = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&text) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(manifest = %path.display(), error = %e, "unreadable layer manifest: the squash walks the view instead");
-            None
-        }
-    }
+    crate::state::fsutil::read_json(path).unwrap_or_else(|e| {
+        tracing::warn!(manifest = %path.display(), error = %e, "unreadable layer manifest: the squash walks the view instead");
+        None
+    })
 }
 
 /// What the layers `layers` (bottom first, each an upper as overlayfs writes it) show stacked,

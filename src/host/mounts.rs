@@ -393,15 +393,30 @@ pub const REDIRECT_XATTR: &str = "trusted.overlay.redirect";
 /// the fallback).
 pub fn data_layers_supported() -> bool {
     static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if std::env::var_os("JOBCACHEFS_NO_DATA_LAYERS").is_some_and(|v| v == "1") {
+    probed_once(
+        &PROBED,
+        "JOBCACHEFS_NO_DATA_LAYERS",
+        probe_data_layers,
+        "data-only layers unavailable: metadata squash off",
+    )
+}
+
+/// A trial's answer, found once per process: no when `off` is set to 1 (the tests of the
+/// fallbacks), and when the trial fails (`failed` is logged with why).
+fn probed_once(
+    cell: &std::sync::OnceLock<bool>,
+    off: &str,
+    trial: fn() -> Result<bool>,
+    failed: &str,
+) -> bool {
+    if std::env::var_os(off).is_some_and(|v| v == "1") {
         return false;
     }
-    *PROBED.get_or_init(|| match probe_data_layers() {
-        Ok(ok) => ok,
-        Err(e) => {
-            tracing::info!(error = %e, "data-only layers unavailable: metadata squash off");
+    *cell.get_or_init(|| {
+        trial().unwrap_or_else(|e| {
+            tracing::info!(error = %e, "{failed}");
             false
-        }
+        })
     })
 }
 
@@ -439,16 +454,12 @@ fn probe_data_layers() -> Result<bool> {
 /// tests of the ext4 fallback); so does a kernel without EROFS, which then gets ext4 bases.
 pub fn erofs_supported() -> bool {
     static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if std::env::var_os("JOBCACHEFS_NO_EROFS").is_some_and(|v| v == "1") {
-        return false;
-    }
-    *PROBED.get_or_init(|| match probe_erofs() {
-        Ok(ok) => ok,
-        Err(e) => {
-            tracing::info!(error = %e, "EROFS metadata bases unavailable: ext4 ones instead");
-            false
-        }
-    })
+    probed_once(
+        &PROBED,
+        "JOBCACHEFS_NO_EROFS",
+        probe_erofs,
+        "EROFS metadata bases unavailable: ext4 ones instead",
+    )
 }
 
 fn probe_erofs() -> Result<bool> {
