@@ -230,6 +230,40 @@ impl Engine {
         result
     }
 
+    /// Mounts the read-only merged view of `g` (and `extra` on top) at `view` for a squash to
+    /// copy from. Called with the cache lock held.
+    fn mount_squash_view(
+        &self,
+        id: &CacheId,
+        g: &crate::state::records::Generation,
+        extra: Option<(&Path, &str)>,
+        scratch: &mut Scratch,
+        extra_mnt: &Path,
+        view: &Path,
+    ) -> Result<()> {
+        // Over a metadata base, its data-only layers below: the view shows whole files.
+        let data = self.ensure_layers_mounted(id, &g.data_ids())?;
+        let mut lowers = self.ensure_layers_mounted(id, &g.layer_ids())?;
+        if let Some((img, _)) = extra {
+            ensure_dir(extra_mnt)?;
+            self.host
+                .mount_image(img, extra_mnt, ImageMount { read_only: true })?;
+            scratch.mounts.push(extra_mnt.to_path_buf());
+            lowers.push(extra_mnt.join("upper"));
+        }
+        // A read-only overlay needs two lowers at least: the empty dir makes up the count, on
+        // top (a metadata base must stay the lowest normal layer: a stub's data is looked up in
+        // the data-only layers only from there).
+        while lowers.len() < 2 {
+            lowers.push(self.layout.empty());
+        }
+        ensure_dir(view)?;
+        self.host
+            .mount_overlay_with_data(&lowers, &data, None, view)?;
+        scratch.mounts.push(view.to_path_buf());
+        Ok(())
+    }
+
     fn squash_inner(
         &self,
         id: &CacheId,
@@ -255,6 +289,7 @@ impl Engine {
             image: None,
         };
 
+        let erofs = metadata && self.host.erofs_metadata();
         let base = {
             let _clock = self.lock_cache(id)?;
             let current = self.current(id)?;
@@ -269,28 +304,29 @@ impl Engine {
                 let _ = std::fs::remove_file(self.layout.squash_due(id));
                 return Ok(SquashOutcome::NothingToDo);
             }
-            // Over a metadata base, its data-only layers below: the view shows whole files.
-            let data = self.ensure_layers_mounted(id, &current.data_ids())?;
-            let mut lowers = self.ensure_layers_mounted(id, &current.layer_ids())?;
-            if let Some((img, _)) = extra {
-                ensure_dir(&extra_mnt)?;
-                self.host
-                    .mount_image(img, &extra_mnt, ImageMount { read_only: true })?;
-                scratch.mounts.push(extra_mnt.clone());
-                lowers.push(extra_mnt.join("upper"));
+            if !erofs {
+                self.mount_squash_view(id, &current, extra, &mut scratch, &extra_mnt, &view)?;
             }
-            // A read-only overlay needs two lowers at least: the empty dir makes up the count,
-            // on top (a metadata base must stay the lowest normal layer: a stub's data is
-            // looked up in the data-only layers only from there).
-            while lowers.len() < 2 {
-                lowers.push(self.layout.empty());
-            }
-            ensure_dir(&view)?;
-            self.host
-                .mount_overlay_with_data(&lowers, &data, None, &view)?;
-            scratch.mounts.push(view.clone());
             current
         };
+        // An EROFS metadata base is made from the folded layers' manifests when every one has a
+        // readable one (commits under squash_method = "metadata" and metadata bases write
+        // them): then no layer is mounted or read. They are parsed without the cache lock
+        // (O(files)); the publish below checks that the cache still starts with `base`.
+        let manifests: Option<Vec<crate::files::manifest::Manifest>> = if erofs && extra.is_none() {
+            base.layers
+                .iter()
+                .map(|l| crate::files::manifest::read(&self.layout.layer_manifest(id, &l.id)))
+                .collect()
+        } else {
+            None
+        };
+        if erofs && manifests.is_none() {
+            // Layers of `base` collected meanwhile (a merge past the hard bound) fail the mount
+            // and this squash; the next one starts over.
+            let _clock = self.lock_cache(id)?;
+            self.mount_squash_view(id, &base, extra, &mut scratch, &extra_mnt, &view)?;
+        }
         fault::point("squash:view-mounted");
 
         let image_path = tmp.join(format!("base-{}.img", fsutil::random_hex()));
@@ -303,18 +339,10 @@ impl Engine {
             }) as crate::files::copy::Progress
         });
         let mut manifest_path = None;
-        let (stats, allocated) = if metadata && self.host.erofs_metadata() {
-            // An EROFS image written straight from the tree: no mkfs, no mount, a few MiB. The
-            // tree comes from the folded layers' manifests when every one has one (no layer is
-            // read: commits under squash_method = "metadata" and metadata bases write them),
-            // else from a walk of the merged view.
+        let (stats, allocated) = if erofs {
+            // An EROFS image written straight from the tree: no mkfs, no mount, a few MiB.
             use crate::files::manifest;
             scratch.image = Some(image_path.clone());
-            let manifests: Option<Vec<manifest::Manifest>> = base
-                .layers
-                .iter()
-                .map(|l| manifest::read(&self.layout.layer_manifest(id, &l.id)))
-                .collect();
             let from_manifests = manifests.is_some();
             let tree = match manifests {
                 Some(m) => manifest::merge(&m),
