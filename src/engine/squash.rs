@@ -133,7 +133,14 @@ impl Engine {
         }
         if self.config.squash_method == crate::input::config::SquashMethod::Metadata {
             match self.metadata_squash_refusal(id)? {
-                None => return self.squash_metadata(id),
+                None => match self.squash_metadata(id) {
+                    // What the tree holds cannot go in a metadata base (an xattr namespace EROFS
+                    // has no index for): a due squash is made full rather than failing forever.
+                    Err(e) if e.kind() == ErrorKind::InvalidInput => {
+                        tracing::warn!(cache = %id, error = %e, "full squash instead of a metadata squash")
+                    }
+                    result => return result,
+                },
                 Some(why) => {
                     tracing::info!(cache = %id, why, "full squash instead of a metadata squash")
                 }

@@ -264,14 +264,14 @@ fn encode_xattrs(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> 
     for (name, value) in xattrs {
         let (index, suffix) = xattr_index(name).ok_or_else(|| {
             Error::invalid(format!(
-                "xattr {} of {} has a namespace a metadata base cannot store (user., trusted., security. and POSIX ACLs): remove it, or use squash_method = \"full\"",
+                "xattr {} of {} has a namespace a metadata base cannot store (user., trusted., security. and POSIX ACLs): remove it, or make a full squash (`cache squash NAME --full`, or squash_method = \"full\")",
                 String::from_utf8_lossy(name),
                 path.display()
             ))
         })?;
         if suffix.len() > u8::MAX as usize || value.len() > u16::MAX as usize {
             return Err(Error::invalid(format!(
-                "xattr {} of {} is too long for a metadata base: use squash_method = \"full\"",
+                "xattr {} of {} is too long for a metadata base: make a full squash (`cache squash NAME --full`, or squash_method = \"full\")",
                 String::from_utf8_lossy(name),
                 path.display()
             )));
