@@ -55,7 +55,17 @@ fn real_metadata_squash_shows_the_same_tree_and_commits_whole_files() {
     if !root_or_skip("real_metadata_squash_shows_the_same_tree_and_commits_whole_files") {
         return;
     }
-    same_tree_and_whole_files(&[], true);
+    same_tree_and_whole_files(&[], Format::Mapped);
+}
+
+/// The EROFS base of stubs over data-only layers, which kernels that cannot mount an EROFS
+/// file with devices get: forced here.
+#[test]
+fn real_a_stub_metadata_base_shows_the_same_tree_and_commits_whole_files() {
+    if !root_or_skip("real_a_stub_metadata_base_shows_the_same_tree_and_commits_whole_files") {
+        return;
+    }
+    same_tree_and_whole_files(&[("JOBCACHEFS_NO_EROFS_MAPPED", "1")], Format::Stubs);
 }
 
 /// The ext4 metadata base, which kernels without EROFS get: forced here.
@@ -64,11 +74,22 @@ fn real_an_ext4_metadata_base_shows_the_same_tree_and_commits_whole_files() {
     if !root_or_skip("real_an_ext4_metadata_base_shows_the_same_tree_and_commits_whole_files") {
         return;
     }
-    same_tree_and_whole_files(&[("JOBCACHEFS_NO_EROFS", "1")], false);
+    same_tree_and_whole_files(&[("JOBCACHEFS_NO_EROFS", "1")], Format::Ext4);
 }
 
-/// Whether the image of the cache's base layer is EROFS (else it is ext4).
-fn base_is_erofs(n: &Node, cache: &str) -> bool {
+/// A metadata base's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// EROFS, its files' chunks on the data layers' images (its devices).
+    Mapped,
+    /// EROFS stubs over data-only layers.
+    Stubs,
+    /// ext4 stubs over data-only layers.
+    Ext4,
+}
+
+/// The format of the cache's base layer (checked by an independent reader when EROFS).
+fn base_format(n: &Node, cache: &str) -> Format {
     let id = n.show(cache)["layers"][0]["id"]
         .as_str()
         .unwrap()
@@ -77,11 +98,22 @@ fn base_is_erofs(n: &Node, cache: &str) -> bool {
         .state()
         .join(format!("caches/default/{cache}/layers/{id}.img"));
     let erofs = jobcachefs::files::erofs::is_erofs(&img);
+    let devices = if erofs {
+        jobcachefs::files::erofs::device_tags(&img).unwrap()
+    } else {
+        Vec::new()
+    };
     if erofs {
         // An independent reader of the format: erofs-utils' fsck decodes every inode,
-        // directory and xattr (its --extract walks the whole tree).
+        // directory and xattr (its --extract walks the whole tree, and reads every file's
+        // chunks from the data layers' images when the base maps them).
         let out = std::process::Command::new("fsck.erofs")
             .arg("--extract")
+            .args(
+                devices
+                    .iter()
+                    .map(|t| format!("--device={}", img.with_file_name(t).display())),
+            )
             .arg(&img)
             .output()
             .expect("fsck.erofs (erofs-utils, scripts/setup installs it)");
@@ -95,11 +127,7 @@ fn base_is_erofs(n: &Node, cache: &str) -> bool {
         // `..` included (glibc drops entries whose inode number is 0).
         let mnt = n.tmp.path().join("erofs-check");
         std::fs::create_dir_all(&mnt).unwrap();
-        sh(&format!(
-            "mount -t erofs -o ro,loop {} {}",
-            img.display(),
-            mnt.display()
-        ));
+        jobcachefs::host::mounts::mount_image(&img, &mnt, true).unwrap();
         let listed = std::process::Command::new("ls")
             .args(["-a1i"])
             .arg(&mnt)
@@ -118,10 +146,14 @@ fn base_is_erofs(n: &Node, cache: &str) -> bool {
             "{listed}"
         );
     }
-    erofs
+    match (erofs, devices.is_empty()) {
+        (true, false) => Format::Mapped,
+        (true, true) => Format::Stubs,
+        _ => Format::Ext4,
+    }
 }
 
-fn same_tree_and_whole_files(env: &[(&str, &str)], erofs: bool) {
+fn same_tree_and_whole_files(env: &[(&str, &str)], format: Format) {
     let n = Node::with_config("keep_generations = 1\n");
     let want = three_layers(&n, "rich");
     let r = n
@@ -131,7 +163,7 @@ fn same_tree_and_whole_files(env: &[(&str, &str)], erofs: bool) {
         )
         .ok()
         .json();
-    assert_eq!(base_is_erofs(&n, "rich"), erofs, "the base's format");
+    assert_eq!(base_format(&n, "rich"), format, "the base's format");
     assert_eq!(r["outcome"], "squashed", "{r}");
     assert_eq!(
         show_layers(&n, "rich"),
@@ -154,11 +186,25 @@ fn same_tree_and_whole_files(env: &[(&str, &str)], erofs: bool) {
     let table = jobcachefs::host::mounts::mount_table().unwrap();
     let m = table.iter().rev().find(|m| m.mount_point == v).unwrap();
     let view = jobcachefs::host::mounts::parse_overlay(&m.super_options);
+    // A mapped base reads its data layers' images itself: no data-only layer, none mounted.
+    let data = if format == Format::Mapped { 0 } else { 3 };
     assert_eq!(
         (view.lowers.len(), view.data.len()),
-        (1, 3),
+        (1, data),
         "{}",
         m.super_options
+    );
+    let layer_mounts = table
+        .iter()
+        .filter(|m| {
+            m.mount_point
+                .starts_with(n.state().join("mnt/layers/default/rich"))
+        })
+        .count();
+    assert_eq!(
+        layer_mounts,
+        1 + data,
+        "the base and the data layers it needs mounted"
     );
     // A job rewrites a stubbed file: the commit's layer holds the whole file, no stub.
     sh(&format!(
@@ -203,7 +249,7 @@ fn same_tree_and_whole_files(env: &[(&str, &str)], erofs: bool) {
     n.run_env(&["cache", "squash", "rich", "--metadata"], env)
         .ok();
     assert_eq!(show_layers(&n, "rich"), (1, 4));
-    assert_eq!(base_is_erofs(&n, "rich"), erofs, "the base's format");
+    assert_eq!(base_format(&n, "rich"), format, "the base's format");
     let v = n.create("x", "rich", &[]);
     assert_same_tree(&want, &v, "after a second metadata squash");
     n.delete(&v, &[]).ok();
@@ -267,7 +313,10 @@ fn real_without_data_layers_the_squash_is_full_and_a_metadata_one_is_refused() {
     }
     let n = Node::with_config("squash_method = \"metadata\"\n");
     let want = three_layers(&n, "c");
-    let off = [("JOBCACHEFS_NO_DATA_LAYERS", "1")];
+    let off = [
+        ("JOBCACHEFS_NO_DATA_LAYERS", "1"),
+        ("JOBCACHEFS_NO_EROFS_MAPPED", "1"),
+    ];
     let r = n.run_env(&["cache", "squash", "c", "--metadata"], &off);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("Linux 6.16+"), "{}", r.stderr);
@@ -625,7 +674,7 @@ fn campaign(manifests: bool) {
                 assert_same_tree(&want, &v, &format!("step {step}: after a {what}"));
                 n.delete(&v, &[]).ok();
                 assert_eq!(
-                    base_is_erofs(&n, "r"),
+                    base_format(&n, "r") == Format::Mapped,
                     kind == 2,
                     "step {step}: the base's format"
                 );
@@ -787,7 +836,7 @@ fn real_a_metadata_base_keeps_big_xattrs_acls_and_the_jobs_overlay_xattrs() {
     );
     n.delete(&v, &[]).ok();
     n.run(&["cache", "squash", "c", "--metadata"]).ok();
-    assert!(base_is_erofs(&n, "c"));
+    assert_eq!(base_format(&n, "c"), Format::Mapped);
     let v = n.create("check", "c", &[]);
     assert_same_tree(&want, &v, "through the metadata base");
     assert_eq!(
@@ -823,8 +872,11 @@ fn real_metadata_squashes_come_at_their_own_depth() {
         commit("c", i, &[]);
     }
     assert_eq!(show_layers(&n, "c"), (1, 3), "a metadata base over the 3");
-    assert!(base_is_erofs(&n, "c"));
-    let off = [("JOBCACHEFS_NO_DATA_LAYERS", "1")];
+    assert_eq!(base_format(&n, "c"), Format::Mapped);
+    let off = [
+        ("JOBCACHEFS_NO_DATA_LAYERS", "1"),
+        ("JOBCACHEFS_NO_EROFS_MAPPED", "1"),
+    ];
     for i in 0..3 {
         commit("d", i, &off);
     }

@@ -240,14 +240,15 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
             Err(e) => finding("overlay stack", Status::Fail, format!("trial mount failed: {e}"), "the kernel must support loop devices, ext4 and overlayfs with index=off,redirect_dir=off,metacopy=off,xino=off"),
         });
         let method = engine.config().squash_method;
-        out.push(if mounts::data_layers_supported() {
+        let mapped = mounts::erofs_mapped_supported();
+        out.push(if mapped || mounts::data_layers_supported() {
             finding(
                 "squash",
                 Status::Ok,
                 format!(
-                    "overlay interface {}; data-only layers serve metadata stubs on metacopy=off mounts: metadata squashes possible, their bases {} ({})",
+                    "overlay interface {}; metadata squashes possible, their bases {} ({})",
                     mounts::interface().name(),
-                    if mounts::erofs_supported() { "EROFS images" } else { "ext4 images of stub files (this kernel does not mount the EROFS base under an overlay, or JOBCACHEFS_NO_EROFS=1)" },
+                    if mapped { "EROFS images whose files' chunks are the data layers' own blocks, mounted from the file with those images as devices" } else if mounts::erofs_supported() { "EROFS images of stubs over data-only layers (this kernel cannot mount an EROFS file with devices, Linux 6.12+, or JOBCACHEFS_NO_EROFS_MAPPED=1)" } else { "ext4 images of stub files over data-only layers (this kernel does not mount the EROFS base, or JOBCACHEFS_NO_EROFS=1)" },
                     if method == crate::input::config::SquashMethod::Metadata { "squash_method = \"metadata\": due squashes are metadata squashes where no registry syncs the cache" } else { "squash_method = \"full\": `cache squash --metadata` by hand" }
                 ),
                 "",
@@ -256,7 +257,7 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
             finding(
                 "squash",
                 if method == crate::input::config::SquashMethod::Metadata { Status::Warn } else { Status::Ok },
-                format!("overlay interface {}; this kernel does not serve metadata stubs from data-only layers on metacopy=off mounts (Linux 6.16+): every squash is a full one", mounts::interface().name()),
+                format!("overlay interface {}; this kernel neither mounts an EROFS image file with devices (Linux 6.12+) nor serves metadata stubs from data-only layers on metacopy=off mounts (Linux 6.16+): every squash is a full one", mounts::interface().name()),
                 if method == crate::input::config::SquashMethod::Metadata { "squash_method = \"metadata\" falls back to full squashes here" } else { "" },
             )
         });

@@ -54,8 +54,8 @@ impl Engine {
     ) -> Result<()> {
         // A metadata base's data-only layers (mounted with the others by the caller).
         let data: Vec<PathBuf> = match &record.cache {
-            Some(id) => record
-                .data_layers
+            Some(id) => self
+                .overlay_data_layers(id, &record.layers, &record.data_layers)
                 .iter()
                 .map(|l| self.layout.layer_lowerdir(id, l))
                 .collect(),

@@ -392,6 +392,25 @@ impl Engine {
         Ok(lowers)
     }
 
+    /// The data-only layers an overlay over `layers` (bottom first) mounts below them: those
+    /// of a stub metadata base (`data`); none for a mapped one, which reads its data layers'
+    /// images itself, nor for any other base.
+    pub(crate) fn overlay_data_layers(
+        &self,
+        id: &CacheId,
+        layers: &[String],
+        data: &[String],
+    ) -> Vec<String> {
+        let mapped = |base: &String| {
+            crate::files::erofs::device_tags(&self.layout.layer_image(id, base))
+                .is_ok_and(|t| !t.is_empty())
+        };
+        match layers.first() {
+            Some(base) if !data.is_empty() && !mapped(base) => data.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Layers of `id` whose mounts stay after their last volume: the current generation's,
     /// while the cache's last create is less than `layer_keep_seconds` old, so that the next
     /// create on a busy cache finds them mounted; likewise the layers of each scope whose last
@@ -464,7 +483,14 @@ fn layer_mount_matches(
     loops: &[crate::host::loopback::Backing],
 ) -> std::result::Result<(), String> {
     // Layers are ext4; a metadata base may be EROFS (files::erofs). The loop device below
-    // ties the mount to the image either way.
+    // ties the mount to the image either way, or, for a mapped base, the image itself.
+    if found.fstype == "erofs" && Path::new(&found.source) == image {
+        return if found.mount_options.starts_with("ro") {
+            Ok(())
+        } else {
+            Err("it is writable".into())
+        };
+    }
     if found.fstype != "ext4" && found.fstype != "erofs" {
         return Err(format!("it is {}, not ext4 or erofs", found.fstype));
     }

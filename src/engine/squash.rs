@@ -188,9 +188,9 @@ impl Engine {
                 "a registry syncs it, and exports ship whole files".into(),
             ));
         }
-        if !self.host.data_layers_supported() {
+        if !self.host.erofs_mapped() && !self.host.data_layers_supported() {
             return Ok(Some(
-                "this kernel does not serve a lower layer's metacopy stubs from data-only layers on a metacopy=off mount (Linux 6.16+)".into(),
+                "this kernel neither mounts an EROFS image file with its data layers' images as devices (Linux 6.12+, CONFIG_EROFS_FS_BACKED_BY_FILE) nor serves a lower layer's metacopy stubs from data-only layers on a metacopy=off mount (Linux 6.16+)".into(),
             ));
         }
         if let Some(base) = self.current(id)?.layers.first() {
@@ -248,8 +248,11 @@ impl Engine {
         extra_mnt: &Path,
         view: &Path,
     ) -> Result<()> {
-        // Over a metadata base, its data-only layers below: the view shows whole files.
-        let data = self.ensure_layers_mounted(id, &g.data_ids())?;
+        // Over a stub metadata base, its data-only layers below: the view shows whole files.
+        let data = self.ensure_layers_mounted(
+            id,
+            &self.overlay_data_layers(id, &g.layer_ids(), &g.data_ids()),
+        )?;
         let mut lowers = self.ensure_layers_mounted(id, &g.layer_ids())?;
         if let Some((img, _)) = extra {
             ensure_dir(extra_mnt)?;
@@ -268,6 +271,108 @@ impl Engine {
         self.host
             .mount_overlay_with_data(&lowers, &data, None, view)?;
         scratch.mounts.push(view.to_path_buf());
+        Ok(())
+    }
+
+    /// Maps every regular file of `tree` without extents onto its data layer's image (FIEMAP
+    /// through the layer's mount): the layer its entry names, else the first of `data` (newest
+    /// first) holding a regular file at its path, the one the merged view took it from. A file
+    /// found nowhere, of another size there, or whose bytes have no plain place in the image is
+    /// an InvalidInput error (the squash is then made full).
+    fn map_files(
+        &self,
+        id: &CacheId,
+        tree: &mut crate::files::manifest::Manifest,
+        data: &[String],
+    ) -> Result<()> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let todo: Vec<usize> = (0..tree.entries.len())
+            .filter(|&i| tree.entries[i].is_file() && tree.entries[i].extents.is_none())
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let named: std::collections::HashSet<&str> = todo
+            .iter()
+            .filter_map(|&i| tree.entries[i].layer.as_deref())
+            .collect();
+        let anywhere = todo.iter().any(|&i| tree.entries[i].layer.is_none());
+        let needed: Vec<String> = data
+            .iter()
+            .filter(|l| anywhere || named.contains(l.as_str()))
+            .cloned()
+            .collect();
+        // Mounted under the cache lock, each layer's tree held open: the lookups below go
+        // through the descriptors, so a gc unmounting a layer meanwhile (lazily) cannot make a
+        // file seem absent from it and send the lookup on to an older layer.
+        let roots = {
+            let _clock = self.lock_cache(id)?;
+            let dirs = self.ensure_layers_mounted(id, &needed)?;
+            needed
+                .iter()
+                .zip(dirs)
+                .map(|(l, d)| {
+                    let fd = rustix::fs::open(
+                        &d,
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(std::io::Error::from)
+                    .at("open", &d)?;
+                    Ok((l.as_str(), fd))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        for i in todo {
+            let e = &mut tree.entries[i];
+            let rel = Path::new(OsStr::from_bytes(e.path.as_bytes()));
+            let mut found = None;
+            for (layer, root) in &roots {
+                if e.layer.as_deref().is_some_and(|l| l != *layer) {
+                    continue;
+                }
+                match openat2(
+                    root,
+                    rel,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_XDEV,
+                ) {
+                    Ok(fd) => {
+                        found = Some((*layer, std::fs::File::from(fd)));
+                        break;
+                    }
+                    Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => continue,
+                    Err(err) => {
+                        return Err(Error::io(
+                            format!("open {} in data layer {layer}", rel.display()),
+                            err.into(),
+                        ))
+                    }
+                }
+            }
+            let invalid = |why: String| {
+                Error::invalid(format!(
+                    "{}: {why}; a metadata base cannot point at it (cache squash NAME --full)",
+                    rel.display()
+                ))
+            };
+            let (layer, file) =
+                found.ok_or_else(|| invalid("in none of the data layers".into()))?;
+            let md = file.metadata().at("stat", rel)?;
+            if !md.is_file() || md.len() != e.size {
+                return Err(invalid(format!(
+                    "data layer {layer} holds no regular file of {} bytes there",
+                    e.size
+                )));
+            }
+            let extents = crate::files::fiemap::extents(&file, e.size, rel)?
+                .ok_or_else(|| invalid(format!("its bytes have no plain place in {layer}")))?;
+            e.extents = Some(extents);
+            e.layer = Some(layer.to_string());
+        }
         Ok(())
     }
 
@@ -296,7 +401,10 @@ impl Engine {
             image: None,
         };
 
-        let erofs = metadata && self.host.erofs_metadata();
+        // A metadata base is a mapped EROFS image where the kernel mounts one, else an EROFS (or
+        // ext4) image of stubs over data-only layers.
+        let mapped = metadata && self.host.erofs_mapped();
+        let erofs = metadata && (mapped || self.host.erofs_metadata());
         let base = {
             let _clock = self.lock_cache(id)?;
             let current = self.current(id)?;
@@ -320,14 +428,21 @@ impl Engine {
         // readable one (commits under squash_method = "metadata" and metadata bases write
         // them): then no layer is mounted or read. They are parsed without the cache lock
         // (O(files)); the publish below checks that the cache still starts with `base`.
-        let manifests: Option<Vec<crate::files::manifest::Manifest>> = if erofs && extra.is_none() {
-            base.layers
-                .iter()
-                .map(|l| crate::files::manifest::read(&self.layout.layer_manifest(id, &l.id)))
-                .collect()
-        } else {
-            None
-        };
+        // Each with its layer's id, but a metadata base's: its files' bytes are in its data
+        // layers (a mapped base's manifest names them; a stub base's does not).
+        let manifests: Option<Vec<(&str, crate::files::manifest::Manifest)>> =
+            if erofs && extra.is_none() {
+                base.layers
+                    .iter()
+                    .map(|l| {
+                        let id_of = if l.data.is_empty() { l.id.as_str() } else { "" };
+                        crate::files::manifest::read(&self.layout.layer_manifest(id, &l.id))
+                            .map(|m| (id_of, m))
+                    })
+                    .collect()
+            } else {
+                None
+            };
         if erofs && manifests.is_none() {
             // Layers of `base` collected meanwhile (a merge past the hard bound) fail the mount
             // and this squash; the next one starts over.
@@ -351,11 +466,31 @@ impl Engine {
             use crate::files::manifest;
             scratch.image = Some(image_path.clone());
             let from_manifests = manifests.is_some();
-            let tree = match manifests {
+            let mut tree = match manifests {
                 Some(m) => manifest::merge(&m),
                 None => manifest::of_tree(&view, manifest::Names::View)?,
             };
-            let stats = crate::files::erofs::write_stub_image(&tree, &image_path)?;
+            let stats = if mapped {
+                let data = metadata_data_layers(&base);
+                self.map_files(id, &mut tree, &data)?;
+                let devices = data
+                    .iter()
+                    .map(|l| {
+                        let image = self.layout.layer_image(id, l);
+                        Ok(crate::files::erofs::Device {
+                            layer: l.clone(),
+                            file: image
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                            size: std::fs::metadata(&image).at("stat", &image)?.len(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                crate::files::erofs::write_mapped_image(&tree, &devices, &image_path)?
+            } else {
+                crate::files::erofs::write_stub_image(&tree, &image_path)?
+            };
             let mpath = image_path.with_extension("manifest");
             manifest::write(&tree, &mpath)?;
             manifest_path = Some(mpath);
@@ -435,22 +570,8 @@ impl Engine {
             None if metadata => format!("meta-{}", fsutil::random_hex()),
             None => format!("base-{}", fsutil::random_hex()),
         };
-        // A metadata base's data: the folded layers newest first; a folded metadata base gives
-        // its own data instead (its stubs are superseded). The first data layer with a regular
-        // file at a path is the layer the merged view took that path from: every layer above
-        // it had no entry there, nor a non-directory on the way (either would have hidden it).
         let data: Vec<String> = if metadata {
-            base.layers
-                .iter()
-                .rev()
-                .flat_map(|l| {
-                    if l.data.is_empty() {
-                        vec![l.id.clone()]
-                    } else {
-                        l.data.clone()
-                    }
-                })
-                .collect()
+            metadata_data_layers(&base)
         } else {
             Vec::new()
         };
@@ -529,4 +650,22 @@ impl Engine {
             before: base.allocated(),
         })
     }
+}
+
+/// A metadata base's data layers: the folded layers newest first, a folded metadata base
+/// giving its own data layers instead (its base is superseded). The first data layer with a
+/// regular file at a path is the layer the merged view took that path from: every layer above
+/// it had no entry there, nor a non-directory on the way (either would have hidden it).
+fn metadata_data_layers(base: &crate::state::records::Generation) -> Vec<String> {
+    base.layers
+        .iter()
+        .rev()
+        .flat_map(|l| {
+            if l.data.is_empty() {
+                vec![l.id.clone()]
+            } else {
+                l.data.clone()
+            }
+        })
+        .collect()
 }

@@ -247,7 +247,10 @@ impl Engine {
                 self.write_record(&self.layout.volume_record(&vol), &record)?;
                 drop(admission);
                 touch(&self.layout.last_used(id));
-                let data = self.ensure_layers_mounted(id, &record.data_layers);
+                let data = self.ensure_layers_mounted(
+                    id,
+                    &self.overlay_data_layers(id, &record.layers, &record.data_layers),
+                );
                 match data.and_then(|_| self.ensure_layers_mounted(id, &record.layers)) {
                     Ok(l) if l.is_empty() => vec![self.layout.empty()],
                     Ok(l) => l,
@@ -491,7 +494,10 @@ impl Engine {
         let lowers = match &record.cache {
             Some(id) => {
                 let _clock = self.lock_cache(id)?;
-                self.ensure_layers_mounted(id, &record.data_layers)?;
+                self.ensure_layers_mounted(
+                    id,
+                    &self.overlay_data_layers(id, &record.layers, &record.data_layers),
+                )?;
                 let l = self.ensure_layers_mounted(id, &record.layers)?;
                 if l.is_empty() {
                     vec![self.layout.empty()]
@@ -753,10 +759,17 @@ impl Engine {
                 // (files::manifest). Best effort: without it that squash walks the view.
                 use crate::files::manifest;
                 let m = self.layout.volume_manifest(&vol);
+                // Each file's extents too (a mapped metadata base points at them): synced first,
+                // so that no block is still waiting for its place (delayed allocation). The
+                // unmount below would write the same out.
+                let synced = std::fs::File::open(&upper)
+                    .map(|f| rustix::fs::syncfs(&f).is_ok())
+                    .unwrap_or(false);
                 let written = manifest::of_tree_within(
                     &upper.join("upper"),
                     manifest::Names::Stored,
                     manifest::COMMIT_ENTRIES_MAX,
+                    synced,
                 )
                 .and_then(|t| match t {
                     Some(t) => manifest::write(&t, &m),

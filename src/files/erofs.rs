@@ -51,6 +51,15 @@ const DIRENT_SIZE: usize = 12;
 const XATTR_HEADER: usize = 12;
 const NULL_ADDR: u32 = u32::MAX;
 const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+/// `EROFS_CHUNK_FORMAT_INDEXES`: 8-byte chunk indexes (device id and block) instead of a
+/// 4-byte block map.
+const CHUNK_INDEXES: u32 = 0x20;
+const CHUNK_INDEX_SIZE: usize = 8;
+/// A device table slot: a 64-byte tag, the device's blocks, its mapped address, reserved.
+const DEVICE_SLOT: usize = 128;
+/// The device table starts at block 1 (`devt_slotoff` counts 128-byte slots from byte 0).
+const DEVICE_TABLE_BLKADDR: usize = 1;
 
 const LAYOUT_FLAT_PLAIN: u16 = 0;
 const LAYOUT_FLAT_INLINE: u16 = 2;
@@ -76,14 +85,76 @@ pub fn is_erofs(path: &Path) -> bool {
     f.read_exact_at(&mut magic, SUPER_OFFSET as u64).is_ok() && u32::from_le_bytes(magic) == MAGIC
 }
 
+/// The extra devices of the EROFS image at `path`, by their tags (a mapped base's data layer
+/// images: file names next to it); empty for a base without a device table.
+pub fn device_tags(path: &Path) -> Result<Vec<String>> {
+    let f = fs::File::open(path).at("open", path)?;
+    let mut sb = [0u8; 128];
+    f.read_exact_at(&mut sb, SUPER_OFFSET as u64)
+        .at("read the superblock of", path)?;
+    let incompat = u32::from_le_bytes(sb[80..84].try_into().expect("4 bytes"));
+    if incompat & INCOMPAT_DEVICE_TABLE == 0 {
+        return Ok(Vec::new());
+    }
+    let count = u16::from_le_bytes([sb[86], sb[87]]) as usize;
+    let start = u16::from_le_bytes([sb[88], sb[89]]) as u64 * DEVICE_SLOT as u64;
+    let mut table = vec![0u8; count * DEVICE_SLOT];
+    f.read_exact_at(&mut table, start)
+        .at("read the device table of", path)?;
+    table
+        .chunks(DEVICE_SLOT)
+        .map(|slot| {
+            let tag = &slot[..64];
+            let tag = &tag[..tag.iter().position(|&b| b == 0).unwrap_or(64)];
+            match std::str::from_utf8(tag) {
+                Ok(t) if !t.is_empty() && !t.contains('/') && t != "." && t != ".." => {
+                    Ok(t.to_string())
+                }
+                _ => Err(Error::invalid(format!(
+                    "{} names a data layer image {:?} that is no plain file name: remove the cache's damaged metadata base (cache squash NAME --full rebuilds it)",
+                    path.display(),
+                    String::from_utf8_lossy(tag)
+                ))),
+            }
+        })
+        .collect()
+}
+
 enum Body {
     /// Entries in name order (`.` and `..` included), each `(name, inode index)`.
     Dir(Vec<(Vec<u8>, usize)>),
-    /// A regular file: a hole of its size (a stub), or nothing when empty.
-    File,
+    /// A regular file: a hole of its size (a stub, `None`), its chunks mapped onto the data
+    /// layers' images, or nothing when empty.
+    File(Option<Chunks>),
     Symlink(Vec<u8>),
     /// A device node (its number in the kernel's `new_encode_dev` form), fifo or socket.
     Special(u32),
+}
+
+/// A mapped file's chunks: each `2^bits` blocks, the device (1-based: 0 is the base itself)
+/// and block where it starts, or [`NULL_ADDR`] for a hole.
+#[derive(Debug, Clone)]
+struct Chunks {
+    bits: u32,
+    index: Vec<(u16, u32)>,
+}
+
+/// A data layer's image as a mapped base's extra device.
+pub(crate) struct Device {
+    /// Its layer id, which manifests name.
+    pub layer: String,
+    /// Its file name, next to the base (the device table's tag: `mount_image` opens it).
+    pub file: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// How regular files get their data.
+enum Data<'a> {
+    /// Stubs redirecting overlayfs to the data-only layers.
+    Stubs,
+    /// Chunks mapped onto these devices.
+    Mapped(&'a [Device]),
 }
 
 struct Inode {
@@ -119,8 +190,30 @@ struct Placement {
 /// first path). Returns the entries written and the bytes the stubs reference (`bytes` counts
 /// nothing: no data).
 pub(crate) fn write_stub_image(m: &Manifest, image: &Path) -> Result<CopyStats> {
-    let (tree, stats) = tree_of(m)?;
-    let bytes = layout_and_encode(&tree)?;
+    write_image(m, Data::Stubs, image)
+}
+
+/// Writes the tree of `m` as a new EROFS image at `image` whose regular files read their bytes
+/// straight from the data layers' images, `devices` (the image's extra devices, in this
+/// order): each file's chunks point at its extents there (`Entry::layer`, `Entry::extents`,
+/// which every regular file of `m` must have). No overlay redirect, no data-only layer: the
+/// base alone is the whole tree, and a lookup or a read touches nothing else. Mounted from the
+/// file itself with each device by path (`mounts::mount_image`).
+pub(crate) fn write_mapped_image(
+    m: &Manifest,
+    devices: &[Device],
+    image: &Path,
+) -> Result<CopyStats> {
+    write_image(m, Data::Mapped(devices), image)
+}
+
+fn write_image(m: &Manifest, data: Data, image: &Path) -> Result<CopyStats> {
+    let devices = match data {
+        Data::Mapped(d) => d,
+        Data::Stubs => &[],
+    };
+    let (tree, stats) = tree_of(m, &data)?;
+    let bytes = layout_and_encode(&tree, devices)?;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -133,7 +226,7 @@ pub(crate) fn write_stub_image(m: &Manifest, image: &Path) -> Result<CopyStats> 
 }
 
 /// The tree of `m` as inodes: 0 the image's root, 1 `upper` (the tree's root).
-fn tree_of(m: &Manifest) -> Result<(Vec<Inode>, CopyStats)> {
+fn tree_of(m: &Manifest, data: &Data) -> Result<(Vec<Inode>, CopyStats)> {
     let root = m
         .entries
         .first()
@@ -156,7 +249,7 @@ fn tree_of(m: &Manifest) -> Result<(Vec<Inode>, CopyStats)> {
     for e in &m.entries {
         let path = e.path.as_bytes();
         if path.is_empty() {
-            tree.push(inode(e)?);
+            tree.push(inode(e, data)?);
             dirs.insert(path, 1);
             continue;
         }
@@ -173,7 +266,7 @@ fn tree_of(m: &Manifest) -> Result<(Vec<Inode>, CopyStats)> {
         let index = match (e.link != 0).then(|| links.get(&e.link)).flatten() {
             Some(&i) => i,
             None => {
-                tree.push(inode(e)?);
+                tree.push(inode(e, data)?);
                 if e.is_file() {
                     stats.referenced += e.allocated;
                 }
@@ -195,14 +288,18 @@ fn tree_of(m: &Manifest) -> Result<(Vec<Inode>, CopyStats)> {
     Ok((tree, stats))
 }
 
-/// One entry's inode; a regular file becomes a stub redirecting to its own path. Of the
-/// `trusted.overlay.*` names only the job's own (stored escaped, `trusted.overlay.overlay.*`)
-/// are kept: the others are overlayfs's records of the layer they came from.
-fn inode(e: &Entry) -> Result<Inode> {
+/// One entry's inode; a regular file becomes a stub redirecting to its own path, or its
+/// chunks mapped onto the devices. Of the `trusted.overlay.*` names only the job's own (stored
+/// escaped, `trusted.overlay.overlay.*`) are kept: the others are overlayfs's records of the
+/// layer they came from.
+fn inode(e: &Entry, data: &Data) -> Result<Inode> {
     let path = Path::new(OsStr::from_bytes(e.path.as_bytes()));
     let body = match e.mode & libc::S_IFMT {
         libc::S_IFDIR => Body::Dir(Vec::new()),
-        libc::S_IFREG => Body::File,
+        libc::S_IFREG => match data {
+            Data::Stubs => Body::File(None),
+            Data::Mapped(devices) => Body::File(Some(mapped_chunks(path, e, devices)?)),
+        },
         libc::S_IFLNK => Body::Symlink(
             e.target
                 .as_ref()
@@ -212,7 +309,7 @@ fn inode(e: &Entry) -> Result<Inode> {
         _ => Body::Special(encode_dev(e.rdev)),
     };
     let size = match &body {
-        Body::File => e.size,
+        Body::File(_) => e.size,
         Body::Symlink(t) => t.len() as u64,
         _ => 0,
     };
@@ -226,7 +323,7 @@ fn inode(e: &Entry) -> Result<Inode> {
         })
         .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
-    if matches!(body, Body::File) {
+    if matches!(body, Body::File(None)) {
         let metacopy = crate::host::mounts::METACOPY_XATTR.as_bytes().to_vec();
         let redirect = crate::host::mounts::REDIRECT_XATTR.as_bytes().to_vec();
         xattrs.push((metacopy, Vec::new()));
@@ -246,6 +343,70 @@ fn inode(e: &Entry) -> Result<Inode> {
         xattrs: encode_xattrs(path, &xattrs)?,
         body,
     })
+}
+
+/// The chunks of the regular file `e` over `devices`: the largest chunk (a power of two of
+/// blocks, at most the file's size rounded up) at which every extent starts, in the file and
+/// in its image, and ends (but the one at the file's end), then each chunk's device and block.
+fn mapped_chunks(path: &Path, e: &Entry, devices: &[Device]) -> Result<Chunks> {
+    let unmapped = || {
+        Error::invalid(format!(
+            "{} has no mapped extents for a metadata base (a bug: every file is mapped first)",
+            path.display()
+        ))
+    };
+    let extents = e.extents.as_ref().ok_or_else(unmapped)?;
+    let layer = e.layer.as_deref().ok_or_else(unmapped)?;
+    let device = devices
+        .iter()
+        .position(|d| d.layer == layer)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{} lies in layer {layer}, which is not among the metadata base's data layers",
+                path.display()
+            ))
+        })?;
+    let device = u16::try_from(device + 1)
+        .map_err(|_| Error::invalid("more data layers than a metadata base can name"))?;
+    let end = e.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+    let mut align = 0u64;
+    for &[logical, physical, length] in extents {
+        align |= logical | physical;
+        if logical + length < end {
+            align |= length;
+        }
+    }
+    let bits = if align == 0 {
+        chunk_bits(e.size)
+    } else {
+        (align.trailing_zeros().saturating_sub(BLOCK_BITS as u32)).min(chunk_bits(e.size))
+    };
+    let chunk = (BLOCK as u64) << bits;
+    let count = e.size.div_ceil(chunk) as usize;
+    let mut index = Vec::with_capacity(count);
+    let mut x = extents.iter().peekable();
+    for i in 0..count as u64 {
+        let at = i * chunk;
+        while x.next_if(|&&[l, _, len]| l + len <= at).is_some() {}
+        let entry = match x.peek() {
+            Some(&&[l, p, _]) if l <= at => {
+                let block = (p + (at - l)) / BLOCK as u64;
+                let block = u32::try_from(block)
+                    .ok()
+                    .filter(|&b| b != NULL_ADDR)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{} lies past 16 TiB into its layer's image",
+                            path.display()
+                        ))
+                    })?;
+                (device, block)
+            }
+            _ => (0, NULL_ADDR),
+        };
+        index.push(entry);
+    }
+    Ok(Chunks { bits, index })
 }
 
 /// The kernel's `new_encode_dev`, which EROFS stores (`new_decode_dev` reads it back).
@@ -400,7 +561,10 @@ fn chunk_count(size: u64) -> usize {
 /// Orders the inodes so that a directory's entries sit next to each other (a walk stats them
 /// in a row), places each in the metadata area and its outside data after it, and encodes the
 /// whole image.
-fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
+fn layout_and_encode(tree: &[Inode], devices: &[Device]) -> Result<Vec<u8>> {
+    // The device table (a mapped base's data layers) in the blocks before the metadata area.
+    let table_blocks = (devices.len() * DEVICE_SLOT).div_ceil(BLOCK);
+    let meta_blkaddr = META_BLKADDR as usize + table_blocks;
     // Inline data and outside blocks, before any nid is known (they depend only on sizes).
     let mut places = vec![Placement::default(); tree.len()];
     for (node, place) in tree.iter().zip(places.iter_mut()) {
@@ -411,9 +575,16 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
                 (blocks.last().map_or(0, |b| b.1), blocks.len() - 1)
             }
             Body::Symlink(t) => (t.len() % BLOCK, t.len() / BLOCK),
-            Body::File if node.size > 0 => {
+            Body::File(None) if node.size > 0 => {
                 place.layout = LAYOUT_CHUNK_BASED;
                 place.extra = 4 * chunk_count(node.size);
+                continue;
+            }
+            Body::File(Some(chunks)) if node.size > 0 => {
+                // Chunk indexes start 8-byte aligned after the inode and its xattrs.
+                place.layout = LAYOUT_CHUNK_BASED;
+                place.extra =
+                    node.xattrs.len() % CHUNK_INDEX_SIZE + CHUNK_INDEX_SIZE * chunks.index.len();
                 continue;
             }
             _ => continue,
@@ -465,7 +636,7 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
         pos += len;
     }
     let meta_blocks = pos.div_ceil(BLOCK);
-    let mut next = META_BLKADDR as usize + meta_blocks;
+    let mut next = meta_blkaddr + meta_blocks;
     for &i in &order {
         if places[i].blocks > 0 {
             places[i].start = u32::try_from(next).map_err(|_| {
@@ -480,7 +651,7 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
     debug_assert_eq!(places[0].nid, 1);
 
     let mut image = vec![0u8; total_blocks as usize * BLOCK];
-    let meta = META_BLKADDR as usize * BLOCK;
+    let meta = meta_blkaddr * BLOCK;
     let mut chunked = false;
     for (i, node) in tree.iter().enumerate() {
         let place = places[i];
@@ -496,9 +667,13 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
         };
         let i_u = match &node.body {
             Body::Special(rdev) => *rdev,
-            Body::File if place.layout == LAYOUT_CHUNK_BASED => {
+            Body::File(None) if place.layout == LAYOUT_CHUNK_BASED => {
                 chunked = true;
                 chunk_bits(size)
+            }
+            Body::File(Some(c)) if place.layout == LAYOUT_CHUNK_BASED => {
+                chunked = true;
+                CHUNK_INDEXES | c.bits
             }
             _ if place.blocks > 0 => place.start,
             _ => 0,
@@ -529,12 +704,23 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
         image[p..p + node.xattrs.len()].copy_from_slice(&node.xattrs);
         p += node.xattrs.len();
         match place.layout {
-            LAYOUT_CHUNK_BASED => {
-                for _ in 0..chunk_count(size) {
-                    put32(&mut image, p, NULL_ADDR);
-                    p += 4;
+            LAYOUT_CHUNK_BASED => match &node.body {
+                Body::File(Some(c)) => {
+                    p += node.xattrs.len() % CHUNK_INDEX_SIZE;
+                    for &(device, block) in &c.index {
+                        // startblk_hi 0 (32-bit blocks), device id, startblk_lo.
+                        put16(&mut image, p + 2, device);
+                        put32(&mut image, p + 4, block);
+                        p += CHUNK_INDEX_SIZE;
+                    }
                 }
-            }
+                _ => {
+                    for _ in 0..chunk_count(size) {
+                        put32(&mut image, p, NULL_ADDR);
+                        p += 4;
+                    }
+                }
+            },
             LAYOUT_FLAT_INLINE => {
                 let full = place.blocks * BLOCK;
                 let start = place.start as usize * BLOCK;
@@ -555,12 +741,31 @@ fn layout_and_encode(tree: &[Inode]) -> Result<Vec<u8>> {
     put16(sb, 14, places[0].nid as u16);
     sb[16..24].copy_from_slice(&(tree.len() as u64).to_le_bytes());
     put32(sb, 36, total_blocks);
-    put32(sb, 40, META_BLKADDR);
+    put32(sb, 40, meta_blkaddr as u32);
     // A filesystem UUID of its own, as mkfs gives one: overlayfs tells lower filesystems apart
     // by it (a null or shared UUID turns off features of an overlay with an upper dir).
     sb[48..64].copy_from_slice(&uuid());
     sb[64..74].copy_from_slice(b"jobcachefs");
-    put32(sb, 80, if chunked { INCOMPAT_CHUNKED_FILE } else { 0 });
+    let mut incompat = if chunked { INCOMPAT_CHUNKED_FILE } else { 0 };
+    if !devices.is_empty() {
+        incompat |= INCOMPAT_DEVICE_TABLE;
+        put16(sb, 86, devices.len() as u16);
+        put16(sb, 88, (DEVICE_TABLE_BLKADDR * BLOCK / DEVICE_SLOT) as u16);
+    }
+    put32(sb, 80, incompat);
+    for (i, d) in devices.iter().enumerate() {
+        let at = DEVICE_TABLE_BLKADDR * BLOCK + i * DEVICE_SLOT;
+        let tag = d.file.as_bytes();
+        if tag.is_empty() || tag.len() >= 64 || tag.contains(&b'/') {
+            return Err(Error::invalid(format!(
+                "data layer image {:?} cannot be a metadata base's device tag",
+                d.file
+            )));
+        }
+        image[at..at + tag.len()].copy_from_slice(tag);
+        let blocks = u32::try_from(d.size / BLOCK as u64).unwrap_or(u32::MAX);
+        put32(&mut image, at + 64, blocks);
+    }
     Ok(image)
 }
 
@@ -616,6 +821,66 @@ mod tests {
         assert_eq!(chunk_count(1 << 30), 1);
         assert_eq!(chunk_bits(1 << 43), 31);
         assert_eq!(chunk_count((1 << 43) + 1), 2, "past 8 TiB, two chunks");
+    }
+
+    #[test]
+    fn a_mapped_file_takes_the_largest_chunk_its_extents_allow() {
+        let devices = [
+            Device {
+                layer: "a".into(),
+                file: "a.img".into(),
+                size: 1 << 30,
+            },
+            Device {
+                layer: "b".into(),
+                file: "b.img".into(),
+                size: 1 << 30,
+            },
+        ];
+        let file = |size: u64, extents: Vec<[u64; 3]>| Entry {
+            path: crate::files::manifest::Bytes::new(b"f"),
+            mode: libc::S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            nsec: 0,
+            size,
+            allocated: 0,
+            rdev: 0,
+            link: 0,
+            target: None,
+            xattrs: Vec::new(),
+            layer: Some("b".into()),
+            extents: Some(extents),
+        };
+        let map = |e: &Entry| mapped_chunks(Path::new("f"), e, &devices).unwrap();
+        // 1 MiB contiguous at 2 MiB into b's image: one chunk, device 2.
+        let c = map(&file(1 << 20, vec![[0, 2 << 20, 1 << 20]]));
+        assert_eq!((c.bits, c.index.clone()), (8, vec![(2, 512)]));
+        // Two extents 64 KiB apart in the file, the second ending the file unaligned: 16 KiB
+        // chunks (the first extent's length), a hole between them.
+        let c = map(&file(
+            (64 << 10) + 5000,
+            vec![[0, 1 << 20, 16 << 10], [64 << 10, 4 << 20, 8192]],
+        ));
+        assert_eq!(c.bits, 2);
+        assert_eq!(
+            c.index,
+            vec![
+                (2, 256),
+                (0, NULL_ADDR),
+                (0, NULL_ADDR),
+                (0, NULL_ADDR),
+                (2, 1024)
+            ]
+        );
+        // Unaligned in the image: block-sized chunks.
+        let c = map(&file(8192, vec![[0, 4096, 8192]]));
+        assert_eq!((c.bits, c.index.clone()), (0, vec![(2, 1), (2, 2)]));
+        // A layer the base has no device for.
+        let mut e = file(10, vec![[0, 4096, 4096]]);
+        e.layer = Some("c".into());
+        assert!(mapped_chunks(Path::new("f"), &e, &devices).is_err());
     }
 
     #[test]

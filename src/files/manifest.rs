@@ -81,6 +81,15 @@ pub struct Entry {
     /// Every xattr, by its stored name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub xattrs: Vec<(Bytes, Bytes)>,
+    /// A regular file: the layer whose image holds its bytes; `None` for the layer this
+    /// manifest describes ([`merge`] fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    /// A regular file: where its bytes lie in that layer's image, `[offset in the file, offset
+    /// in the image, length]`, 4 KiB aligned, by file offset (gaps read as zeros). `None` when
+    /// not mapped (then a metadata squash maps the file itself, [`super::fiemap`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extents: Option<Vec<[u64; 3]>>,
 }
 
 impl Entry {
@@ -132,7 +141,7 @@ pub enum Names {
 
 /// The manifest of the tree at `root`.
 pub fn of_tree(root: &Path, names: Names) -> Result<Manifest> {
-    of_tree_within(root, names, usize::MAX).map(|m| m.unwrap_or_default())
+    of_tree_within(root, names, usize::MAX, false).map(|m| m.unwrap_or_default())
 }
 
 /// Entries a commit walks for its layer's manifest at most: the walk is on the delete's path
@@ -140,8 +149,15 @@ pub fn of_tree(root: &Path, names: Names) -> Result<Manifest> {
 /// (which then walks the view).
 pub const COMMIT_ENTRIES_MAX: usize = 250_000;
 
-/// [`of_tree`], or `None` as soon as the tree has more than `max` entries.
-pub fn of_tree_within(root: &Path, names: Names, max: usize) -> Result<Option<Manifest>> {
+/// [`of_tree`], or `None` as soon as the tree has more than `max` entries. With `extents`, each
+/// regular file's extents too (`root` is on the filesystem of an image whose blocks stay where
+/// they are: a committed upper, synced first; a file whose extents cannot be mapped has none).
+pub fn of_tree_within(
+    root: &Path,
+    names: Names,
+    max: usize,
+    extents: bool,
+) -> Result<Option<Manifest>> {
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
     let mut entries = vec![entry(
         root,
@@ -149,13 +165,14 @@ pub fn of_tree_within(root: &Path, names: Names, max: usize) -> Result<Option<Ma
         &std::fs::symlink_metadata(root).at("stat", root)?,
         names,
         &mut links,
+        false,
     )?];
     let walked = walk_sorted(root, &mut |step| {
         if let Step::Entry(e) = step {
             if entries.len() > max {
                 return Err(crate::error::Error::invalid("too many entries"));
             }
-            entries.push(entry(e.path, e.rel, e.md, names, &mut links)?);
+            entries.push(entry(e.path, e.rel, e.md, names, &mut links, extents)?);
         }
         Ok(())
     });
@@ -172,8 +189,14 @@ fn entry(
     md: &std::fs::Metadata,
     names: Names,
     links: &mut HashMap<(u64, u64), u64>,
+    extents: bool,
 ) -> Result<Entry> {
     let ft = md.file_type();
+    let extents = if extents && ft.is_file() {
+        super::fiemap::extents_of(path, md.len())?
+    } else {
+        None
+    };
     let link = if !ft.is_dir() && md.nlink() > 1 {
         let next = links.len() as u64 + 1;
         *links.entry((md.dev(), md.ino())).or_insert(next)
@@ -225,6 +248,8 @@ fn entry(
             None
         },
         xattrs,
+        layer: None,
+        extents,
     })
 }
 
@@ -247,12 +272,14 @@ pub fn read(path: &Path) -> Option<Manifest> {
 /// (those of [`super::merge`]): a whiteout removes what the path held; an opaque directory
 /// replaces it; a plain directory over a directory takes its place and keeps what it holds,
 /// over anything else replaces it; anything else replaces the path. Hardlinks stay linked
-/// within the layer that holds them.
-pub fn merge(layers: &[Manifest]) -> Manifest {
+/// within the layer that holds them. Each layer comes with its id: a regular file it holds
+/// itself (no `layer` of its own) is named as that layer's; an empty id names none (a stub
+/// base's files, whose bytes are in its data layers).
+pub fn merge(layers: &[(&str, Manifest)]) -> Manifest {
     let mut tree: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     // Link groups of different layers are different inodes: renumbered per (layer, group).
     let mut groups: HashMap<(usize, u64), u64> = HashMap::new();
-    for (n, layer) in layers.iter().enumerate() {
+    for (n, (id, layer)) in layers.iter().enumerate() {
         for e in &layer.entries {
             let path = e.path.as_bytes().to_vec();
             let keeps_below =
@@ -265,6 +292,9 @@ pub fn merge(layers: &[Manifest]) -> Manifest {
                 continue;
             }
             let mut e = e.clone();
+            if e.is_file() && e.layer.is_none() && !id.is_empty() {
+                e.layer = Some(id.to_string());
+            }
             if e.link != 0 {
                 let next = groups.len() as u64 + 1;
                 e.link = *groups.entry((n, e.link)).or_insert(next);
@@ -313,6 +343,8 @@ mod tests {
             link: 0,
             target: None,
             xattrs: Vec::new(),
+            layer: None,
+            extents: None,
         }
     }
     const D: u32 = libc::S_IFDIR | 0o755;
@@ -358,40 +390,55 @@ mod tests {
                 e("d", WHITEOUT),
             ],
         };
-        let m = merge(&[lower, upper]);
+        let m = merge(&[("l0", lower), ("l1", upper)]);
         assert_eq!(
             paths(&m),
             ["", "a", "a/new", "a/y", "b", "b/fresh", "c", "c/inside"]
         );
         // A dir named like a file's prefix is not below it.
         let m = merge(&[
-            Manifest {
-                entries: vec![
-                    e("", D),
-                    e("a", D),
-                    e("a/f", F),
-                    e("a-b", F),
-                    e("a.c", D),
-                    e("a.c/g", F),
-                ],
-            },
-            Manifest {
-                entries: vec![e("", D), e("a", WHITEOUT)],
-            },
+            (
+                "l0",
+                Manifest {
+                    entries: vec![
+                        e("", D),
+                        e("a", D),
+                        e("a/f", F),
+                        e("a-b", F),
+                        e("a.c", D),
+                        e("a.c/g", F),
+                    ],
+                },
+            ),
+            (
+                "l1",
+                Manifest {
+                    entries: vec![e("", D), e("a", WHITEOUT)],
+                },
+            ),
         ]);
         assert_eq!(paths(&m), ["", "a-b", "a.c", "a.c/g"]);
+        // Each file names the layer that holds it.
+        let layers: Vec<Option<&str>> = m.entries.iter().map(|e| e.layer.as_deref()).collect();
+        assert_eq!(layers, [None, Some("l0"), None, Some("l0")]);
     }
 
     #[test]
     fn link_groups_of_different_layers_stay_apart() {
         let linked = |p: &str, link| Entry { link, ..e(p, F) };
         let m = merge(&[
-            Manifest {
-                entries: vec![e("", D), linked("a", 1), linked("b", 1), linked("c", 2)],
-            },
-            Manifest {
-                entries: vec![e("", D), linked("d", 1), linked("e", 1), e("b", WHITEOUT)],
-            },
+            (
+                "l0",
+                Manifest {
+                    entries: vec![e("", D), linked("a", 1), linked("b", 1), linked("c", 2)],
+                },
+            ),
+            (
+                "l1",
+                Manifest {
+                    entries: vec![e("", D), linked("d", 1), linked("e", 1), e("b", WHITEOUT)],
+                },
+            ),
         ]);
         let links: Vec<u64> = m.entries.iter().map(|e| e.link).collect();
         // a (group 1 of layer 0), c (group 2 of layer 0), d and e (group 1 of layer 1).
@@ -405,9 +452,14 @@ mod tests {
         for i in 0..5 {
             std::fs::write(d.path().join(format!("f{i}")), b"x").unwrap();
         }
-        let m = of_tree_within(d.path(), Names::Stored, 6).unwrap().unwrap();
+        let m = of_tree_within(d.path(), Names::Stored, 6, false)
+            .unwrap()
+            .unwrap();
         assert_eq!(m.entries.len(), 6, "the root and 5 files");
-        assert_eq!(of_tree_within(d.path(), Names::Stored, 5).unwrap(), None);
+        assert_eq!(
+            of_tree_within(d.path(), Names::Stored, 5, false).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod erofs;
+pub mod fiemap;
 pub mod manifest;
 pub mod merge;
 pub mod sparse;

@@ -62,6 +62,11 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn erofs_metadata(&self) -> bool {
         false
     }
+    /// Whether a metadata base is a mapped EROFS image, its files' chunks on the data layers'
+    /// images, mounted from the file: probed once ([`mounts::erofs_mapped_supported`]).
+    fn erofs_mapped(&self) -> bool {
+        false
+    }
     /// Unmounts `target` (nothing mounted there is success); `lazy` detaches a busy mount.
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()>;
     /// Loop devices and their backing files.
@@ -142,6 +147,9 @@ impl Host for RealHost {
     }
     fn erofs_metadata(&self) -> bool {
         mounts::erofs_supported()
+    }
+    fn erofs_mapped(&self) -> bool {
+        mounts::erofs_mapped_supported()
     }
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         mounts::unmount(target, lazy)

@@ -107,6 +107,30 @@ pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
             image.display()
         )));
     }
+    if erofs {
+        // A mapped metadata base reads its files' bytes from the data layers' images: mounted
+        // from the file itself (no loop device), each image an extra device by path.
+        let tags = crate::files::erofs::device_tags(image)?;
+        if !tags.is_empty() {
+            let dir = image.parent().unwrap_or(Path::new("."));
+            let devices: Vec<PathBuf> = tags.iter().map(|t| dir.join(t)).collect();
+            return mount_erofs_file(image, &devices, target).map_err(|(e, log)| {
+                Error::io(
+                    format!(
+                        "mount the metadata base {} at {target}{}",
+                        image.display(),
+                        if log.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({log})")
+                        },
+                        target = target.display()
+                    ),
+                    std::io::Error::from_raw_os_error(e.raw_os_error()),
+                )
+            });
+        }
+    }
     let direct_io = loopback::direct_io_for(read_only);
     let block_size = if direct_io {
         loopback::block_size_for(image, loopback::ext4_block_size(image))
@@ -161,6 +185,40 @@ pub fn mount_image(image: &Path, target: &Path, read_only: bool) -> Result<()> {
             ))
         }
     }
+}
+
+/// Mounts the EROFS image file `image` read-only at `target`, `devices` its extra devices in
+/// its device table's order (Linux 6.12+ with `CONFIG_EROFS_FS_BACKED_BY_FILE`: the kernel
+/// reads the files through their page cache, no loop device in between).
+fn mount_erofs_file(
+    image: &Path,
+    devices: &[PathBuf],
+    target: &Path,
+) -> std::result::Result<(), (rustix::io::Errno, String)> {
+    use rustix::fs::CWD;
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+        FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| (e, String::new()))?;
+    let with_log = |e: rustix::io::Errno| (e, context_log(&fs));
+    fsconfig_set_string(&fs, "source", image).map_err(with_log)?;
+    for d in devices {
+        fsconfig_set_string(&fs, "device", d).map_err(with_log)?;
+    }
+    fsconfig_create(&fs).map_err(with_log)?;
+    let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID
+        | MountAttrFlags::MOUNT_ATTR_NODEV
+        | MountAttrFlags::MOUNT_ATTR_RDONLY;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(with_log)?;
+    move_mount(
+        &mnt,
+        "",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| (e, String::new()))
 }
 
 /// Checks that a path can appear in overlay options (`:` and `,` separate them).
@@ -491,6 +549,71 @@ fn probe_erofs() -> Result<bool> {
         })();
         unmount(&mnt, true)?;
         read
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Whether metadata bases can be mapped EROFS images ([`crate::files::erofs`]'s
+/// `write_mapped_image`): probed once by writing one whose file maps a block of a scratch
+/// image, mounting it from the file with that image as its device, and reading the file back.
+/// `JOBCACHEFS_NO_EROFS_MAPPED=1` (or `JOBCACHEFS_NO_EROFS=1`) answers no (the tests of the
+/// stub bases); so does a kernel before 6.12 or without `CONFIG_EROFS_FS_BACKED_BY_FILE`.
+pub fn erofs_mapped_supported() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // No EROFS at all (`JOBCACHEFS_NO_EROFS=1`) means no mapped base either.
+    if std::env::var_os("JOBCACHEFS_NO_EROFS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    probed_once(
+        &PROBED,
+        "JOBCACHEFS_NO_EROFS_MAPPED",
+        probe_erofs_mapped,
+        "mapped EROFS metadata bases unavailable: stub bases over data-only layers instead",
+    )
+}
+
+fn probe_erofs_mapped() -> Result<bool> {
+    use crate::files::manifest::{Bytes, Entry, Manifest};
+    let dir = std::env::temp_dir().join(format!("jobcachefs-mapped-{}", std::process::id()));
+    let (data, image, mnt) = (dir.join("d.img"), dir.join("m.img"), dir.join("m"));
+    let result = (|| {
+        std::fs::create_dir_all(&mnt).at("create", &mnt)?;
+        let mut block = vec![0u8; 8192];
+        block[4096..4100].copy_from_slice(b"data");
+        std::fs::write(&data, &block).at("write", &data)?;
+        let entry = |path: &str, mode: u32, size: u64| Entry {
+            path: Bytes::new(path.as_bytes()),
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            nsec: 0,
+            size,
+            allocated: 0,
+            rdev: 0,
+            link: 0,
+            target: None,
+            xattrs: Vec::new(),
+            layer: Some("d".into()),
+            extents: Some(vec![[0, 4096, 4096]]),
+        };
+        let m = Manifest {
+            entries: vec![
+                entry("", libc::S_IFDIR | 0o755, 0),
+                entry("f", libc::S_IFREG | 0o644, 4),
+            ],
+        };
+        let device = crate::files::erofs::Device {
+            layer: "d".into(),
+            file: "d.img".into(),
+            size: 8192,
+        };
+        crate::files::erofs::write_mapped_image(&m, &[device], &image)?;
+        mount_image(&image, &mnt, true)?;
+        let read = std::fs::read(mnt.join("upper").join("f"));
+        unmount(&mnt, true)?;
+        Ok(read.map(|b| b == b"data").unwrap_or(false))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
