@@ -239,6 +239,23 @@ fn same_tree_and_whole_files(env: &[(&str, &str)], format: Format) {
         std::fs::read_to_string(v.join("a-file-now")).unwrap(),
         "xtail\n"
     );
+    // Through idmapped layer mounts (a volume of its own identity): the same names and bytes
+    // (of what the idmap lets root read: files of owners it does not map are nobody's).
+    let ids = n.create("ids", "rich", &["--unique-ids"]);
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&ids), names(&v));
+    assert_eq!(
+        std::fs::read_to_string(ids.join("a-file-now")).unwrap(),
+        "xtail\n"
+    );
+    n.delete(&ids, &[]).ok();
     n.delete(&v, &[]).ok();
 
     // A metadata squash over a metadata base, then a full squash: the same tree, and the
