@@ -37,14 +37,15 @@ pub fn extents(file: &std::fs::File, size: u64, path: &Path) -> Result<Option<Ve
     let end = size.div_ceil(BLOCK) * BLOCK;
     let mut out: Vec<[u64; 3]> = Vec::new();
     let mut start = 0u64;
-    let mut buf = vec![0u64; (HEADER + BATCH * EXTENT) / 8];
+    // A struct fiemap and BATCH extents, as bytes (the kernel copies it in and out whole).
+    let mut buf = vec![0u8; HEADER + BATCH * EXTENT];
     while start < end {
-        buf.iter_mut().for_each(|w| *w = 0);
-        let bytes: &mut [u8] = bytemuck_u8(&mut buf);
-        bytes[0..8].copy_from_slice(&start.to_ne_bytes());
-        bytes[8..16].copy_from_slice(&(end - start).to_ne_bytes());
-        bytes[24..28].copy_from_slice(&(BATCH as u32).to_ne_bytes());
-        // SAFETY: buf is a struct fiemap with room for BATCH extents, as fm_extent_count says.
+        buf.fill(0);
+        buf[0..8].copy_from_slice(&start.to_ne_bytes());
+        buf[8..16].copy_from_slice(&(end - start).to_ne_bytes());
+        buf[24..28].copy_from_slice(&(BATCH as u32).to_ne_bytes());
+        // SAFETY: buf holds a struct fiemap followed by room for fm_extent_count (BATCH)
+        // extents, which is all the kernel writes; it outlives the call.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
@@ -53,7 +54,7 @@ pub fn extents(file: &std::fs::File, size: u64, path: &Path) -> Result<Option<Ve
                 _ => Err(e).at("map the extents of", path),
             };
         }
-        let bytes: &[u8] = bytemuck_u8(&mut buf);
+        let bytes: &[u8] = &buf;
         let mapped = u32::from_ne_bytes(bytes[20..24].try_into().expect("4 bytes")) as usize;
         if mapped == 0 {
             break;
@@ -86,12 +87,6 @@ pub fn extents(file: &std::fs::File, size: u64, path: &Path) -> Result<Option<Ve
         }
     }
     Ok(Some(out))
-}
-
-fn bytemuck_u8(words: &mut [u64]) -> &mut [u8] {
-    // SAFETY: u64 has no padding and any byte pattern is a valid u8; the length covers exactly
-    // the words' bytes, and the borrow keeps them alive and exclusive.
-    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
 }
 
 #[cfg(test)]
