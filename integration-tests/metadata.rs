@@ -904,3 +904,41 @@ fn real_metadata_squashes_come_at_their_own_depth() {
     );
     n.assert_clean();
 }
+
+/// A layer's manifest describes its own image or is not used: one of another image (what a
+/// volume whose commit was squashed or refused could once leave for the next volume at its DIR
+/// to publish) would map files to blocks of the wrong image. The squash then walks the view.
+#[test]
+fn real_a_manifest_of_another_image_is_not_used() {
+    if !root_or_skip("real_a_manifest_of_another_image_is_not_used") {
+        return;
+    }
+    let n = Node::with_config("squash_method = \"metadata\"\nmetadata_squash_depth = 8\n");
+    let want = three_layers(&n, "c");
+    let ids: Vec<String> = n.show("c")["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    let layers = n.state().join("caches/default/c/layers");
+    let manifest = |id: &str| layers.join(format!("{id}.manifest"));
+    assert!(ids.iter().all(|id| manifest(id).exists()), "{ids:?}");
+    // The middle layer's manifest replaced by the top one's.
+    std::fs::copy(manifest(&ids[2]), manifest(&ids[1])).unwrap();
+    let r = n.run(&["cache", "squash", "c", "--metadata"]).ok();
+    assert!(
+        r.stderr.contains("a layer manifest of another image"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("\"from_manifests\":false"),
+        "{}",
+        r.stderr
+    );
+    let v = n.create("v", "c", &[]);
+    assert_same_tree(&want, &v, "after a squash that refused a foreign manifest");
+    n.delete(&v, &[]).ok();
+    n.assert_clean();
+}

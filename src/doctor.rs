@@ -240,7 +240,7 @@ pub fn run(engine: &Engine) -> Vec<Finding> {
             Err(e) => finding("overlay stack", Status::Fail, format!("trial mount failed: {e}"), "the kernel must support loop devices, ext4 and overlayfs with index=off,redirect_dir=off,metacopy=off,xino=off"),
         });
         let method = engine.config().squash_method;
-        let mapped = mounts::erofs_mapped_supported();
+        let mapped = mounts::erofs_mapped_supported(engine.layout().root());
         out.push(if mapped || mounts::data_layers_supported() {
             finding(
                 "squash",

@@ -498,6 +498,14 @@ fn layer_mount_matches(
         return Err("it is writable".into());
     }
     match loops.iter().find(|l| Path::new(&found.source) == l.device) {
+        // A mapped base on a loop device was mounted without its devices (by hand, or by a
+        // jobcachefs before mapped bases): its files would read the base's own blocks.
+        Some(l)
+            if l.file == image
+                && crate::files::erofs::device_tags(image).is_ok_and(|t| !t.is_empty()) =>
+        {
+            Err("it is a mapped metadata base mounted without its data layers' images".into())
+        }
         Some(l) if l.file == image => Ok(()),
         Some(l) => Err(format!(
             "its device {} backs {}",

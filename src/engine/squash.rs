@@ -188,7 +188,7 @@ impl Engine {
                 "a registry syncs it, and exports ship whole files".into(),
             ));
         }
-        if !self.host.erofs_mapped() && !self.host.data_layers_supported() {
+        if !self.host.erofs_mapped(self.layout.root()) && !self.host.data_layers_supported() {
             return Ok(Some(
                 "this kernel neither mounts an EROFS image file with its data layers' images as devices (Linux 6.12+, CONFIG_EROFS_FS_BACKED_BY_FILE) nor serves a lower layer's metacopy stubs from data-only layers on a metacopy=off mount (Linux 6.16+)".into(),
             ));
@@ -403,7 +403,7 @@ impl Engine {
 
         // A metadata base is a mapped EROFS image where the kernel mounts one, else an EROFS (or
         // ext4) image of stubs over data-only layers.
-        let mapped = metadata && self.host.erofs_mapped();
+        let mapped = metadata && self.host.erofs_mapped(self.layout.root());
         let erofs = metadata && (mapped || self.host.erofs_metadata());
         let base = {
             let _clock = self.lock_cache(id)?;
@@ -436,8 +436,11 @@ impl Engine {
                     .iter()
                     .map(|l| {
                         let id_of = if l.data.is_empty() { l.id.as_str() } else { "" };
-                        crate::files::manifest::read(&self.layout.layer_manifest(id, &l.id))
-                            .map(|m| (id_of, m))
+                        crate::files::manifest::read_for(
+                            &self.layout.layer_manifest(id, &l.id),
+                            &self.layout.layer_image(id, &l.id),
+                        )
+                        .map(|m| (id_of, m))
                     })
                     .collect()
             } else {
@@ -492,6 +495,7 @@ impl Engine {
                 crate::files::erofs::write_stub_image(&tree, &image_path)?
             };
             let mpath = image_path.with_extension("manifest");
+            tree.image = manifest::image_uuid(&image_path);
             manifest::write(&tree, &mpath)?;
             manifest_path = Some(mpath);
             tracing::info!(cache = %id, from_manifests, entries = stats.entries, "metadata base written");

@@ -595,6 +595,7 @@ impl Engine {
         fsutil::remove_file_if_exists(&image_path)?;
         let rec = self.layout.volume_record(&record.id);
         fsutil::remove_file_if_exists(&rec)?;
+        fsutil::remove_file_if_exists(&self.layout.volume_manifest(&record.id))?;
         fsutil::fsync_dir(&self.layout.volume_dir(&record.id))?;
         let _ = std::fs::remove_dir(self.layout.volume_dir(&record.id));
         if let Some(id) = &record.cache {
@@ -751,6 +752,9 @@ impl Engine {
                     tracing::warn!(dir = %record.dir.display(), error = %e, "upper image not trimmed before commit");
                 }
             }
+            // A manifest is this upper's or none: one an earlier volume at the same DIR left
+            // (its commit squashed or refused) must not be taken for this one's.
+            let _ = std::fs::remove_file(self.layout.volume_manifest(&vol));
             if record.commit_layer.is_some()
                 && !record.discard
                 && self.config.squash_method == crate::input::config::SquashMethod::Metadata
@@ -772,7 +776,10 @@ impl Engine {
                     synced,
                 )
                 .and_then(|t| match t {
-                    Some(t) => manifest::write(&t, &m),
+                    Some(mut t) => {
+                        t.image = manifest::image_uuid(&self.layout.volume_image(&vol));
+                        manifest::write(&t, &m)
+                    }
                     None => {
                         tracing::info!(dir = %record.dir.display(), "no manifest: the upper holds more than {} entries", manifest::COMMIT_ENTRIES_MAX);
                         Ok(())

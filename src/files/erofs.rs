@@ -92,6 +92,9 @@ pub fn device_tags(path: &Path) -> Result<Vec<String>> {
     let mut sb = [0u8; 128];
     f.read_exact_at(&mut sb, SUPER_OFFSET as u64)
         .at("read the superblock of", path)?;
+    if u32::from_le_bytes(sb[0..4].try_into().expect("4 bytes")) != MAGIC {
+        return Ok(Vec::new());
+    }
     let incompat = u32::from_le_bytes(sb[80..84].try_into().expect("4 bytes"));
     if incompat & INCOMPAT_DEVICE_TABLE == 0 {
         return Ok(Vec::new());
@@ -346,8 +349,10 @@ fn inode(e: &Entry, data: &Data) -> Result<Inode> {
 }
 
 /// The chunks of the regular file `e` over `devices`: the largest chunk (a power of two of
-/// blocks, at most the file's size rounded up) at which every extent starts, in the file and
-/// in its image, and ends (but the one at the file's end), then each chunk's device and block.
+/// blocks, at most the file's size rounded up) at which every extent starts and ends in the
+/// file (but the one at the file's end), so that each chunk lies in one extent (contiguous in
+/// the image from its start block) or one hole; then each chunk's device and block. Extents
+/// must be 4 KiB aligned and within the device.
 fn mapped_chunks(path: &Path, e: &Entry, devices: &[Device]) -> Result<Chunks> {
     let unmapped = || {
         Error::invalid(format!(
@@ -369,9 +374,18 @@ fn mapped_chunks(path: &Path, e: &Entry, devices: &[Device]) -> Result<Chunks> {
     let device = u16::try_from(device + 1)
         .map_err(|_| Error::invalid("more data layers than a metadata base can name"))?;
     let end = e.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+    let size = devices[usize::from(device) - 1].size;
     let mut align = 0u64;
     for &[logical, physical, length] in extents {
-        align |= logical | physical;
+        if (logical | physical | length) % BLOCK as u64 != 0
+            || physical.checked_add(length).is_none_or(|x| x > size)
+        {
+            return Err(Error::invalid(format!(
+                "{}: extent {logical}+{length} at {physical} of layer {layer} is unaligned or past its image ({size} bytes): the manifest is damaged",
+                path.display()
+            )));
+        }
+        align |= logical;
         if logical + length < end {
             align |= length;
         }
@@ -874,9 +888,13 @@ mod tests {
                 (2, 1024)
             ]
         );
-        // Unaligned in the image: block-sized chunks.
+        // Where it starts in the image does not matter: one chunk from block 1.
         let c = map(&file(8192, vec![[0, 4096, 8192]]));
-        assert_eq!((c.bits, c.index.clone()), (0, vec![(2, 1), (2, 2)]));
+        assert_eq!((c.bits, c.index.clone()), (1, vec![(2, 1)]));
+        // Extents the image cannot hold, or unaligned: a damaged manifest.
+        for bad in [[0, 1 << 30, 4096], [0, 100, 4096]] {
+            assert!(mapped_chunks(Path::new("f"), &file(10, vec![bad]), &devices).is_err());
+        }
         // A layer the base has no device for.
         let mut e = file(10, vec![[0, 4096, 4096]]);
         e.layer = Some("c".into());

@@ -126,8 +126,40 @@ impl Entry {
 /// A tree's entries in walk order: the root first, a directory before what it holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The UUID of the image whose tree this is ([`image_uuid`]): a manifest is used only with
+    /// that image (one left by an earlier volume at the same DIR names another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The entries, root first.
     pub entries: Vec<Entry>,
+}
+
+/// The filesystem UUID in the superblock of the ext4 or EROFS image at `path`, as hex: what
+/// ties a manifest to its layer's image. `None` for anything else or an unreadable file.
+pub fn image_uuid(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut sb = [0u8; 256];
+    f.read_exact_at(&mut sb, 1024).ok()?;
+    let uuid = if u32::from_le_bytes(sb[0..4].try_into().ok()?) == super::erofs::MAGIC {
+        &sb[48..64]
+    } else if u16::from_le_bytes([sb[0x38], sb[0x39]]) == 0xEF53 {
+        &sb[0x68..0x78]
+    } else {
+        return None;
+    };
+    Some(uuid.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The manifest at `path` if it describes the image at `image` (see [`Manifest::image`]).
+pub fn read_for(path: &Path, image: &Path) -> Option<Manifest> {
+    let m = read(path)?;
+    if m.image.is_some() && m.image == image_uuid(image) {
+        Some(m)
+    } else {
+        tracing::warn!(manifest = %path.display(), image = %image.display(), "a layer manifest of another image: the squash walks the view instead");
+        None
+    }
 }
 
 /// How [`of_tree`] names xattrs.
@@ -180,7 +212,10 @@ pub fn of_tree_within(
         return Ok(None);
     }
     walked?;
-    Ok(Some(Manifest { entries }))
+    Ok(Some(Manifest {
+        image: None,
+        entries,
+    }))
 }
 
 fn entry(
@@ -303,6 +338,7 @@ pub fn merge(layers: &[(&str, Manifest)]) -> Manifest {
         }
     }
     Manifest {
+        image: None,
         entries: tree.into_values().collect(),
     }
 }
@@ -361,6 +397,7 @@ mod tests {
     #[test]
     fn layers_merge_as_overlayfs_shows_them() {
         let lower = Manifest {
+            image: None,
             entries: vec![
                 e("", D),
                 e("a", D),
@@ -378,6 +415,7 @@ mod tests {
             .xattrs
             .push((Bytes::new(b"trusted.overlay.opaque"), Bytes::new(b"y")));
         let upper = Manifest {
+            image: None,
             entries: vec![
                 e("", D),
                 e("a", D),
@@ -400,6 +438,7 @@ mod tests {
             (
                 "l0",
                 Manifest {
+                    image: None,
                     entries: vec![
                         e("", D),
                         e("a", D),
@@ -413,6 +452,7 @@ mod tests {
             (
                 "l1",
                 Manifest {
+                    image: None,
                     entries: vec![e("", D), e("a", WHITEOUT)],
                 },
             ),
@@ -430,12 +470,14 @@ mod tests {
             (
                 "l0",
                 Manifest {
+                    image: None,
                     entries: vec![e("", D), linked("a", 1), linked("b", 1), linked("c", 2)],
                 },
             ),
             (
                 "l1",
                 Manifest {
+                    image: None,
                     entries: vec![e("", D), linked("d", 1), linked("e", 1), e("b", WHITEOUT)],
                 },
             ),
@@ -468,7 +510,10 @@ mod tests {
         x.path = Bytes::new(b"bad-\xff");
         x.xattrs
             .push((Bytes::new(b"user.v"), Bytes::new(&[0, 159, 146, 150])));
-        let m = Manifest { entries: vec![x] };
+        let m = Manifest {
+            image: None,
+            entries: vec![x],
+        };
         let text = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), m);
     }

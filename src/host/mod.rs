@@ -63,8 +63,9 @@ pub trait Host: Send + Sync + std::fmt::Debug {
         false
     }
     /// Whether a metadata base is a mapped EROFS image, its files' chunks on the data layers'
-    /// images, mounted from the file: probed once ([`mounts::erofs_mapped_supported`]).
-    fn erofs_mapped(&self) -> bool {
+    /// images, mounted from the file: probed once, with scratch files under `state_dir`
+    /// ([`mounts::erofs_mapped_supported`]).
+    fn erofs_mapped(&self, _state_dir: &Path) -> bool {
         false
     }
     /// Unmounts `target` (nothing mounted there is success); `lazy` detaches a busy mount.
@@ -148,8 +149,8 @@ impl Host for RealHost {
     fn erofs_metadata(&self) -> bool {
         mounts::erofs_supported()
     }
-    fn erofs_mapped(&self) -> bool {
-        mounts::erofs_mapped_supported()
+    fn erofs_mapped(&self, state_dir: &Path) -> bool {
+        mounts::erofs_mapped_supported(state_dir)
     }
     fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         mounts::unmount(target, lazy)

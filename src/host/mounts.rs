@@ -556,29 +556,37 @@ fn probe_erofs() -> Result<bool> {
 
 /// Whether metadata bases can be mapped EROFS images ([`crate::files::erofs`]'s
 /// `write_mapped_image`): probed once by writing one whose file maps a block of a scratch
-/// image, mounting it from the file with that image as its device, and reading the file back.
+/// image, mounting it from the file with that image as its device, and reading the file back
+/// through an overlay over it. The scratch files go in a dir under `state_dir`: the layer
+/// images' filesystem must serve file-backed mounts (tmpfs, for one, does not).
 /// `JOBCACHEFS_NO_EROFS_MAPPED=1` (or `JOBCACHEFS_NO_EROFS=1`) answers no (the tests of the
 /// stub bases); so does a kernel before 6.12 or without `CONFIG_EROFS_FS_BACKED_BY_FILE`.
-pub fn erofs_mapped_supported() -> bool {
+pub fn erofs_mapped_supported(state_dir: &Path) -> bool {
     static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // No EROFS at all (`JOBCACHEFS_NO_EROFS=1`) means no mapped base either.
     if std::env::var_os("JOBCACHEFS_NO_EROFS").is_some_and(|v| v == "1") {
         return false;
     }
-    probed_once(
-        &PROBED,
-        "JOBCACHEFS_NO_EROFS_MAPPED",
-        probe_erofs_mapped,
-        "mapped EROFS metadata bases unavailable: stub bases over data-only layers instead",
-    )
+    if std::env::var_os("JOBCACHEFS_NO_EROFS_MAPPED").is_some_and(|v| v == "1") {
+        return false;
+    }
+    *PROBED.get_or_init(|| {
+        probe_erofs_mapped(state_dir).unwrap_or_else(|e| {
+            tracing::info!(error = %e, "mapped EROFS metadata bases unavailable: stub bases over data-only layers instead");
+            false
+        })
+    })
 }
 
-fn probe_erofs_mapped() -> Result<bool> {
+fn probe_erofs_mapped(state_dir: &Path) -> Result<bool> {
     use crate::files::manifest::{Bytes, Entry, Manifest};
-    let dir = std::env::temp_dir().join(format!("jobcachefs-mapped-{}", std::process::id()));
+    let dir = state_dir.join(format!("probe-mapped-{}", std::process::id()));
     let (data, image, mnt) = (dir.join("d.img"), dir.join("m.img"), dir.join("m"));
+    let (top, view) = (dir.join("e"), dir.join("v"));
     let result = (|| {
-        std::fs::create_dir_all(&mnt).at("create", &mnt)?;
+        for d in [&mnt, &top, &view] {
+            std::fs::create_dir_all(d).at("create", d)?;
+        }
         let mut block = vec![0u8; 8192];
         block[4096..4100].copy_from_slice(b"data");
         std::fs::write(&data, &block).at("write", &data)?;
@@ -599,6 +607,7 @@ fn probe_erofs_mapped() -> Result<bool> {
             extents: Some(vec![[0, 4096, 4096]]),
         };
         let m = Manifest {
+            image: None,
             entries: vec![
                 entry("", libc::S_IFDIR | 0o755, 0),
                 entry("f", libc::S_IFREG | 0o644, 4),
@@ -611,9 +620,15 @@ fn probe_erofs_mapped() -> Result<bool> {
         };
         crate::files::erofs::write_mapped_image(&m, &[device], &image)?;
         mount_image(&image, &mnt, true)?;
-        let read = std::fs::read(mnt.join("upper").join("f"));
+        // As volumes use it: an overlay's lower layer (a read-only one needs two).
+        let read = (|| {
+            mount_overlay(&[mnt.join("upper"), top.clone()], None, &view)?;
+            let read = std::fs::read(view.join("f"));
+            unmount(&view, true)?;
+            Ok::<_, Error>(read.map(|b| b == b"data").unwrap_or(false))
+        })();
         unmount(&mnt, true)?;
-        Ok(read.map(|b| b == b"data").unwrap_or(false))
+        read
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
