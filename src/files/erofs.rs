@@ -852,20 +852,10 @@ mod tests {
             },
         ];
         let file = |size: u64, extents: Vec<[u64; 3]>| Entry {
-            path: crate::files::manifest::Bytes::new(b"f"),
-            mode: libc::S_IFREG | 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            nsec: 0,
             size,
-            allocated: 0,
-            rdev: 0,
-            link: 0,
-            target: None,
-            xattrs: Vec::new(),
             layer: Some("b".into()),
             extents: Some(extents),
+            ..Entry::new(b"f", libc::S_IFREG | 0o644)
         };
         let map = |e: &Entry| mapped_chunks(Path::new("f"), e, &devices).unwrap();
         // 1 MiB contiguous at 2 MiB into b's image: one chunk, device 2.

@@ -93,6 +93,25 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry of `path` and `mode` owned by root, every other field zero or empty.
+    pub fn new(path: &[u8], mode: u32) -> Entry {
+        Entry {
+            path: Bytes::new(path),
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            nsec: 0,
+            size: 0,
+            allocated: 0,
+            rdev: 0,
+            link: 0,
+            target: None,
+            xattrs: Vec::new(),
+            layer: None,
+            extents: None,
+        }
+    }
     fn kind(&self) -> u32 {
         self.mode & libc::S_IFMT
     }
@@ -366,22 +385,7 @@ mod tests {
     use super::*;
 
     fn e(path: &str, mode: u32) -> Entry {
-        Entry {
-            path: Bytes::new(path.as_bytes()),
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            nsec: 0,
-            size: 0,
-            allocated: 0,
-            rdev: 0,
-            link: 0,
-            target: None,
-            xattrs: Vec::new(),
-            layer: None,
-            extents: None,
-        }
+        Entry::new(path.as_bytes(), mode)
     }
     const D: u32 = libc::S_IFDIR | 0o755;
     const F: u32 = libc::S_IFREG | 0o644;

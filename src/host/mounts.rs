@@ -195,10 +195,8 @@ fn mount_erofs_file(
     devices: &[PathBuf],
     target: &Path,
 ) -> std::result::Result<(), (rustix::io::Errno, String)> {
-    use rustix::fs::CWD;
     use rustix::mount::{
-        fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
-        FsOpenFlags, MountAttrFlags, MoveMountFlags,
+        fsconfig_create, fsconfig_set_string, fsopen, FsOpenFlags, MountAttrFlags,
     };
     let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| (e, String::new()))?;
     let with_log = |e: rustix::io::Errno| (e, context_log(&fs));
@@ -210,15 +208,7 @@ fn mount_erofs_file(
     let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID
         | MountAttrFlags::MOUNT_ATTR_NODEV
         | MountAttrFlags::MOUNT_ATTR_RDONLY;
-    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(with_log)?;
-    move_mount(
-        &mnt,
-        "",
-        CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(|e| (e, String::new()))
+    attach(&fs, attrs, target).map_err(|e| (e, context_log(&fs)))
 }
 
 /// Checks that a path can appear in overlay options (`:` and `,` separate them).
@@ -464,7 +454,7 @@ pub fn data_layers_supported() -> bool {
 fn probed_once(
     cell: &std::sync::OnceLock<bool>,
     off: &str,
-    trial: fn() -> Result<bool>,
+    trial: impl FnOnce() -> Result<bool>,
     failed: &str,
 ) -> bool {
     if std::env::var_os(off).is_some_and(|v| v == "1") {
@@ -567,19 +557,29 @@ pub fn erofs_mapped_supported(state_dir: &Path) -> bool {
     if std::env::var_os("JOBCACHEFS_NO_EROFS").is_some_and(|v| v == "1") {
         return false;
     }
-    if std::env::var_os("JOBCACHEFS_NO_EROFS_MAPPED").is_some_and(|v| v == "1") {
-        return false;
-    }
-    *PROBED.get_or_init(|| {
-        probe_erofs_mapped(state_dir).unwrap_or_else(|e| {
-            tracing::info!(error = %e, "mapped EROFS metadata bases unavailable: stub bases over data-only layers instead");
-            false
-        })
-    })
+    probed_once(
+        &PROBED,
+        "JOBCACHEFS_NO_EROFS_MAPPED",
+        || probe_erofs_mapped(state_dir),
+        "mapped EROFS metadata bases unavailable: stub bases over data-only layers instead",
+    )
 }
 
 fn probe_erofs_mapped(state_dir: &Path) -> Result<bool> {
-    use crate::files::manifest::{Bytes, Entry, Manifest};
+    use crate::files::manifest::{Entry, Manifest};
+    // What a probe killed midway left (its process gone): unmounted and removed.
+    for e in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("probe-mapped-")) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            for m in ["v", "m"] {
+                let _ = unmount(&e.path().join(m), true);
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let dir = state_dir.join(format!("probe-mapped-{}", std::process::id()));
     let (data, image, mnt) = (dir.join("d.img"), dir.join("m.img"), dir.join("m"));
     let (top, view) = (dir.join("e"), dir.join("v"));
@@ -591,20 +591,10 @@ fn probe_erofs_mapped(state_dir: &Path) -> Result<bool> {
         block[4096..4100].copy_from_slice(b"data");
         std::fs::write(&data, &block).at("write", &data)?;
         let entry = |path: &str, mode: u32, size: u64| Entry {
-            path: Bytes::new(path.as_bytes()),
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            nsec: 0,
             size,
-            allocated: 0,
-            rdev: 0,
-            link: 0,
-            target: None,
-            xattrs: Vec::new(),
             layer: Some("d".into()),
             extents: Some(vec![[0, 4096, 4096]]),
+            ..Entry::new(path.as_bytes(), mode)
         };
         let m = Manifest {
             image: None,
@@ -856,10 +846,9 @@ fn mount_overlay_new_api(
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> std::result::Result<(), (rustix::io::Errno, String)> {
-    use rustix::fs::{open, Mode, OFlags, CWD};
+    use rustix::fs::{open, Mode, OFlags};
     use rustix::mount::{
-        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount,
-        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsopen, FsOpenFlags, MountAttrFlags,
     };
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| (e, String::new()))?;
     let with_log = |e: rustix::io::Errno| (e, context_log(&fs));
@@ -910,15 +899,25 @@ fn mount_overlay_new_api(
     if upper.is_none() {
         attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
     }
-    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(with_log)?;
+    attach(&fs, attrs, target).map_err(|e| (e, context_log(&fs)))
+}
+
+/// Makes the created superblock of the fs context `fs` a mount with `attrs` and attaches it at
+/// `target`.
+fn attach(
+    fs: &std::os::fd::OwnedFd,
+    attrs: rustix::mount::MountAttrFlags,
+    target: &Path,
+) -> rustix::io::Result<()> {
+    use rustix::mount::{fsmount, move_mount, FsMountFlags, MoveMountFlags};
+    let mnt = fsmount(fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
     move_mount(
         &mnt,
         "",
-        CWD,
+        rustix::fs::CWD,
         target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(|e| (e, String::new()))
 }
 
 /// The messages the kernel logged in an fs context (`e overlayfs: ...`), joined.
